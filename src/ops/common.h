@@ -1,0 +1,36 @@
+// Helpers shared by the ops' validation code.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/check.h"
+#include "decodelab/kv_cache.h"
+#include "decodelab/quant.h"
+#include "decodelab/tensor.h"
+
+namespace decodelab::detail {
+
+// The values of a small i32 tensor (lengths, positions, page tables) on the host, copied from
+// the GPU when it lives there, so that they can be validated before any launch.
+std::vector<int32_t> read_i32(const Tensor& t);
+
+// Validates a contiguous cache against [B, Hkv, *, D] and that every lengths[b] + extra fits.
+// Returns the lengths on the host.
+std::vector<int32_t> check_contiguous_kv(const ArgCheck& check, const ContiguousKV& cache,
+                                         int64_t batch, int64_t hkv, int64_t d, DType dtype,
+                                         Device device, int64_t extra, int64_t min_length);
+
+// Validates a paged cache against [*, *, Hkv, D], that lengths[b] + extra fits its page-table row
+// and that every page it covers is a valid page index. Returns the lengths on the host.
+std::vector<int32_t> check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch,
+                                    int64_t hkv, int64_t d, DType dtype, Device device,
+                                    int64_t extra, int64_t min_length);
+
+// Resolves rotary_dim and checks the RoPE parameters against head_dim.
+RopeParams check_rope(const ArgCheck& check, const RopeParams& params, int64_t head_dim);
+
+// A dense or quantized weight [N, cols] on `device`, its layout checked (defined in quant.cpp).
+void check_weight(const ArgCheck& check, const Weight& w, const char* name, int64_t cols, Device device);
+
+}  // namespace decodelab::detail

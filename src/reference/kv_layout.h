@@ -1,0 +1,51 @@
+// Where the reference finds token t of sequence b, KV head h, in each kind of K/V storage: the
+// one statement of the cache layouts in kv_cache.h that reference appends and attention share.
+#pragma once
+
+#include "decodelab/kv_cache.h"
+#include "reference/elements.h"
+
+namespace decodelab::reference {
+
+// Prefill K and V: [B, S, Hkv, D].
+struct PrefillKVLayout {
+  const Tensor& k;
+  const Tensor& v;
+  int64_t heads() const { return k.dim(2); }
+  int64_t length(int64_t) const { return k.dim(1); }
+  int64_t offset(int64_t b, int64_t h, int64_t t) const {
+    return ((b * k.dim(1) + t) * k.dim(2) + h) * k.dim(3);
+  }
+};
+
+// Contiguous cache: [B, Hkv, S_max, D] and lengths.
+struct ContiguousKVLayout {
+  explicit ContiguousKVLayout(const ContiguousKV& c) : k(c.k), v(c.v), lengths(c.lengths) {}
+  const Tensor& k;
+  const Tensor& v;
+  const Tensor& lengths;
+  int64_t heads() const { return k.dim(1); }
+  int64_t length(int64_t b) const { return load_index(lengths, b); }
+  int64_t offset(int64_t b, int64_t h, int64_t t) const {
+    return ((b * k.dim(1) + h) * k.dim(2) + t) * k.dim(3);
+  }
+};
+
+// Paged cache: pools [num_pages, page_size, Hkv, D], page_table [B, max_pages], lengths.
+struct PagedKVLayout {
+  explicit PagedKVLayout(const PagedKV& c)
+      : k(c.k_pages), v(c.v_pages), lengths(c.lengths), page_table(c.page_table) {}
+  const Tensor& k;
+  const Tensor& v;
+  const Tensor& lengths;
+  const Tensor& page_table;
+  int64_t heads() const { return k.dim(2); }
+  int64_t length(int64_t b) const { return load_index(lengths, b); }
+  int64_t offset(int64_t b, int64_t h, int64_t t) const {
+    const int64_t page_size = k.dim(1);
+    const int64_t page = load_index(page_table, b * page_table.dim(1) + t / page_size);
+    return ((page * page_size + t % page_size) * k.dim(2) + h) * k.dim(3);
+  }
+};
+
+}  // namespace decodelab::reference

@@ -1,0 +1,36 @@
+// The reference backend: the definition of every op. Plain loops, double accumulation, no
+// threads, no SIMD. Arguments arrive validated (src/ops). Outputs may also be f64, which the
+// verification harness uses as its oracle.
+#pragma once
+
+#include "ops/args.h"
+
+namespace decodelab::reference {
+
+void rms_norm(const RmsNormArgs& a);
+void residual_add(const ResidualAddArgs& a);
+void rms_norm_residual(const RmsNormResidualArgs& a);
+void swiglu(const SwigluArgs& a);
+void rope(const RopeArgs& a);
+
+void kv_append(const KvAppendArgs& a);
+void kv_append_paged(const KvAppendPagedArgs& a);
+void qkv_split(const QkvSplitArgs& a);
+void qkv_split_rope(const QkvSplitRopeArgs& a);
+void qkv_rope_append(const QkvRopeAppendArgs& a);
+void qkv_rope_append_paged(const QkvRopeAppendPagedArgs& a);
+
+void prefill_attention(const PrefillAttentionArgs& a);
+void decode_attention(const DecodeAttentionArgs& a);
+void decode_attention_paged(const DecodeAttentionPagedArgs& a);
+
+void quantize(const QuantizeArgs& a);
+void dequantize(const DequantizeArgs& a);
+void matvec(const MatvecArgs& a);
+void matvec_multi(const MatvecMultiArgs& a);
+void output_projection(const OutputProjectionArgs& a);
+void mlp_block(const MlpBlockArgs& a);
+
+void decode_block(const DecodeBlockArgs& a);
+
+}  // namespace decodelab::reference

@@ -1,0 +1,37 @@
+// decodelab: verify, benchmark and inspect the kernels on this machine.
+// With no arguments it runs the main job on the CPU: verify the default grid and print the table.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <exception>
+
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  using namespace decodelab::cli;
+  CLI::App app{"decodelab: hand-written LLM decode kernels, each proven against a reference"};
+  app.require_subcommand(0, 1);
+
+  app.add_subcommand("info", "chip fingerprint, ISA, backends and their status, trust records");
+
+  VerifyOptions verify;
+  CLI::App* verify_cmd = app.add_subcommand("verify", "run the verification grid and write trust records");
+  verify_cmd->add_option("--op", verify.op, "only this op (e.g. decode_attention)");
+  verify_cmd->add_option("--backend", verify.backend, "only this backend (reference, cpu, cpu.<variant>, cuda, ...)");
+  verify_cmd->add_option("--device", verify.device, "cpu, cuda or all")->check(CLI::IsMember({"cpu", "cuda", "all"}));
+  verify_cmd->add_option("--seed", verify.seed, "seed of the random inputs");
+  verify_cmd->add_option("--json", verify.json_path, "write every case's result to this JSON file");
+  verify_cmd->add_flag("!--no-trust", verify.write_trust, "do not write trust records");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (app.got_subcommand("info")) return run_info();
+    if (app.got_subcommand("verify")) return run_verify(verify);
+    // The main job.
+    fmt::print("decodelab: verifying the default grid on the CPU (decodelab --help for more)\n");
+    return run_verify(VerifyOptions{});
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "decodelab: {}\n", e.what());
+    return 2;
+  }
+}
