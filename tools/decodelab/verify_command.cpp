@@ -1,7 +1,10 @@
 // `decodelab verify` and `decodelab info`.
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -35,13 +38,14 @@ int run_verify(const VerifyOptions& options) {
     return 1;
   }
   const bool have_gpu = !gpu_chips().empty();
+  const bool progress = isatty(fileno(stderr)) != 0;  // a progress line only on a terminal
   std::map<std::tuple<std::string, std::string, std::string, Device>, Row> rows;
   nlohmann::json cases = nlohmann::json::array();
   int failed = 0;
   const auto start = std::chrono::steady_clock::now();
   for (size_t i = 0; i < grid.size(); ++i) {
     const VerifyCase& c = grid[i];
-    fmt::print(stderr, "\r[{}/{}] {} {} {}            ", i + 1, grid.size(), c.op, c.backend, c.dtype);
+    if (progress) fmt::print(stderr, "\r[{}/{}] {} {} {}            ", i + 1, grid.size(), c.op, c.backend, c.dtype);
     if (c.device == Device::cuda && !have_gpu) continue;  // reported below, never trusted
     const CaseOutcome out = c.run(options.seed + i);
     Row& row = rows[{c.op, c.backend, c.dtype, c.device}];
@@ -60,7 +64,7 @@ int run_verify(const VerifyOptions& options) {
                      {"threshold", out.threshold}, {"why", c.why}});
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  fmt::print(stderr, "\r{:80}\r", "");
+  if (progress) fmt::print(stderr, "\r{:80}\r", "");
 
   fmt::print("{:<24} {:<12} {:<5} {:>6} {:>9} {:>11}\n", "op", "backend", "dtype", "cases", "result", "worst");
   for (const auto& [key, row] : rows) {
