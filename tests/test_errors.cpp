@@ -1,0 +1,153 @@
+// Bad input gets a clear error naming the op, the argument, what was expected and what was given:
+// one or more cases per op, each checking the message.
+#include <gtest/gtest.h>
+
+#include <functional>
+
+#include "decodelab/attention.h"
+#include "decodelab/error.h"
+#include "decodelab/model.h"
+#include "decodelab/quant.h"
+#include "verify/random.h"
+
+namespace decodelab {
+namespace {
+
+using verify::i32_array;
+
+// Runs `call` and returns the message of the decodelab::Error it throws ("" if none).
+std::string error_of(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+#define EXPECT_ERROR(call, text) EXPECT_EQ(error_of([&] { call; }), text)
+
+TEST(Errors, RmsNorm) {
+  Array x(DType::f32, {2, 8}), w(DType::f32, {7}), w16(DType::f16, {8}), out(DType::f32, {2, 8});
+  EXPECT_ERROR(rms_norm(x, w, 1e-5f, out), "rms_norm: weight: expected shape [8] [hidden], got [7] f32");
+  EXPECT_ERROR(rms_norm(x, w16, 1e-5f, out), "rms_norm: weight: expected dtype f32 (the dtype of x), got [8] f16");
+  Array w8(DType::f32, {8});
+  EXPECT_ERROR(rms_norm(x, w8, 0.0f, out), "rms_norm: eps: expected a finite eps > 0, got 0");
+  Tensor strided = x.view();
+  strided.strides[0] = 16;
+  EXPECT_ERROR(rms_norm(strided, w8, 1e-5f, out), "rms_norm: x: expected a contiguous row-major tensor, got [2, 8] f32 strides [16, 1]");
+  EXPECT_ERROR(rms_norm(x, w8, 1e-5f, out, {"cpu.fast"}), "rms_norm: backend: expected auto or one of: reference, got cpu.fast");
+  Tensor on_gpu = x.view();
+  on_gpu.device = Device::cuda;
+  Tensor out_gpu = out.view(), w_gpu = w8.view();
+  out_gpu.device = w_gpu.device = Device::cuda;
+  EXPECT_ERROR(rms_norm(on_gpu, w_gpu, 1e-5f, out_gpu, {"reference"}),
+               "rms_norm: backend 'reference' runs on cpu, but the tensors are on cuda");
+}
+
+TEST(Errors, ResidualAndSwiglu) {
+  Array a(DType::f16, {2, 8}), b(DType::f16, {2, 9}), out(DType::f16, {2, 8});
+  EXPECT_ERROR(residual_add(a, b, out), "residual_add: b: expected the shape of a [2, 8] f16, got [2, 9] f16");
+  Array i(DType::i32, {2, 8});
+  EXPECT_ERROR(swiglu(i, a, out), "swiglu: gate: expected dtype f32, f16 or bf16, got [2, 8] i32");
+}
+
+TEST(Errors, Rope) {
+  Array x(DType::f32, {3, 2, 64}), out(DType::f32, {3, 2, 64});
+  Array two = i32_array({2}, {0, 1}), negative = i32_array({3}, {0, -4, 2}), good = i32_array({3}, {0, 1, 2});
+  EXPECT_ERROR(rope(x, two, {}, out), "rope: positions: expected 3 positions, one per token of x [3, 2, 64] f32, got [2] i32");
+  EXPECT_ERROR(rope(x, negative, {}, out), "rope: positions[1]: expected a position >= 0, got -4");
+  EXPECT_ERROR(rope(x, good, RopeParams{10000.0f, RopeStyle::half_split, 33}, out),
+               "rope: rope.rotary_dim: expected an even number in [2, head_dim = 64] (or 0), got 33");
+}
+
+struct CacheFixture {
+  Array q{DType::f32, {2, 1, 4, 64}}, out{DType::f32, {2, 1, 4, 64}};
+  Array k{DType::f32, {2, 2, 10, 64}}, v{DType::f32, {2, 2, 10, 64}};
+  Array lengths = i32_array({2}, {3, 10});
+};
+
+TEST(Errors, DecodeAttention) {
+  CacheFixture f;
+  EXPECT_EQ(error_of([&] { decode_attention(f.q, {f.k, f.v, f.lengths}, f.out); }), "");
+  Array q72(DType::f32, {2, 1, 4, 72});
+  EXPECT_ERROR(decode_attention(q72, {f.k, f.v, f.lengths}, q72),
+               "decode_attention: q: expected head_dim D a multiple of 16 in [16, 256], got D = 72");
+  Array q6(DType::f32, {2, 1, 6, 64}), k4(DType::f32, {2, 4, 10, 64});
+  EXPECT_ERROR(decode_attention(q6, {k4, k4, f.lengths}, q6),
+               "decode_attention: heads: expected Hq a positive multiple of Hkv (GQA/MQA group), got Hq = 6, Hkv = 4");
+  Array too_long = i32_array({2}, {3, 11});
+  EXPECT_ERROR(decode_attention(f.q, {f.k, f.v, too_long}, f.out),
+               "decode_attention: lengths[1]: expected a length in [1, 10], got 11");
+  Array empty = i32_array({2}, {0, 4});
+  EXPECT_ERROR(decode_attention(f.q, {f.k, f.v, empty}, f.out),
+               "decode_attention: lengths[0]: expected a length in [1, 10], got 0");
+  Array q0(DType::f32, {0, 1, 4, 64});
+  EXPECT_ERROR(decode_attention(q0, {f.k, f.v, f.lengths}, q0), "decode_attention: q: expected a batch B >= 1, got [0, 1, 4, 64] f32");
+  Array lengths16(DType::f16, {2});
+  EXPECT_ERROR(decode_attention(f.q, {f.k, f.v, lengths16}, f.out), "decode_attention: lengths: expected dtype i32, got [2] f16");
+}
+
+TEST(Errors, PagedAttentionAndAppend) {
+  Array q(DType::f16, {1, 1, 4, 64}), out(DType::f16, {1, 1, 4, 64});
+  Array pages(DType::f16, {4, 16, 2, 64});
+  Array table = i32_array({1, 3}, {2, 9, 0}), lengths = i32_array({1}, {20});
+  EXPECT_ERROR(decode_attention_paged(q, {pages, pages, table, lengths}, out),
+               "decode_attention_paged: cache.page_table[0, 1]: expected a page index in [0, 4), got 9");
+  Array k_new(DType::f16, {1, 30, 2, 64});
+  Array ok_table = i32_array({1, 3}, {2, 1, 0});
+  EXPECT_ERROR(kv_append_paged(k_new, k_new, {pages, pages, ok_table, lengths}),
+               "kv_append_paged: lengths[0]: expected a length in [0, 18] so that 30 new tokens fit, got 20");
+  Array k32(DType::f32, {1, 1, 2, 64});
+  EXPECT_ERROR(kv_append_paged(k32, k32, {pages, pages, ok_table, lengths}),
+               "kv_append_paged: cache.k_pages: expected dtype f32 (the dtype of the queries/new tokens), got [4, 16, 2, 64] f16");
+}
+
+TEST(Errors, ContiguousAppendAndQkv) {
+  CacheFixture f;
+  Array k_new(DType::f32, {2, 1, 2, 64});
+  EXPECT_ERROR(kv_append(k_new, k_new, {f.k, f.v, f.lengths}),
+               "kv_append: lengths[1]: expected a length in [0, 9] so that 1 new tokens fit, got 10");
+  Array qkv(DType::f32, {3, 500}), q(DType::f32, {3, 4, 64}), k(DType::f32, {3, 2, 64});
+  EXPECT_ERROR(qkv_split(qkv, q, k, k),
+               "qkv_split: qkv: expected rank 1..4 [..., (Hq + 2 Hkv) D] with last dimension 512, got [3, 500] f32");
+}
+
+TEST(Errors, Quantization) {
+  Array w(DType::f32, {4, 96});
+  EXPECT_ERROR(make_quantized(QuantSpec::mlx(4, 64), 4, 96), "make_quantized: cols: expected a positive multiple of the group size 64, got 96");
+  EXPECT_ERROR(make_quantized(QuantSpec::mlx(3, 32), 4, 96), "make_quantized: spec.bits: expected 4 or 8, got 3");
+  QuantizedArray q = make_quantized(QuantSpec::q4_0(), 4, 96);
+  verify::fill_value(w, 0.5);
+  w.ptr<float>()[100] = NAN;
+  EXPECT_ERROR(quantize(w, q.weight), "quantize: w[1, 4]: expected a finite value of magnitude <= 1e30, got nan");
+  Array x(DType::f32, {1, 64}), y(DType::f32, {1, 4});
+  EXPECT_ERROR(matvec(x, Weight::of(q.weight), y), "matvec: w: expected K = 64 input columns, got 96 columns");
+  Array x96(DType::f32, {1, 96}), y16(DType::f16, {1, 4});
+  EXPECT_ERROR(matvec(x96, Weight::of(q.weight), y16), "matvec: y: expected dtype f32 (the dtype of x), got [1, 4] f16");
+  QuantizedWeight broken = q.weight;
+  broken.packed.dtype = DType::u32;
+  EXPECT_ERROR(matvec(x96, Weight::of(broken), y), "matvec: w.packed: expected dtype u8, got [4, 54] u32");
+}
+
+TEST(Errors, MlpAndDecodeBlock) {
+  Array x(DType::f32, {1, 32}), g(DType::f32, {64, 32}), d(DType::f32, {16, 64}), out(DType::f32, {1, 32});
+  EXPECT_ERROR(mlp_block(x, Weight::of(g), Weight::of(g), Weight::of(d), out),
+               "mlp_block: down: expected 32 rows (the hidden size of x), got 16");
+  DecodeLayerConfig c{32, 2, 1, 16, 64, 1e-5f, {}};
+  DecodeLayerWeights w;
+  Array norm(DType::f32, {32}), wq(DType::f32, {32, 32}), wkv(DType::f32, {16, 32}), wo(DType::f32, {32, 32});
+  w.attn_norm = w.mlp_norm = norm;
+  w.wq = Weight::of(wq);
+  w.wk = w.wv = Weight::of(wkv);
+  w.wo = Weight::of(wo);
+  w.gate = w.up = Weight::of(g);
+  w.down = Weight::of(g);  // wrong: [64, 32] where [32, 64] is needed
+  Array pages(DType::f32, {2, 16, 1, 16});
+  Array table = i32_array({1, 2}, {0, 1}), lengths = i32_array({1}, {3});
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.down: expected K = 64 input columns, got 32 columns");
+}
+
+}  // namespace
+}  // namespace decodelab

@@ -1,0 +1,100 @@
+// Backend selection by name, refusals that say why, and the trust store's handling of corrupt,
+// foreign and stale files.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "decodelab/error.h"
+#include "decodelab/router.h"
+#include "router/registry.h"
+
+namespace decodelab {
+namespace {
+
+TEST(Router, EveryOpHasAReferenceKernel) {
+  std::set<std::string> ops;
+  for (const BackendInfo& b : list_backends()) {
+    if (b.backend == "reference") {
+      EXPECT_EQ(b.status, Status::stable);
+      ops.insert(b.op);
+    }
+  }
+  EXPECT_EQ(ops.size(), 21u);
+}
+
+TEST(Router, AutoFallsBackToTheReferenceOnTheCpuAndRefusesUnknownNames) {
+  RmsNormArgs args;
+  EXPECT_EQ(select_kernel(args, "auto", Device::cpu).backend, "reference");
+  EXPECT_EQ(select_kernel(args, "reference", Device::cpu).backend, "reference");
+  try {
+    select_kernel(args, "cuda.splitk", Device::cpu);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "rms_norm: backend: expected auto or one of: reference, got cuda.splitk");
+  }
+}
+
+class TrustStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() / ("decodelab-trust-" + std::to_string(::getpid()));
+    std::filesystem::remove_all(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::filesystem::path dir_;
+  ChipInfo chip_{Device::cpu, "Test CPU", "avx2 fma"};
+};
+
+TEST_F(TrustStoreTest, SavesAndLoadsRecords) {
+  TrustStore store(chip_, dir_.string());
+  EXPECT_TRUE(store.load());  // no file yet: empty, no warning
+  store.put({"rms_norm", "reference", "f16", 4, 4, 1e-8});
+  store.put({"rms_norm", "reference", "f16", 5, 4, 2e-8});  // replaces
+  store.save();
+  TrustStore again(chip_, dir_.string());
+  ASSERT_TRUE(again.load()) << again.warning();
+  ASSERT_EQ(again.records().size(), 1u);
+  const TrustRecord* r = again.find("rms_norm", "reference", "f16");
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->cases, 5);
+  EXPECT_FALSE(r->trusted());
+}
+
+TEST_F(TrustStoreTest, CorruptFileIsReportedAndIgnored) {
+  TrustStore store(chip_, dir_.string());
+  store.put({"swiglu", "reference", "f32", 3, 3, 0.0});
+  store.save();
+  std::ofstream(store.path()) << "{\"schema\": 1, \"chip\": ";
+  TrustStore again(chip_, dir_.string());
+  EXPECT_FALSE(again.load());
+  EXPECT_NE(again.warning().find("corrupt trust file"), std::string::npos) << again.warning();
+  EXPECT_TRUE(again.records().empty());
+}
+
+TEST_F(TrustStoreTest, ForeignChipAndOtherBuildAreIgnored) {
+  TrustStore store(chip_, dir_.string());
+  store.put({"swiglu", "reference", "f32", 3, 3, 0.0});
+  store.save();
+  std::string text;
+  {
+    std::ifstream in(store.path());
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  auto rewrite = [&](const std::string& from, const std::string& to) {
+    std::string t = text;
+    t.replace(t.find(from), from.size(), to);
+    std::ofstream(store.path()) << t;
+  };
+  rewrite("Test CPU", "Other CPU");
+  TrustStore foreign(chip_, dir_.string());
+  EXPECT_FALSE(foreign.load());
+  EXPECT_NE(foreign.warning().find("another chip"), std::string::npos) << foreign.warning();
+  rewrite(std::string(build_id()), "0123abcd");
+  TrustStore stale(chip_, dir_.string());
+  EXPECT_FALSE(stale.load());
+  EXPECT_NE(stale.warning().find("written by build 0123abcd"), std::string::npos) << stale.warning();
+}
+
+}  // namespace
+}  // namespace decodelab
