@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds and runs every test: the C++ suite (with CUDA compiled when nvcc is present; CUDA tests
+# skip without a GPU), the interop tests against the mlx and gguf Python packages, and the whole
+# C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs="${DECODELAB_JOBS:-2}"
+
+bash scripts/setup.sh --python
+
+echo "== build (release) =="
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$jobs"
+echo "== C++ tests (release) =="
+ctest --test-dir build -j"$jobs" --output-on-failure
+
+echo "== interop tests: mlx and gguf =="
+DECODELAB_INTEROP="$PWD/build/tests/interop/decodelab_interop" .venv/bin/python -m pytest -q -s tests/interop
+
+echo "== build (address,undefined sanitizers) =="
+cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDECODELAB_CUDA=OFF \
+  -DDECODELAB_SANITIZE=address,undefined >/dev/null
+cmake --build build-sanitize -j"$jobs"
+echo "== C++ tests (sanitizers) =="
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  ctest --test-dir build-sanitize -j"$jobs" --output-on-failure
