@@ -124,6 +124,8 @@ struct RopeStyleCase {
   const char* name;
 };
 
+void PrintTo(const RopeStyleCase& c, std::ostream* os) { *os << c.name; }
+
 class ReferenceRope : public ::testing::TestWithParam<RopeStyleCase> {};
 
 TEST_P(ReferenceRope, PreservesNormsAndDependsOnRelativePositionOnly) {

@@ -17,6 +17,13 @@ std::vector<VerifyCase> cpu_grid() {
   return grid;
 }
 
+}  // namespace
+
+// Test logs name the case instead of dumping its bytes.
+void PrintTo(const VerifyCase& c, std::ostream* os) { *os << c.op << " " << c.backend << " " << c.dtype << " " << c.shape; }
+
+namespace {
+
 class VerifyGrid : public ::testing::TestWithParam<VerifyCase> {};
 
 TEST_P(VerifyGrid, MatchesReference) {
