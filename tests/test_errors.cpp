@@ -149,5 +149,50 @@ TEST(Errors, MlpAndDecodeBlock) {
                "decode_block: weights.down: expected K = 64 input columns, got 32 columns");
 }
 
+TEST(Errors, RmsNormResidualAndPrefill) {
+  Array x(DType::bf16, {2, 16}), r(DType::bf16, {2, 16}), w(DType::bf16, {16}), out(DType::f32, {2, 16});
+  EXPECT_ERROR(rms_norm_residual(x, r, w, 1e-5f, out), "rms_norm_residual: out: expected dtype bf16 (the dtype of x), got [2, 16] f32");
+  Array q(DType::f32, {1, 9, 4, 64}), k(DType::f32, {1, 8, 2, 64}), o(DType::f32, {1, 9, 4, 64});
+  EXPECT_ERROR(prefill_attention(q, k, k, o), "prefill_attention: q: expected Sq <= Skv = 8 for causal attention, got [1, 9, 4, 64] f32");
+  EXPECT_EQ(error_of([&] { prefill_attention(q, k, k, o, {false, 0.0f}); }), "");
+  Array k2(DType::f32, {2, 8, 2, 64});
+  EXPECT_ERROR(prefill_attention(q, k2, k2, o), "prefill_attention: k: expected shape [1, *, *, 64] [B, Skv, Hkv, D], got [2, 8, 2, 64] f32");
+}
+
+TEST(Errors, QkvRopeFamily) {
+  Array qkv(DType::f16, {2, 1, 512}), q_out(DType::f16, {2, 1, 4, 64});
+  Array k(DType::f16, {2, 2, 16, 64}), lengths = i32_array({2}, {16, 3});
+  EXPECT_ERROR(qkv_rope_append(qkv, {}, {k, k, lengths}, q_out),
+               "qkv_rope_append: lengths[0]: expected a length in [0, 15] so that 1 new tokens fit, got 16");
+  Array pages(DType::f16, {3, 8, 2, 64}), table = i32_array({2, 2}, {0, 1, 2, -1}), short_lengths = i32_array({2}, {3, 8});
+  EXPECT_ERROR(qkv_rope_append_paged(qkv, {}, {pages, pages, table, short_lengths}, q_out),
+               "qkv_rope_append_paged: cache.page_table[1, 1]: expected a page index in [0, 3), got -1");
+  Array flat(DType::f16, {2, 512}), q(DType::f16, {2, 4, 64}), kv(DType::f16, {2, 2, 64});
+  Array positions = i32_array({3}, {0, 1, 2});
+  EXPECT_ERROR(qkv_split_rope(flat, positions, {}, q, kv, kv), "qkv_split_rope: positions: expected 2 positions, one per token, got [3] i32");
+}
+
+TEST(Errors, DequantizeAndProjections) {
+  QuantizedArray q = make_quantized(QuantSpec::mlx(4, 32), 8, 64);
+  Array out(DType::f16, {8, 32});
+  EXPECT_ERROR(dequantize(q.weight, out), "dequantize: out: expected shape [8, 64] [rows, cols], got [8, 32] f16");
+  QuantizedWeight mixed = q.weight;
+  Array biases32(DType::f32, {8, 2});
+  mixed.biases = biases32;
+  Array full(DType::f16, {8, 64});
+  EXPECT_ERROR(dequantize(mixed, full), "dequantize: w.biases: expected dtype f16 (the dtype of the scales), got [8, 2] f32");
+  Array x(DType::f16, {2, 64}), y(DType::f16, {2, 8}), wide(DType::f16, {2, 9});
+  const Weight w[] = {Weight::of(q.weight), Weight::of(q.weight)};
+  const Tensor ys[] = {y, wide};
+  EXPECT_ERROR(matvec_multi(x, w, ys), "matvec_multi: y[1]: expected shape [2, 8] [B, N], got [2, 9] f16");
+  EXPECT_ERROR(matvec_multi(x, std::span<const Weight>(w, 1), ys), "matvec_multi: w, y: expected 1 to 4 weights and as many outputs, got 1 weights, 2 outputs");
+  Array attn(DType::f16, {2, 64}), residual(DType::f16, {3, 8});
+  EXPECT_ERROR(output_projection(attn, Weight::of(q.weight), residual, y),
+               "output_projection: residual: expected shape [2, 8] [B, N], got [3, 8] f16");
+  Array dense_k(DType::f16, {8, 32});
+  EXPECT_ERROR(qkv_projection(x, Weight::of(q.weight), Weight::of(dense_k), Weight::of(dense_k), y, y, y),
+               "matvec_multi: w[1]: expected K = 64 input columns, got 32 columns");
+}
+
 }  // namespace
 }  // namespace decodelab
