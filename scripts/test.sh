@@ -15,7 +15,7 @@ echo "== C++ tests (release) =="
 ctest --test-dir build -j"$jobs" --output-on-failure
 
 echo "== interop tests: mlx and gguf =="
-DECODELAB_INTEROP="$PWD/build/tests/interop/decodelab_interop" .venv/bin/python -m pytest -q -s tests/interop
+DECODELAB_INTEROP="$PWD/build/tests/interop/decodelab_interop" .venv/bin/python -m pytest -q tests/interop
 
 echo "== build (address,undefined sanitizers) =="
 cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDECODELAB_CUDA=OFF \

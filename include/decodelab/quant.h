@@ -9,7 +9,9 @@
 // - GGUF Q4_0 / Q8_0 (ggml, the gguf Python package): blocks of 32 inputs, packed: u8
 //   [N, K/32 * block_bytes]. Q4_0 block (18 bytes): f16 scale d, then 16 bytes whose low nibble
 //   holds element j and high nibble element j + 16, w = d * (q - 8). Q8_0 block (34 bytes): f16 d
-//   then 32 int8 q, w = d * q. scales and biases are unused (empty).
+//   then 32 int8 q, w = d * q. scales and biases are unused (empty). Where ggml's C quantizer and
+//   the gguf package disagree (d of a zero block led by -0.0 is -0 in C, +0 in the package), we
+//   follow the package.
 // Weights are [N, K] (out x in) and y = W x.
 #pragma once
 

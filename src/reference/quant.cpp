@@ -76,11 +76,13 @@ void quantize_mlx(const Tensor& w, const QuantizedWeight& out) {
   }
 }
 
-// ggml's quantize_row_q4_0_ref / the gguf package: d = (signed value of largest magnitude) / -8,
-// q = trunc(x / d + 8.5) clamped to 15, i.e. round half up.
+// The gguf package (and ggml's quantize_row_q4_0_ref): d = (signed value of largest magnitude) / -8,
+// q = trunc(x / d + 8.5) clamped to 15, i.e. round half up. The largest magnitude is the first
+// such element, as numpy's argmax picks it; ggml's C loop starts from +0 instead, which differs
+// only in the sign of d for a block of zeros led by -0.0. We follow the package.
 void quantize_q4_0_block(const float* x, uint8_t* block) {
-  float max = 0.0f, amax = 0.0f;
-  for (int i = 0; i < kGgufBlock; ++i) {
+  float max = x[0], amax = std::fabs(x[0]);
+  for (int i = 1; i < kGgufBlock; ++i) {
     if (std::fabs(x[i]) > amax) {  // strict: the first index wins ties
       amax = std::fabs(x[i]);
       max = x[i];
