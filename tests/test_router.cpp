@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "decodelab/error.h"
 #include "decodelab/router.h"
@@ -23,16 +24,33 @@ TEST(Router, EveryOpHasAReferenceKernel) {
   EXPECT_EQ(ops.size(), 21u);
 }
 
-TEST(Router, AutoFallsBackToTheReferenceOnTheCpuAndRefusesUnknownNames) {
+// The stable default on the CPU: the first stable non-reference CPU kernel, the reference last.
+template <class Args>
+std::string_view expected_auto() {
+  for (const auto& k : kernels<Args>()) {
+    if (k.device == Device::cpu && k.status == Status::stable && k.backend != "reference") return k.backend;
+  }
+  return "reference";
+}
+
+TEST(Router, AutoPicksTheStableCpuKernelAndRefusesUnknownNames) {
   RmsNormArgs args;
-  EXPECT_EQ(select_kernel(args, "auto", Device::cpu).backend, "reference");
+  EXPECT_EQ(select_kernel(args, "auto", Device::cpu).backend, expected_auto<RmsNormArgs>());
   EXPECT_EQ(select_kernel(args, "reference", Device::cpu).backend, "reference");
   try {
     select_kernel(args, "cuda.splitk", Device::cpu);
     FAIL();
   } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "rms_norm: backend: expected auto or one of: reference, got cuda.splitk");
+    EXPECT_STREQ(e.what(), "rms_norm: backend: expected auto or one of: reference, cpu, got cuda.splitk");
   }
+}
+
+// A kernel that refuses a call is skipped by auto, and named explicitly it explains why.
+TEST(Router, RefusalsNameTheReason) {
+  static const Kernel<SwigluArgs> picky{"cpu.picky", Status::experimental, Device::cpu, [](const SwigluArgs&) {},
+                                       [](const SwigluArgs&) { return std::string("needs D = 128"); }};
+  EXPECT_EQ(picky.refusal(SwigluArgs{}), "needs D = 128");
+  EXPECT_EQ(Kernel<SwigluArgs>{}.refusal(SwigluArgs{}), "");
 }
 
 class TrustStoreTest : public ::testing::Test {

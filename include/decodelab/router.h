@@ -37,6 +37,11 @@ struct BackendInfo {
 // Every registered (op, backend) pair, in registration order.
 std::vector<BackendInfo> list_backends();
 
+// The CPU backends' thread pool: one for all ops, sized to the machine (or DECODELAB_THREADS).
+// Resizing waits for no running op; call it between ops.
+void set_cpu_threads(int threads);
+int cpu_threads();
+
 // The library build that produced a result: the git commit (with "-dirty" for local changes).
 std::string_view build_id();
 

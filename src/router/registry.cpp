@@ -7,6 +7,9 @@
 #include <vector>
 
 #include "decodelab/error.h"
+#include "cpu/attention.h"
+#include "cpu/cpu.h"
+#include "cpu/matvec.h"
 #include "reference/reference.h"
 
 namespace decodelab {
@@ -20,6 +23,7 @@ std::vector<Kernel<Args>> build_kernel_list() {
     list.push_back(Kernel<Args>{BACKEND, Status::STATUS, Device::DEVICE, RUN, SUPPORTS}); \
   }
 #include "reference/kernels.inc"
+#include "cpu/kernels.inc"
 #undef DECODELAB_KERNEL
   return list;
 }

@@ -1,0 +1,1 @@
+// CPU attention (being written).

@@ -1,0 +1,227 @@
+// CPU RMSNorm, residual add, RMSNorm + residual, SwiGLU and RoPE: one pass over the activations,
+// f32 arithmetic in SIMD registers, rows spread over the thread pool when there are enough.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/layers.cpp"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+#include "cpu/simd.h"
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu.h"
+#include "cpu/element.h"
+#include "cpu/thread_pool.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace decodelab::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Rows of `hidden` elements: split over threads once there is enough work to pay for it.
+template <class Fn>
+void for_rows(int64_t rows, int64_t hidden, Fn&& fn) {
+  if (rows * hidden < (int64_t{1} << 16)) {
+    fn(int64_t{0}, rows);
+  } else {
+    parallel_ranges(rows, 1, fn);
+  }
+}
+
+// Flat elementwise loops: chunks of 16K elements over the pool.
+template <class Fn>
+void for_elements(int64_t n, Fn&& fn) {
+  if (n < (int64_t{1} << 16)) {
+    fn(int64_t{0}, n);
+  } else {
+    parallel_ranges(n, int64_t{1} << 14, fn);
+  }
+}
+
+template <class T>
+float SumSquares(const T* HWY_RESTRICT x, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  auto acc0 = hn::Zero(df), acc1 = hn::Zero(df);
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const auto a = LoadF32(df, x + i), b = LoadF32(df, x + i + N);
+    acc0 = hn::MulAdd(a, a, acc0);
+    acc1 = hn::MulAdd(b, b, acc1);
+  }
+  float sum = hn::GetLane(hn::SumOfLanes(df, hn::Add(acc0, acc1)));
+  for (; i < n; ++i) sum += to_f32(x[i]) * to_f32(x[i]);
+  return sum;
+}
+
+// out = x * inv_rms * w for one row.
+template <class T>
+void ScaleRow(const T* HWY_RESTRICT x, const T* HWY_RESTRICT w, float inv_rms, T* HWY_RESTRICT out, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  const auto scale = hn::Set(df, inv_rms);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) StoreF32(df, hn::Mul(hn::Mul(LoadF32(df, x + i), scale), LoadF32(df, w + i)), out + i);
+  for (; i < n; ++i) out[i] = from_f32<T>(to_f32(x[i]) * inv_rms * to_f32(w[i]));
+}
+
+void RmsNorm(const RmsNormArgs& a) {
+  dispatch_activation(a.x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t hidden = a.x.dim(a.x.rank - 1), rows = a.x.numel() / hidden;
+    const T* x = a.x.ptr<const T>();
+    const T* w = a.weight.ptr<const T>();
+    T* out = a.out.ptr<T>();
+    for_rows(rows, hidden, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float inv_rms = 1.0f / std::sqrt(SumSquares(x + r * hidden, hidden) / float(hidden) + a.eps);
+        ScaleRow(x + r * hidden, w, inv_rms, out + r * hidden, hidden);
+      }
+    });
+  });
+}
+
+void ResidualAdd(const ResidualAddArgs& args) {
+  dispatch_activation(args.a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* a = args.a.ptr<const T>();
+    const T* b = args.b.ptr<const T>();
+    T* out = args.out.ptr<T>();
+    for_elements(args.out.numel(), [&](int64_t begin, int64_t end) {
+      const hn::ScalableTag<float> df;
+      const int64_t N = int64_t(hn::Lanes(df));
+      int64_t i = begin;
+      for (; i + N <= end; i += N) StoreF32(df, hn::Add(LoadF32(df, a + i), LoadF32(df, b + i)), out + i);
+      for (; i < end; ++i) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+    });
+  });
+}
+
+void RmsNormResidual(const RmsNormResidualArgs& a) {
+  dispatch_activation(a.x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t hidden = a.x.dim(a.x.rank - 1), rows = a.x.numel() / hidden;
+    const T* x = a.x.ptr<const T>();
+    const T* w = a.weight.ptr<const T>();
+    T* residual = a.residual.ptr<T>();
+    T* out = a.out.ptr<T>();
+    for_rows(rows, hidden, [&](int64_t begin, int64_t end) {
+      const hn::ScalableTag<float> df;
+      const int64_t N = int64_t(hn::Lanes(df));
+      for (int64_t r = begin; r < end; ++r) {
+        T* h = residual + r * hidden;
+        const T* xr = x + r * hidden;
+        // The sum is stored first and the norm reads it back as stored (rounded), like the reference.
+        int64_t i = 0;
+        for (; i + N <= hidden; i += N) StoreF32(df, hn::Add(LoadF32(df, xr + i), LoadF32(df, h + i)), h + i);
+        for (; i < hidden; ++i) h[i] = from_f32<T>(to_f32(xr[i]) + to_f32(h[i]));
+        const float inv_rms = 1.0f / std::sqrt(SumSquares(h, hidden) / float(hidden) + a.eps);
+        ScaleRow(h, w, inv_rms, out + r * hidden, hidden);
+      }
+    });
+  });
+}
+
+void Swiglu(const SwigluArgs& args) {
+  dispatch_activation(args.gate.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* gate = args.gate.ptr<const T>();
+    const T* up = args.up.ptr<const T>();
+    T* out = args.out.ptr<T>();
+    for_elements(args.out.numel(), [&](int64_t begin, int64_t end) {
+      const hn::ScalableTag<float> df;
+      const int64_t N = int64_t(hn::Lanes(df));
+      const auto one = hn::Set(df, 1.0f);
+      int64_t i = begin;
+      for (; i + N <= end; i += N) {
+        const auto g = LoadF32(df, gate + i);
+        const auto sigmoid = hn::Div(one, hn::Add(one, hn::Exp(df, hn::Neg(g))));
+        StoreF32(df, hn::Mul(hn::Mul(g, sigmoid), LoadF32(df, up + i)), out + i);
+      }
+      for (; i < end; ++i) {
+        const float g = to_f32(gate[i]);
+        out[i] = from_f32<T>(g / (1.0f + std::exp(-g)) * to_f32(up[i]));
+      }
+    });
+  });
+}
+
+// Rotates one head in place on f32 values: half-split pairs (i, i + half) in vectors,
+// interleaved pairs (2i, 2i + 1) with the partner lanes swapped by Reverse2.
+void RotateHead(float* HWY_RESTRICT head, const float* HWY_RESTRICT cos_v, const float* HWY_RESTRICT sin_v,
+                const RopeParams& p) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  const int64_t half = p.rotary_dim / 2;
+  if (p.style == RopeStyle::half_split) {
+    int64_t i = 0;
+    for (; i + N <= half; i += N) {
+      const auto a = hn::LoadU(df, head + i), b = hn::LoadU(df, head + half + i);
+      const auto c = hn::LoadU(df, cos_v + i), s = hn::LoadU(df, sin_v + i);
+      hn::StoreU(hn::NegMulAdd(b, s, hn::Mul(a, c)), df, head + i);
+      hn::StoreU(hn::MulAdd(a, s, hn::Mul(b, c)), df, head + half + i);
+    }
+    for (; i < half; ++i) {
+      const float a = head[i], b = head[half + i];
+      head[i] = a * cos_v[i] - b * sin_v[i];
+      head[half + i] = b * cos_v[i] + a * sin_v[i];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = head[2 * i], b = head[2 * i + 1];
+    head[2 * i] = a * cos_v[i] - b * sin_v[i];
+    head[2 * i + 1] = b * cos_v[i] + a * sin_v[i];
+  }
+}
+
+void Rope(const RopeArgs& a) {
+  dispatch_activation(a.x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t d = a.x.dim(a.x.rank - 1), heads = a.x.dim(a.x.rank - 2);
+    const int64_t tokens = a.x.numel() / (heads * d), half = a.params.rotary_dim / 2;
+    std::vector<double> inv_freq(static_cast<size_t>(half));
+    for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = rope_inv_frequency(a.params, a.params.rotary_dim, int(i));
+    const T* x = a.x.ptr<const T>();
+    T* out = a.out.ptr<T>();
+    const int32_t* positions = a.positions.ptr<const int32_t>();
+    for_rows(tokens, heads * d, [&](int64_t begin, int64_t end) {
+      std::vector<float> cos_v(static_cast<size_t>(half)), sin_v(static_cast<size_t>(half)), head(static_cast<size_t>(d));
+      for (int64_t t = begin; t < end; ++t) {
+        // Angles in double: positions reach 10^5 and f32 angles would lose the phase.
+        for (int64_t i = 0; i < half; ++i) {
+          const double angle = double(positions[t]) * inv_freq[size_t(i)];
+          cos_v[size_t(i)] = float(std::cos(angle));
+          sin_v[size_t(i)] = float(std::sin(angle));
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t base = (t * heads + h) * d;
+          for (int64_t i = 0; i < d; ++i) head[size_t(i)] = to_f32(x[base + i]);
+          RotateHead(head.data(), cos_v.data(), sin_v.data(), a.params);
+          for (int64_t i = 0; i < d; ++i) out[base + i] = from_f32<T>(head[size_t(i)]);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace decodelab::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace decodelab::cpu {
+
+HWY_EXPORT(RmsNorm);
+HWY_EXPORT(ResidualAdd);
+HWY_EXPORT(RmsNormResidual);
+HWY_EXPORT(Swiglu);
+HWY_EXPORT(Rope);
+
+void rms_norm(const RmsNormArgs& a) { HWY_DYNAMIC_DISPATCH(RmsNorm)(a); }
+void residual_add(const ResidualAddArgs& a) { HWY_DYNAMIC_DISPATCH(ResidualAdd)(a); }
+void rms_norm_residual(const RmsNormResidualArgs& a) { HWY_DYNAMIC_DISPATCH(RmsNormResidual)(a); }
+void swiglu(const SwigluArgs& a) { HWY_DYNAMIC_DISPATCH(Swiglu)(a); }
+void rope(const RopeArgs& a) { HWY_DYNAMIC_DISPATCH(Rope)(a); }
+
+}  // namespace decodelab::cpu
+#endif  // HWY_ONCE

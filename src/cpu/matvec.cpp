@@ -1,0 +1,1 @@
+// CPU matvec family (being written).
