@@ -21,4 +21,15 @@ int run_verify(const VerifyOptions& options);
 
 int run_info();
 
+struct BenchCommandOptions {
+  std::string op;
+  std::string backend;
+  std::string device = "cpu";
+  std::string json_path = "decodelab-bench.json";
+  bool quick = false;
+};
+
+// Probes the machine, verifies and times the grid, prints the table and writes the JSON.
+int run_bench(const BenchCommandOptions& options);
+
 }  // namespace decodelab::cli

@@ -1,5 +1,6 @@
 // decodelab: verify, benchmark and inspect the kernels on this machine.
-// With no arguments it runs the main job on the CPU: verify the default grid and print the table.
+// With no arguments it runs the main job on the CPU: verify the default grid, benchmark the quick
+// grid against the measured bandwidth, print the tables and write the results.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -23,13 +24,26 @@ int main(int argc, char** argv) {
   verify_cmd->add_option("--json", verify.json_path, "write every case's result to this JSON file");
   verify_cmd->add_flag("!--no-trust", verify.write_trust, "do not write trust records");
 
+  BenchCommandOptions bench;
+  CLI::App* bench_cmd = app.add_subcommand("bench", "measure bandwidth, verify, then time every backend");
+  bench_cmd->add_option("--op", bench.op, "only this op");
+  bench_cmd->add_option("--backend", bench.backend, "only this backend (cpu also selects cpu.<variant>)");
+  bench_cmd->add_option("--device", bench.device, "cpu (cuda comes with the CUDA backend)")->check(CLI::IsMember({"cpu"}));
+  bench_cmd->add_option("--json", bench.json_path, "where to write the results")->capture_default_str();
+  bench_cmd->add_flag("--quick", bench.quick, "the small grid of the main job");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (app.got_subcommand("info")) return run_info();
     if (app.got_subcommand("verify")) return run_verify(verify);
-    // The main job.
+    if (app.got_subcommand("bench")) return run_bench(bench);
+    // The main job: verify the default grid, then benchmark the quick grid.
     fmt::print("decodelab: verifying the default grid on the CPU (decodelab --help for more)\n");
-    return run_verify(VerifyOptions{});
+    const int verified = run_verify(VerifyOptions{});
+    if (verified != 0) return verified;
+    BenchCommandOptions quick;
+    quick.quick = true;
+    return run_bench(quick);
   } catch (const std::exception& e) {
     fmt::print(stderr, "decodelab: {}\n", e.what());
     return 2;

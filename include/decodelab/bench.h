@@ -1,0 +1,63 @@
+// Benchmarks against this machine's own limits. `decodelab bench` measures the memory bandwidth
+// (and the FMA peak) in the same run, verifies every backend it is about to time, then times each
+// (op, backend, dtype, shape): warm-up, many repeats, the median and spread, with inputs rotated
+// through copies whose total exceeds the last-level cache.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace decodelab {
+
+struct BandwidthProbe {
+  int64_t bytes = 0;          // buffer size per measurement
+  int threads = 0;
+  double read_gbps = 0.0;     // streaming read (a reduction), all threads
+  double read_gbps_one = 0.0; // one thread
+  double copy_gbps = 0.0;     // memcpy, counting read + write bytes, all threads
+  double copy_gbps_one = 0.0;
+  double fma_gflops = 0.0;    // f32 FMA peak, all threads, best SIMD target
+};
+
+// Streaming read and copy over buffers of `bytes` (default 512 MiB, far past any LLC).
+BandwidthProbe measure_cpu_limits(int64_t bytes = int64_t{512} << 20);
+
+struct BenchRecord {
+  std::string op, backend, dtype, shape;
+  double median_us = 0.0, p10_us = 0.0, p90_us = 0.0;
+  int repeats = 0;
+  int64_t bytes = 0;  // what the op must move at least
+  int64_t flops = 0;
+  double gbps = 0.0;
+  double pct_of_read_bandwidth = 0.0;
+  double gflops = 0.0;
+  double pct_of_fma_peak = 0.0;
+  double speedup_vs_reference = 0.0;  // 0 when the reference was not timed (too slow)
+  double speedup_vs_default = 0.0;    // against the stable default backend of the op
+  bool compute_bound = false;         // judged against the FMA peak rather than bandwidth
+  bool in_cache = false;              // all rotated copies together fit in the LLC: not a DRAM figure
+};
+
+struct BenchOptions {
+  std::string op;       // empty: all
+  std::string backend;  // empty: all CPU backends; "cpu" also selects cpu.<variant>
+  bool quick = false;   // the smaller grid of the main job
+  double min_seconds = 0.2;  // per case, after warm-up
+  int min_repeats = 20;
+  std::function<void(const std::string&)> progress;  // one line per case, or null
+};
+
+struct BenchResult {
+  BandwidthProbe limits;
+  std::vector<BenchRecord> records;
+  std::vector<std::string> refused;  // backends not timed, with the reason (failed verification)
+};
+
+BenchResult run_cpu_benchmarks(const BenchOptions& options);
+
+// The JSON document (schema "decodelab.bench/1") of a result, with the machine and build.
+std::string bench_json(const BenchResult& result);
+
+}  // namespace decodelab

@@ -1,0 +1,397 @@
+// `decodelab bench` on the CPU: the limits probe, the verification gate, and the timing of every
+// registered CPU backend over a grid of decode shapes (Llama-3-8B: hidden 4096, 32 query heads,
+// 8 KV heads, head_dim 128, intermediate 14336).
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "decodelab/bench.h"
+#include "decodelab/router.h"
+#include "decodelab/verify.h"
+#include "verify/weights.h"
+
+namespace decodelab {
+namespace {
+
+using verify::CaseData;
+using verify::MakeArgs;
+
+constexpr int64_t kRotateBytes = int64_t{96} << 20;  // inputs rotated past the 32 MiB L3 and then some
+constexpr int64_t kLastLevelCacheBytes = int64_t{64} << 20;  // counted generously (L2s + L3)
+
+struct Timing {
+  double median_us = 0, p10_us = 0, p90_us = 0;
+  int repeats = 0;
+  std::string refused;
+  bool in_cache = false;  // the rotated copies together fit in the last-level cache
+};
+
+struct BenchCase {
+  std::string op, backend, dtype, shape;
+  Device device = Device::cpu;
+  int64_t bytes = 0, flops = 0;
+  bool compute_bound = false;
+  std::function<Timing(const BenchOptions&)> run;
+};
+
+// Fast uniform values in [-1, 1): the bench needs realistic magnitudes, not a distribution, and
+// its inputs reach hundreds of MB.
+void fill_uniform(const Tensor& t, uint64_t seed) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    const double v = double(int64_t(s >> 11) - (int64_t{1} << 52)) / double(int64_t{1} << 52);
+    switch (t.dtype) {
+      case DType::f32: t.ptr<float>()[i] = float(v); break;
+      case DType::f16: t.ptr<uint16_t>()[i] = f32_to_f16(float(v)); break;
+      case DType::bf16: t.ptr<uint16_t>()[i] = f32_to_bf16(float(v)); break;
+      default: break;
+    }
+  }
+}
+
+Array uniform(DType dtype, const std::vector<int64_t>& shape, uint64_t seed) {
+  Array a(dtype, std::span<const int64_t>(shape));
+  fill_uniform(a, seed);
+  return a;
+}
+
+Array clone(const Array& a) { return a.to(Device::cpu); }
+
+// Times kernel.run on `copies` rotated instances of the data.
+template <class Args>
+Timing time_kernel(const Kernel<Args>& kernel, const CaseData& data, const MakeArgs<Args>& make, int64_t bytes,
+                   const BenchOptions& options, bool is_reference) {
+  const int copies = int(std::clamp<int64_t>(kRotateBytes / std::max<int64_t>(bytes, 1), 1, 32));
+  std::vector<std::vector<Array>> inputs(static_cast<size_t>(copies)), outputs(static_cast<size_t>(copies));
+  std::vector<Args> args;
+  for (int c = 0; c < copies; ++c) {
+    std::vector<Tensor> in, out;
+    for (const Array& a : data.inputs) {
+      inputs[size_t(c)].push_back(c == 0 ? Array() : clone(a));
+      in.push_back(c == 0 ? a.view() : inputs[size_t(c)].back().view());
+    }
+    for (const verify::OutputSpec& spec : data.outputs) {
+      outputs[size_t(c)].push_back(spec.initial_from >= 0 ? clone(data.inputs[size_t(spec.initial_from)])
+                                                           : Array(spec.dtype, std::span<const int64_t>(spec.shape)));
+      out.push_back(outputs[size_t(c)].back().view());
+    }
+    args.push_back(make(in, out));
+  }
+  // A kernel that declines the shape is not timed (repeats = 0), and says why.
+  if (const std::string why = kernel.refusal(args[0]); !why.empty()) return {0, 0, 0, 0, why};
+  using Clock = std::chrono::steady_clock;
+  for (int w = 0; w < std::min(3, copies + 1); ++w) kernel.run(args[size_t(w % copies)]);
+  std::vector<double> us;
+  const auto start = Clock::now();
+  const int max_repeats = is_reference ? 3 : 2000;
+  const int min_repeats = is_reference ? 1 : options.min_repeats;
+  for (int r = 0; r < max_repeats; ++r) {
+    const auto t = Clock::now();
+    kernel.run(args[size_t(r % copies)]);
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t).count());
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    if (int(us.size()) >= min_repeats && elapsed >= (is_reference ? 0.0 : options.min_seconds)) break;
+  }
+  std::sort(us.begin(), us.end());
+  auto at = [&](double q) { return us[size_t(q * double(us.size() - 1) + 0.5)]; };
+  return {at(0.5), at(0.1), at(0.9), int(us.size()), {}, int64_t(copies) * bytes < kLastLevelCacheBytes};
+}
+
+bool selected(const BenchOptions& o, std::string_view op, std::string_view backend) {
+  if (!o.op.empty() && o.op != op) return false;
+  if (o.backend.empty()) return true;
+  return backend == o.backend ||
+         (backend.size() > o.backend.size() && backend.substr(0, o.backend.size()) == o.backend && backend[o.backend.size()] == '.');
+}
+
+// The reference is timed only where one run stays under about a second.
+bool reference_affordable(int64_t bytes, int64_t flops) { return bytes < (int64_t{160} << 20) && flops < (int64_t{3} << 30); }
+
+template <class Args>
+void add_bench(std::vector<BenchCase>& cases, const BenchOptions& options, DType dtype, const std::string& shape,
+               int64_t bytes, int64_t flops, bool compute_bound, std::function<CaseData()> build, MakeArgs<Args> make) {
+  for (const auto& kernel : kernels<Args>()) {
+    if (kernel.device != Device::cpu || !selected(options, Args::kOp, kernel.backend)) continue;
+    const bool is_reference = kernel.backend == "reference";
+    if (is_reference && !reference_affordable(bytes, flops)) continue;
+    BenchCase c{Args::kOp, std::string(kernel.backend), std::string(dtype_name(dtype)), shape, kernel.device,
+                bytes, flops, compute_bound, {}};
+    c.run = [&kernel, build, make, bytes, is_reference](const BenchOptions& o) {
+      return time_kernel<Args>(kernel, build(), make, bytes, o, is_reference);
+    };
+    cases.push_back(std::move(c));
+  }
+}
+
+// ---- The grid ---------------------------------------------------------------------------------
+
+constexpr int64_t kHidden = 4096, kInter = 14336, kHq = 32, kHkv = 8, kD = 128;
+
+void add_matvec(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  const DType t = DType::f16;
+  std::vector<verify::WeightKind> kinds = {verify::WeightKind{}, verify::WeightKind{QuantSpec::mlx(4, 64)},
+                                           verify::WeightKind{QuantSpec::q4_0()}};
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{kHidden, kInter}};
+  std::vector<int64_t> batches = {1};
+  if (!o.quick) {
+    kinds.push_back(verify::WeightKind{QuantSpec::mlx(8, 64)});
+    kinds.push_back(verify::WeightKind{QuantSpec::q8_0()});
+    shapes = {{kHidden, kInter}, {kInter, kHidden}, {kHidden, kHidden}};
+    batches = {1, 8, 16};
+  }
+  for (const auto& kind : kinds) {
+    for (const auto& [rows, cols] : shapes) {
+      for (const int64_t batch : batches) {
+        const int64_t weight_bytes = kind.quant ? rows * quantized_row_bytes(*kind.quant, cols, DType::f16)
+                                                : rows * cols * int64_t(dtype_size(t));
+        const int64_t bytes = weight_bytes + batch * (rows + cols) * int64_t(dtype_size(t));
+        add_bench<MatvecArgs>(
+            cases, o, t, fmt::format("{} B={} N={} K={}", kind.name(), batch, rows, cols), bytes, 2 * batch * rows * cols,
+            false,
+            [=] {
+              CaseData d;
+              d.inputs.push_back(uniform(t, {batch, cols}, 1));
+              if (kind.quant) {
+                // Quantize uniform values with the reference once: realistic codes and scales.
+                const Array values = uniform(DType::f32, {rows, cols}, 2);
+                QuantizedArray q = make_quantized(*kind.quant, rows, cols, DType::f16);
+                quantize(values, q.weight, {"reference"});
+                d.inputs.push_back(std::move(q.packed));
+                d.inputs.push_back(std::move(q.scales));
+                d.inputs.push_back(std::move(q.biases));
+              } else {
+                d.inputs.push_back(uniform(t, {rows, cols}, 2));
+                d.inputs.emplace_back();
+                d.inputs.emplace_back();
+              }
+              d.outputs.push_back({t, {batch, rows}});
+              return d;
+            },
+            [=](auto in, auto out) { return MatvecArgs{in[0], verify::weight_at(in, 1, kind, rows, cols), out[0], {}}; });
+      }
+    }
+  }
+}
+
+// Decode (and paged decode) over an f16 cache of `length` tokens for `batch` sequences.
+void add_decode(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  const DType t = DType::f16;
+  std::vector<int64_t> lengths = {4096}, batches = {1};
+  if (!o.quick) lengths = {4096, 8192, 32768}, batches = {1, 4};
+  const int64_t page = 16;
+  for (const int64_t length : lengths) {
+    for (const int64_t batch : batches) {
+      const int64_t kv_bytes = 2 * batch * kHkv * length * kD * int64_t(dtype_size(t));
+      const int64_t bytes = kv_bytes + 2 * batch * kHq * kD * int64_t(dtype_size(t));
+      const int64_t flops = 4 * batch * kHq * length * kD;
+      const std::string shape = fmt::format("B={} L={} Hq={} Hkv={} D={}", batch, length, kHq, kHkv, kD);
+      const std::vector<int32_t> lens(static_cast<size_t>(batch), int32_t(length));
+      add_bench<DecodeAttentionArgs>(
+          cases, o, t, shape, bytes, flops, false,
+          [=] {
+            CaseData d;
+            d.inputs.push_back(uniform(t, {batch, 1, kHq, kD}, 1));
+            d.inputs.push_back(uniform(t, {batch, kHkv, length, kD}, 2));
+            d.inputs.push_back(uniform(t, {batch, kHkv, length, kD}, 3));
+            d.inputs.push_back(verify::i32_array({batch}, lens));
+            d.outputs.push_back({t, {batch, 1, kHq, kD}});
+            return d;
+          },
+          [](auto in, auto out) {
+            return DecodeAttentionArgs{in[0], ContiguousKV{in[1], in[2], in[3]}, out[0], {true, 1.0f / 11.3137085f}, {}};
+          });
+      const int64_t pages_per_seq = length / page;
+      add_bench<DecodeAttentionPagedArgs>(
+          cases, o, t, shape + fmt::format(" page {}", page), bytes, flops, false,
+          [=] {
+            CaseData d;
+            d.inputs.push_back(uniform(t, {batch, 1, kHq, kD}, 1));
+            d.inputs.push_back(uniform(t, {batch * pages_per_seq, page, kHkv, kD}, 2));
+            d.inputs.push_back(uniform(t, {batch * pages_per_seq, page, kHkv, kD}, 3));
+            // Pages of a sequence scattered over the pool, as an allocator hands them out over time.
+            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(verify::i32_array({batch}, lens));
+            d.outputs.push_back({t, {batch, 1, kHq, kD}});
+            return d;
+          },
+          [](auto in, auto out) {
+            return DecodeAttentionPagedArgs{in[0], PagedKV{in[1], in[2], in[3], in[4]}, out[0], {true, 1.0f / 11.3137085f}, {}};
+          });
+    }
+  }
+}
+
+void add_prefill(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  if (o.quick) return;
+  const DType t = DType::f16;
+  for (const int64_t s : {int64_t{512}, int64_t{2048}}) {
+    const int64_t flops = 4 * kHq * kD * s * s / 2;  // causal: half the score matrix
+    const int64_t bytes = (2 * kHq + 2 * kHkv) * s * kD * int64_t(dtype_size(t));
+    add_bench<PrefillAttentionArgs>(
+        cases, o, t, fmt::format("B=1 S={} Hq={} Hkv={} D={} causal", s, kHq, kHkv, kD), bytes, flops, true,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {1, s, kHq, kD}, 1));
+          d.inputs.push_back(uniform(t, {1, s, kHkv, kD}, 2));
+          d.inputs.push_back(uniform(t, {1, s, kHkv, kD}, 3));
+          d.outputs.push_back({t, {1, s, kHq, kD}});
+          return d;
+        },
+        [](auto in, auto out) { return PrefillAttentionArgs{in[0], in[1], in[2], out[0], {true, 1.0f / 11.3137085f}, {}}; });
+  }
+}
+
+// The elementwise and norm layers over T tokens of the hidden (or intermediate) width.
+void add_layers(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  const DType t = DType::f16;
+  const int64_t e = int64_t(dtype_size(t));
+  std::vector<int64_t> token_counts = {1};
+  if (!o.quick) token_counts = {1, 256};
+  for (const int64_t tokens : token_counts) {
+    add_bench<RmsNormArgs>(
+        cases, o, t, fmt::format("[{}, {}]", tokens, kHidden), (2 * tokens + 1) * kHidden * e, 0, false,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {tokens, kHidden}, 1));
+          d.inputs.push_back(uniform(t, {kHidden}, 2));
+          d.outputs.push_back({t, {tokens, kHidden}});
+          return d;
+        },
+        [](auto in, auto out) { return RmsNormArgs{in[0], in[1], out[0], 1e-5f, {}}; });
+    if (o.quick) continue;
+    add_bench<RmsNormResidualArgs>(
+        cases, o, t, fmt::format("[{}, {}]", tokens, kHidden), (4 * tokens + 1) * kHidden * e, 0, false,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {tokens, kHidden}, 1));
+          d.inputs.push_back(uniform(t, {tokens, kHidden}, 2));
+          d.inputs.push_back(uniform(t, {kHidden}, 3));
+          d.outputs.push_back({t, {tokens, kHidden}, 1});
+          d.outputs.push_back({t, {tokens, kHidden}});
+          return d;
+        },
+        [](auto in, auto out) { return RmsNormResidualArgs{in[0], out[0], in[2], out[1], 1e-5f, {}}; });
+    add_bench<SwigluArgs>(
+        cases, o, t, fmt::format("[{}, {}]", tokens, kInter), 3 * tokens * kInter * e, 0, false,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {tokens, kInter}, 1));
+          d.inputs.push_back(uniform(t, {tokens, kInter}, 2));
+          d.outputs.push_back({t, {tokens, kInter}});
+          return d;
+        },
+        [](auto in, auto out) { return SwigluArgs{in[0], in[1], out[0], {}}; });
+    add_bench<RopeArgs>(
+        cases, o, t, fmt::format("[{}, {}, {}] llama3", tokens, kHq, kD), 2 * tokens * kHq * kD * e, 0, false,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {tokens, kHq, kD}, 1));
+          std::vector<int32_t> positions(static_cast<size_t>(tokens));
+          for (int64_t i = 0; i < tokens; ++i) positions[size_t(i)] = int32_t(4000 + i);
+          d.inputs.push_back(verify::i32_array({tokens}, positions));
+          d.outputs.push_back({t, {tokens, kHq, kD}});
+          return d;
+        },
+        [](auto in, auto out) {
+          return RopeArgs{in[0], in[1], out[0], RopeParams{500000.0f, RopeStyle::half_split, int(kD), true, {}}, {}};
+        });
+  }
+}
+
+std::vector<BenchCase> bench_grid(const BenchOptions& o) {
+  std::vector<BenchCase> cases;
+  add_matvec(cases, o);
+  add_decode(cases, o);
+  add_prefill(cases, o);
+  add_layers(cases, o);
+  return cases;
+}
+
+}  // namespace
+
+BenchResult run_cpu_benchmarks(const BenchOptions& options) {
+  BenchResult result;
+  std::vector<BenchCase> cases = bench_grid(options);
+  // The gate: every (op, backend) about to be timed runs its verification cases first.
+  std::set<std::pair<std::string, std::string>> failed;
+  std::set<std::pair<std::string, std::string>> pairs;
+  for (const BenchCase& c : cases) pairs.insert({c.op, c.backend});
+  for (const auto& [op, backend] : pairs) {
+    for (const VerifyCase& v : verification_grid(GridFilter{op, backend, true})) {
+      if (v.backend != backend) continue;
+      const CaseOutcome out = v.run(1);
+      if (!out.passed()) {
+        failed.insert({op, backend});
+        result.refused.push_back(fmt::format("{} {}: failed verification ({} {}: {})", op, backend, v.dtype, v.shape,
+                                             out.summary()));
+        break;
+      }
+    }
+  }
+  if (options.progress) options.progress("measuring memory bandwidth and FMA peak");
+  result.limits = measure_cpu_limits();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const BenchCase& c = cases[i];
+    if (failed.count({c.op, c.backend})) continue;
+    if (options.progress) options.progress(fmt::format("[{}/{}] {} {} {} {}", i + 1, cases.size(), c.op, c.backend, c.dtype, c.shape));
+    const Timing t = c.run(options);
+    if (t.repeats == 0) {
+      result.refused.push_back(fmt::format("{} {} {}: {}", c.op, c.backend, c.shape, t.refused));
+      continue;
+    }
+    BenchRecord r{c.op, c.backend, c.dtype, c.shape, t.median_us, t.p10_us, t.p90_us, t.repeats, c.bytes, c.flops};
+    r.gbps = double(c.bytes) / (t.median_us * 1e-6) * 1e-9;
+    r.pct_of_read_bandwidth = 100.0 * r.gbps / result.limits.read_gbps;
+    r.gflops = double(c.flops) / (t.median_us * 1e-6) * 1e-9;
+    r.pct_of_fma_peak = 100.0 * r.gflops / result.limits.fma_gflops;
+    r.compute_bound = c.compute_bound;
+    r.in_cache = t.in_cache;
+    result.records.push_back(r);
+  }
+  // Speedups within each (op, dtype, shape): over the reference and over the stable default.
+  std::map<std::tuple<std::string, std::string, std::string>, std::pair<double, double>> baselines;
+  for (const BenchRecord& r : result.records) {
+    auto& [reference_us, default_us] = baselines[{r.op, r.dtype, r.shape}];
+    if (r.backend == "reference") reference_us = r.median_us;
+    if (r.backend == "cpu") default_us = r.median_us;
+  }
+  for (BenchRecord& r : result.records) {
+    const auto& [reference_us, default_us] = baselines[{r.op, r.dtype, r.shape}];
+    if (reference_us > 0) r.speedup_vs_reference = reference_us / r.median_us;
+    if (default_us > 0) r.speedup_vs_default = default_us / r.median_us;
+  }
+  return result;
+}
+
+std::string bench_json(const BenchResult& result) {
+  const ChipInfo chip = cpu_chip();
+  nlohmann::json records = nlohmann::json::array();
+  for (const BenchRecord& r : result.records) {
+    records.push_back({{"op", r.op}, {"backend", r.backend}, {"dtype", r.dtype}, {"shape", r.shape},
+                       {"median_us", r.median_us}, {"p10_us", r.p10_us}, {"p90_us", r.p90_us}, {"repeats", r.repeats},
+                       {"bytes", r.bytes}, {"flops", r.flops}, {"gbps", r.gbps},
+                       {"pct_of_read_bandwidth", r.pct_of_read_bandwidth}, {"gflops", r.gflops},
+                       {"pct_of_fma_peak", r.pct_of_fma_peak}, {"compute_bound", r.compute_bound}, {"in_cache", r.in_cache},
+                       {"speedup_vs_reference", r.speedup_vs_reference}, {"speedup_vs_default", r.speedup_vs_default},
+                       {"device", "cpu"}, {"machine", chip.fingerprint()}, {"build_id", build_id()}});
+  }
+  const BandwidthProbe& l = result.limits;
+  return nlohmann::json{{"schema", "decodelab.bench/1"},
+                        {"build_id", build_id()},
+                        {"machine", {{"cpu", chip.name}, {"isa", chip.detail}, {"threads", l.threads}}},
+                        {"limits", {{"probe_bytes", l.bytes}, {"read_gbps", l.read_gbps}, {"read_gbps_one_thread", l.read_gbps_one},
+                                    {"copy_gbps", l.copy_gbps}, {"copy_gbps_one_thread", l.copy_gbps_one},
+                                    {"fma_gflops", l.fma_gflops}}},
+                        {"refused", result.refused},
+                        {"records", records}}
+      .dump(1);
+}
+
+}  // namespace decodelab

@@ -1,0 +1,46 @@
+// `decodelab bench`: the table a kernel engineer reads, and the JSON two commits can be compared by.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "commands.h"
+#include "decodelab/bench.h"
+#include "decodelab/router.h"
+
+namespace decodelab::cli {
+
+int run_bench(const BenchCommandOptions& options) {
+  BenchOptions bench;
+  bench.op = options.op;
+  bench.backend = options.backend;
+  bench.quick = options.quick;
+  if (isatty(fileno(stderr))) {
+    bench.progress = [](const std::string& line) { fmt::print(stderr, "\r{:100}\r{}", "", line); };
+  }
+  const BenchResult result = run_cpu_benchmarks(bench);
+  if (bench.progress) fmt::print(stderr, "\r{:100}\r", "");
+  const BandwidthProbe& l = result.limits;
+  fmt::print("machine: {} [{}], {} threads\n", cpu_chip().name, cpu_chip().detail, l.threads);
+  fmt::print("measured: read {:.1f} GB/s ({:.1f} one thread), copy {:.1f} GB/s ({:.1f} one thread), FMA {:.0f} GFLOP/s\n\n",
+             l.read_gbps, l.read_gbps_one, l.copy_gbps, l.copy_gbps_one, l.fma_gflops);
+  fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10} {:>8} {:>8} {:>8} {:>8}\n", "op", "backend", "dtype", "shape", "median us",
+             "GB/s", "% read", "GFLOP/s", "x ref");
+  for (const BenchRecord& r : result.records) {
+    fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10.1f} {:>8.1f} {:>7.1f}{} {:>8.1f} {:>8}\n", r.op, r.backend, r.dtype,
+               r.shape, r.median_us, r.gbps, r.compute_bound ? r.pct_of_fma_peak : r.pct_of_read_bandwidth,
+               r.compute_bound ? "F" : r.in_cache ? "c" : "%", r.gflops,
+               r.speedup_vs_reference > 0 ? fmt::format("{:.1f}", r.speedup_vs_reference) : std::string("-"));
+  }
+  fmt::print("(% read: of the measured streaming read; F: % of the FMA peak for compute-bound ops; c: inputs stay in\n"
+             " cache across repeats, so the figure is not a DRAM one)\n");
+  for (const std::string& why : result.refused) fmt::print("not timed: {}\n", why);
+  if (!options.json_path.empty()) {
+    std::ofstream(options.json_path) << bench_json(result) << '\n';
+    fmt::print("results: {}\n", options.json_path);
+  }
+  return 0;
+}
+
+}  // namespace decodelab::cli
