@@ -6,6 +6,7 @@
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "cpu/simd.h"
+#include "cpu/rope-inl.h"
 
 #include <cmath>
 #include <vector>
@@ -146,54 +147,19 @@ void Swiglu(const SwigluArgs& args) {
   });
 }
 
-// Rotates one head in place on f32 values: half-split pairs (i, i + half) in vectors,
-// interleaved pairs (2i, 2i + 1) with the partner lanes swapped by Reverse2.
-void RotateHead(float* HWY_RESTRICT head, const float* HWY_RESTRICT cos_v, const float* HWY_RESTRICT sin_v,
-                const RopeParams& p) {
-  const hn::ScalableTag<float> df;
-  const int64_t N = int64_t(hn::Lanes(df));
-  const int64_t half = p.rotary_dim / 2;
-  if (p.style == RopeStyle::half_split) {
-    int64_t i = 0;
-    for (; i + N <= half; i += N) {
-      const auto a = hn::LoadU(df, head + i), b = hn::LoadU(df, head + half + i);
-      const auto c = hn::LoadU(df, cos_v + i), s = hn::LoadU(df, sin_v + i);
-      hn::StoreU(hn::NegMulAdd(b, s, hn::Mul(a, c)), df, head + i);
-      hn::StoreU(hn::MulAdd(a, s, hn::Mul(b, c)), df, head + half + i);
-    }
-    for (; i < half; ++i) {
-      const float a = head[i], b = head[half + i];
-      head[i] = a * cos_v[i] - b * sin_v[i];
-      head[half + i] = b * cos_v[i] + a * sin_v[i];
-    }
-    return;
-  }
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = head[2 * i], b = head[2 * i + 1];
-    head[2 * i] = a * cos_v[i] - b * sin_v[i];
-    head[2 * i + 1] = b * cos_v[i] + a * sin_v[i];
-  }
-}
-
 void Rope(const RopeArgs& a) {
   dispatch_activation(a.x.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t d = a.x.dim(a.x.rank - 1), heads = a.x.dim(a.x.rank - 2);
     const int64_t tokens = a.x.numel() / (heads * d), half = a.params.rotary_dim / 2;
-    std::vector<double> inv_freq(static_cast<size_t>(half));
-    for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = rope_inv_frequency(a.params, a.params.rotary_dim, int(i));
+    const std::vector<double> inv_freq = rope_inv_frequencies(a.params);
     const T* x = a.x.ptr<const T>();
     T* out = a.out.ptr<T>();
     const int32_t* positions = a.positions.ptr<const int32_t>();
     for_rows(tokens, heads * d, [&](int64_t begin, int64_t end) {
       std::vector<float> cos_v(static_cast<size_t>(half)), sin_v(static_cast<size_t>(half)), head(static_cast<size_t>(d));
       for (int64_t t = begin; t < end; ++t) {
-        // Angles in double: positions reach 10^5 and f32 angles would lose the phase.
-        for (int64_t i = 0; i < half; ++i) {
-          const double angle = double(positions[t]) * inv_freq[size_t(i)];
-          cos_v[size_t(i)] = float(std::cos(angle));
-          sin_v[size_t(i)] = float(std::sin(angle));
-        }
+        rope_angles(inv_freq, positions[t], cos_v.data(), sin_v.data());
         for (int64_t h = 0; h < heads; ++h) {
           const int64_t base = (t * heads + h) * d;
           for (int64_t i = 0; i < d; ++i) head[size_t(i)] = to_f32(x[base + i]);

@@ -52,13 +52,13 @@ void quantize_mlx_group(const float* w, int group, int bits, float& scale, float
   }
 }
 
-void quantize_mlx(const Tensor& w, const QuantizedWeight& out) {
+void quantize_mlx(const Tensor& w, const QuantizedWeight& out, int64_t row_begin, int64_t row_end) {
   const int bits = out.spec.bits, group = out.spec.group_size;
   const int per_word = 32 / bits;
   const int64_t words_per_row = out.cols / per_word, groups_per_row = out.cols / group;
   std::vector<float> values(static_cast<size_t>(group));
   std::vector<uint32_t> q(static_cast<size_t>(group));
-  for (int64_t r = 0; r < out.rows; ++r) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
     uint32_t* words = out.packed.ptr<uint32_t>() + r * words_per_row;
     std::memset(words, 0, size_t(words_per_row) * 4);
     for (int64_t g = 0; g < groups_per_row; ++g) {
@@ -108,11 +108,11 @@ void quantize_q8_0_block(const float* x, uint8_t* block) {
   for (int i = 0; i < kGgufBlock; ++i) block[2 + i] = uint8_t(int8_t(std::round(x[i] * id)));
 }
 
-void quantize_gguf(const Tensor& w, const QuantizedWeight& out) {
+void quantize_gguf(const Tensor& w, const QuantizedWeight& out, int64_t row_begin, int64_t row_end) {
   const int64_t block_bytes = gguf_block_bytes(out.spec.format);
   const int64_t blocks_per_row = out.cols / kGgufBlock;
   float x[kGgufBlock];
-  for (int64_t r = 0; r < out.rows; ++r) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
     for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
       for (int i = 0; i < kGgufBlock; ++i) x[i] = float(load(w, r * out.cols + blk * kGgufBlock + i));
       uint8_t* block = out.packed.ptr<uint8_t>() + (r * blocks_per_row + blk) * block_bytes;
@@ -185,17 +185,17 @@ void matvec_into(const Tensor& x, const Weight& w, const Tensor& y) {
 
 }  // namespace
 
-void quantize(const QuantizeArgs& a) {
+void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end) {
   if (a.out.spec.format == QuantFormat::mlx_affine) {
-    quantize_mlx(a.w, a.out);
+    quantize_mlx(a.w, a.out, row_begin, row_end);
   } else {
-    quantize_gguf(a.w, a.out);
+    quantize_gguf(a.w, a.out, row_begin, row_end);
   }
 }
 
-void dequantize(const DequantizeArgs& a) {
+void dequantize_rows(const DequantizeArgs& a, int64_t row_begin, int64_t row_end) {
   const QuantizedWeight& w = a.w;
-  for (int64_t r = 0; r < w.rows; ++r) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
     for (int64_t k = 0; k < w.cols; ++k) {
       const Code c = code_at(w, r, k);
       float v;
@@ -210,6 +210,9 @@ void dequantize(const DequantizeArgs& a) {
     }
   }
 }
+
+void quantize(const QuantizeArgs& a) { quantize_rows(a, 0, a.out.rows); }
+void dequantize(const DequantizeArgs& a) { dequantize_rows(a, 0, a.w.rows); }
 
 void matvec(const MatvecArgs& a) { matvec_into(a.x, a.w, a.y); }
 

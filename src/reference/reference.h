@@ -33,4 +33,9 @@ void mlp_block(const MlpBlockArgs& a);
 
 void decode_block(const DecodeBlockArgs& a);
 
+// The owners' quantization formats have exactly one right answer, so the CPU backend runs this
+// same code over row ranges in parallel rather than a second copy of it.
+void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end);
+void dequantize_rows(const DequantizeArgs& a, int64_t row_begin, int64_t row_end);
+
 }  // namespace decodelab::reference
