@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the C++ suite (with CUDA compiled when nvcc is present; CUDA tests
 # skip without a GPU), the interop tests against the mlx and gguf Python packages, and the whole
-# C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer.
+# C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer, and the threaded CPU tests
+# under ThreadSanitizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="${DECODELAB_JOBS:-2}"
@@ -16,6 +17,11 @@ ctest --test-dir build -j"$jobs" --output-on-failure
 
 echo "== interop tests: mlx and gguf =="
 DECODELAB_INTEROP="$PWD/build/tests/interop/decodelab_interop" .venv/bin/python -m pytest -q tests/interop
+
+echo "== build (thread sanitizer) and the threaded CPU tests =="
+cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDECODELAB_CUDA=OFF -DDECODELAB_SANITIZE=thread >/dev/null
+cmake --build build-tsan -j"$jobs" --target decodelab_tests
+TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan -j"$jobs" --output-on-failure -R '_cpu|ThreadPool|SimdTarget'
 
 echo "== build (address,undefined sanitizers) =="
 cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDECODELAB_CUDA=OFF \

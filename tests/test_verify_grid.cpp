@@ -3,7 +3,10 @@
 // of test code.
 #include <gtest/gtest.h>
 
+#include <iostream>
 #include <set>
+
+#include "hwy/targets.h"
 
 #include "decodelab/verify.h"
 #include "router/registry.h"
@@ -55,6 +58,29 @@ TEST(VerifyGridCoverage, EveryRegisteredCpuKernelHasCases) {
     EXPECT_TRUE(covered.count({b.op, b.backend})) << b.op << " / " << b.backend << " has no verification case";
   }
   EXPECT_GE(kernels, 21);
+}
+
+// Highway compiles every CPU kernel for several SIMD targets and runs the best one; the others
+// (AVX2 on an AVX-512 machine, SSE4, ...) must be right too, so every CPU case runs once per
+// compiled target that this machine can execute.
+TEST(VerifyGridTargets, EveryCompiledSimdTargetPassesTheCpuCases) {
+  std::vector<VerifyCase> grid = verification_grid(GridFilter{"", "cpu", true});
+  std::erase_if(grid, [](const VerifyCase& c) { return c.device != Device::cpu; });
+  ASSERT_FALSE(grid.empty());
+  const std::vector<int64_t> targets = hwy::SupportedAndGeneratedTargets();
+  int ran = 0;
+  for (int64_t target : targets) {
+    hwy::SetSupportedTargetsForTest(target);
+    for (const VerifyCase& c : grid) {
+      const CaseOutcome out = c.run(0xAB5E);
+      EXPECT_TRUE(out.passed()) << hwy::TargetName(target) << ": " << c.op << " " << c.backend << " " << c.dtype << " "
+                                << c.shape << ": " << out.summary();
+      ++ran;
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  EXPECT_EQ(ran, int(targets.size() * grid.size()));
+  std::cout << "ran " << grid.size() << " CPU cases on each of " << targets.size() << " SIMD targets\n";
 }
 
 }  // namespace

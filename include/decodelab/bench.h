@@ -26,6 +26,7 @@ BandwidthProbe measure_cpu_limits(int64_t bytes = int64_t{512} << 20);
 
 struct BenchRecord {
   std::string op, backend, dtype, shape;
+  std::string shape_class;  // the autotune bucket this shape falls in
   double median_us = 0.0, p10_us = 0.0, p90_us = 0.0;
   int repeats = 0;
   int64_t bytes = 0;  // what the op must move at least
@@ -47,6 +48,8 @@ struct BenchOptions {
   double min_seconds = 0.2;  // per case, after warm-up
   int min_repeats = 20;
   std::function<void(const std::string&)> progress;  // one line per case, or null
+  // Tuning: time only backends holding a current trust record on this chip, never the reference.
+  bool only_trusted = false;
 };
 
 struct BenchResult {
@@ -56,6 +59,14 @@ struct BenchResult {
 };
 
 BenchResult run_cpu_benchmarks(const BenchOptions& options);
+
+// `decodelab tune`: times the trusted candidates of every op and shape class and writes the
+// fastest to the autotune cache that backend "auto" reads. Returns the choices made.
+struct TuneChoice {
+  std::string op, dtype, shape_class, backend;
+  double median_us = 0.0, default_us = 0.0;
+};
+std::vector<TuneChoice> tune_cpu(const BenchOptions& options, std::string* cache_path);
 
 // The JSON document (schema "decodelab.bench/1") of a result, with the machine and build.
 std::string bench_json(const BenchResult& result);

@@ -12,6 +12,7 @@
 #include "decodelab/bench.h"
 #include "decodelab/router.h"
 #include "decodelab/verify.h"
+#include "router/autotune.h"
 #include "verify/weights.h"
 
 namespace decodelab {
@@ -28,6 +29,7 @@ struct Timing {
   int repeats = 0;
   std::string refused;
   bool in_cache = false;  // the rotated copies together fit in the last-level cache
+  std::string shape_class;
 };
 
 struct BenchCase {
@@ -83,7 +85,7 @@ Timing time_kernel(const Kernel<Args>& kernel, const CaseData& data, const MakeA
     args.push_back(make(in, out));
   }
   // A kernel that declines the shape is not timed (repeats = 0), and says why.
-  if (const std::string why = kernel.refusal(args[0]); !why.empty()) return {0, 0, 0, 0, why};
+  if (const std::string why = kernel.refusal(args[0]); !why.empty()) return {0, 0, 0, 0, why, false, {}};
   using Clock = std::chrono::steady_clock;
   for (int w = 0; w < std::min(3, copies + 1); ++w) kernel.run(args[size_t(w % copies)]);
   std::vector<double> us;
@@ -99,7 +101,8 @@ Timing time_kernel(const Kernel<Args>& kernel, const CaseData& data, const MakeA
   }
   std::sort(us.begin(), us.end());
   auto at = [&](double q) { return us[size_t(q * double(us.size() - 1) + 0.5)]; };
-  return {at(0.5), at(0.1), at(0.9), int(us.size()), {}, int64_t(copies) * bytes < kLastLevelCacheBytes};
+  return {at(0.5), at(0.1), at(0.9), int(us.size()), {}, int64_t(copies) * bytes < kLastLevelCacheBytes,
+          shape_class(args[0])};
 }
 
 bool selected(const BenchOptions& o, std::string_view op, std::string_view backend) {
@@ -118,7 +121,7 @@ void add_bench(std::vector<BenchCase>& cases, const BenchOptions& options, DType
   for (const auto& kernel : kernels<Args>()) {
     if (kernel.device != Device::cpu || !selected(options, Args::kOp, kernel.backend)) continue;
     const bool is_reference = kernel.backend == "reference";
-    if (is_reference && !reference_affordable(bytes, flops)) continue;
+    if (is_reference && (options.only_trusted || !reference_affordable(bytes, flops))) continue;
     BenchCase c{Args::kOp, std::string(kernel.backend), std::string(dtype_name(dtype)), shape, kernel.device,
                 bytes, flops, compute_bound, {}};
     c.run = [&kernel, build, make, bytes, is_reference](const BenchOptions& o) {
@@ -319,6 +322,14 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
 BenchResult run_cpu_benchmarks(const BenchOptions& options) {
   BenchResult result;
   std::vector<BenchCase> cases = bench_grid(options);
+  if (options.only_trusted) {
+    TrustStore trust(cpu_chip());
+    if (!trust.load()) result.refused.push_back(trust.warning());
+    std::erase_if(cases, [&](const BenchCase& c) {
+      const TrustRecord* r = trust.find(c.op, c.backend, c.dtype);
+      return r == nullptr || !r->trusted();
+    });
+  }
   // The gate: every (op, backend) about to be timed runs its verification cases first.
   std::set<std::pair<std::string, std::string>> failed;
   std::set<std::pair<std::string, std::string>> pairs;
@@ -346,7 +357,8 @@ BenchResult run_cpu_benchmarks(const BenchOptions& options) {
       result.refused.push_back(fmt::format("{} {} {}: {}", c.op, c.backend, c.shape, t.refused));
       continue;
     }
-    BenchRecord r{c.op, c.backend, c.dtype, c.shape, t.median_us, t.p10_us, t.p90_us, t.repeats, c.bytes, c.flops};
+    BenchRecord r{c.op, c.backend, c.dtype, c.shape, t.shape_class, t.median_us, t.p10_us, t.p90_us, t.repeats,
+                  c.bytes, c.flops};
     r.gbps = double(c.bytes) / (t.median_us * 1e-6) * 1e-9;
     r.pct_of_read_bandwidth = 100.0 * r.gbps / result.limits.read_gbps;
     r.gflops = double(c.flops) / (t.median_us * 1e-6) * 1e-9;
@@ -370,11 +382,34 @@ BenchResult run_cpu_benchmarks(const BenchOptions& options) {
   return result;
 }
 
+std::vector<TuneChoice> tune_cpu(const BenchOptions& options, std::string* cache_path) {
+  BenchOptions o = options;
+  o.only_trusted = true;
+  const BenchResult result = run_cpu_benchmarks(o);
+  // The fastest trusted backend per (op, dtype, shape class); the stable default's time beside it.
+  std::map<std::tuple<std::string, std::string, std::string>, TuneChoice> best;
+  for (const BenchRecord& r : result.records) {
+    TuneChoice& c = best[{r.op, r.dtype, r.shape_class}];
+    if (c.backend.empty() || r.median_us < c.median_us) c = {r.op, r.dtype, r.shape_class, r.backend, r.median_us, c.default_us};
+    if (r.backend == "cpu") c.default_us = r.median_us;
+  }
+  AutotuneCache cache(cpu_chip());
+  cache.load();  // a stale or corrupt cache is replaced
+  std::vector<TuneChoice> choices;
+  for (const auto& [key, c] : best) {
+    cache.put({c.op, c.dtype, c.shape_class, c.backend, c.median_us});
+    choices.push_back(c);
+  }
+  cache.save();
+  if (cache_path != nullptr) *cache_path = cache.path();
+  return choices;
+}
+
 std::string bench_json(const BenchResult& result) {
   const ChipInfo chip = cpu_chip();
   nlohmann::json records = nlohmann::json::array();
   for (const BenchRecord& r : result.records) {
-    records.push_back({{"op", r.op}, {"backend", r.backend}, {"dtype", r.dtype}, {"shape", r.shape},
+    records.push_back({{"op", r.op}, {"backend", r.backend}, {"dtype", r.dtype}, {"shape", r.shape}, {"shape_class", r.shape_class},
                        {"median_us", r.median_us}, {"p10_us", r.p10_us}, {"p90_us", r.p90_us}, {"repeats", r.repeats},
                        {"bytes", r.bytes}, {"flops", r.flops}, {"gbps", r.gbps},
                        {"pct_of_read_bandwidth", r.pct_of_read_bandwidth}, {"gflops", r.gflops},

@@ -10,8 +10,6 @@
 
 namespace decodelab {
 
-std::string_view build_id() { return DECODELAB_BUILD_ID; }
-
 ChipInfo cpu_chip() {
   ChipInfo chip;
   chip.device = Device::cpu;

@@ -11,6 +11,7 @@
 #include "cpu/cpu.h"
 #include "cpu/matvec.h"
 #include "reference/reference.h"
+#include "router/autotune.h"
 
 namespace decodelab {
 namespace {
@@ -47,6 +48,15 @@ template <class Args>
 const Kernel<Args>& select_kernel(const Args& args, std::string_view backend, Device device) {
   const char* op = Args::kOp;
   if (backend == "auto") {
+    // An autotuned choice first, when `decodelab tune` made one for this shape class on this chip
+    // and its backend still holds a trust record.
+    if (device == Device::cpu) {
+      if (const auto chosen = autotuned_backend(op, args_dtype(args), shape_class(args))) {
+        for (const auto& k : kernels<Args>()) {
+          if (k.backend == *chosen && k.device == device && k.refusal(args).empty()) return k;
+        }
+      }
+    }
     // The stable default for the device: the first stable kernel registered for it that takes
     // these arguments; `reference` is listed first but only chosen when nothing else can.
     const Kernel<Args>* fallback = nullptr;

@@ -43,4 +43,24 @@ int run_bench(const BenchCommandOptions& options) {
   return 0;
 }
 
+int run_tune(const BenchCommandOptions& options) {
+  BenchOptions bench;
+  bench.op = options.op;
+  bench.backend = options.backend;
+  bench.quick = options.quick;
+  std::string path;
+  const std::vector<TuneChoice> choices = tune_cpu(bench, &path);
+  if (choices.empty()) {
+    fmt::print("tune: no trusted candidate on this chip; run `decodelab verify` first\n");
+    return 1;
+  }
+  fmt::print("{:<22} {:<5} {:<40} {:<14} {:>10} {:>12}\n", "op", "dtype", "shape class", "choice", "median us", "default us");
+  for (const TuneChoice& c : choices) {
+    fmt::print("{:<22} {:<5} {:<40} {:<14} {:>10.1f} {:>12}\n", c.op, c.dtype, c.shape_class, c.backend, c.median_us,
+               c.default_us > 0 ? fmt::format("{:.1f}", c.default_us) : std::string("-"));
+  }
+  fmt::print("autotune cache: {}\n", path);
+  return 0;
+}
+
 }  // namespace decodelab::cli

@@ -32,4 +32,7 @@ struct BenchCommandOptions {
 // Probes the machine, verifies and times the grid, prints the table and writes the JSON.
 int run_bench(const BenchCommandOptions& options);
 
+// Times the trusted candidates and writes the autotune cache.
+int run_tune(const BenchCommandOptions& options);
+
 }  // namespace decodelab::cli

@@ -32,11 +32,18 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--json", bench.json_path, "where to write the results")->capture_default_str();
   bench_cmd->add_flag("--quick", bench.quick, "the small grid of the main job");
 
+  BenchCommandOptions tune;
+  CLI::App* tune_cmd = app.add_subcommand("tune", "time the trusted backends and write the autotune cache for auto");
+  tune_cmd->add_option("--op", tune.op, "only this op");
+  tune_cmd->add_option("--device", tune.device, "cpu")->check(CLI::IsMember({"cpu"}));
+  tune_cmd->add_flag("--quick", tune.quick, "only the small grid");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (app.got_subcommand("info")) return run_info();
     if (app.got_subcommand("verify")) return run_verify(verify);
     if (app.got_subcommand("bench")) return run_bench(bench);
+    if (app.got_subcommand("tune")) return run_tune(tune);
     // The main job: verify the default grid, then benchmark the quick grid.
     fmt::print("decodelab: verifying the default grid on the CPU (decodelab --help for more)\n");
     const int verified = run_verify(VerifyOptions{});
