@@ -25,7 +25,9 @@ struct CaseOutcome {
   int64_t nondeterministic = 0;  // elements that differ between two runs
   bool guards_intact = true;     // sentinels around every output untouched
   std::string error;             // an exception from the kernel or a broken case
+  std::string refused;           // the kernel declined these arguments (its supports() reason)
   bool passed() const;
+  bool skipped() const { return !refused.empty(); }
   std::string summary() const;   // one line: the figures and what failed
 };
 

@@ -10,6 +10,9 @@
 #include "cpu/attention.h"
 #include "cpu/cpu.h"
 #include "cpu/matvec.h"
+#ifdef DECODELAB_HAS_CUDA
+#include "cuda/cuda.h"
+#endif
 #include "reference/reference.h"
 #include "router/autotune.h"
 
@@ -25,6 +28,9 @@ std::vector<Kernel<Args>> build_kernel_list() {
   }
 #include "reference/kernels.inc"
 #include "cpu/kernels.inc"
+#ifdef DECODELAB_HAS_CUDA
+#include "cuda/kernels.inc"
+#endif
 #undef DECODELAB_KERNEL
   return list;
 }

@@ -11,13 +11,14 @@
 namespace decodelab {
 
 bool CaseOutcome::passed() const {
-  if (!error.empty()) return false;
+  if (!error.empty() || !refused.empty()) return false;
   const bool clean = non_finite == 0 && unwritten == 0 && stray == 0 && nondeterministic == 0 && guards_intact;
   if (exact) return clean && mismatches == 0;
   return clean && nmse <= threshold;
 }
 
 std::string CaseOutcome::summary() const {
+  if (!refused.empty()) return "refused: " + refused;
   if (!error.empty()) return error;
   std::string s = exact ? fmt::format("{} of {} differ (bit-exact)", mismatches, compared)
                         : fmt::format("nmse {:.2e} <= {:.0e} over {}", nmse, threshold, compared);
@@ -207,7 +208,7 @@ CaseOutcome run_case(Device device, const CaseData& data, const Launch& backend,
     }
     if (outcome.compared == 0) outcome.error = "broken case: no output element was compared";
   } catch (const Refused& r) {
-    outcome.error = "refused: " + r.reason;
+    outcome.refused = r.reason;
   } catch (const std::exception& e) {
     outcome.error = e.what();
   }

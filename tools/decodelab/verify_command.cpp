@@ -41,13 +41,17 @@ int run_verify(const VerifyOptions& options) {
   const bool progress = isatty(fileno(stderr)) != 0;  // a progress line only on a terminal
   std::map<std::tuple<std::string, std::string, std::string, Device>, Row> rows;
   nlohmann::json cases = nlohmann::json::array();
-  int failed = 0;
+  int failed = 0, declined = 0;
   const auto start = std::chrono::steady_clock::now();
   for (size_t i = 0; i < grid.size(); ++i) {
     const VerifyCase& c = grid[i];
     if (progress) fmt::print(stderr, "\r[{}/{}] {} {} {}            ", i + 1, grid.size(), c.op, c.backend, c.dtype);
     if (c.device == Device::cuda && !have_gpu) continue;  // reported below, never trusted
     const CaseOutcome out = c.run(options.seed + i);
+    if (out.skipped()) {
+      ++declined;
+      continue;
+    }
     Row& row = rows[{c.op, c.backend, c.dtype, c.device}];
     ++row.cases;
     row.exact = out.exact;
@@ -80,6 +84,7 @@ int run_verify(const VerifyOptions& options) {
   for (const auto& [key, row] : rows) ran += row.cases;
   fmt::print("{} passed, {} failed", ran - failed, failed);
   if (skipped_gpu > 0) fmt::print(", {} CUDA cases not run (no GPU)", skipped_gpu);
+  if (declined > 0) fmt::print(", {} cases declined by their backend (shape outside what it supports)", declined);
   fmt::print(" in {:.1f} s (seed {}, build {})\n", seconds, options.seed, build_id());
 
   if (!options.json_path.empty()) {

@@ -1,0 +1,89 @@
+// CUDA RMSNorm, RMSNorm + residual, residual add and SwiGLU. One pass over the activations:
+// a block per row for the norms (its sum of squares reduced in shared memory), a grid-stride loop
+// for the elementwise ops; f32 arithmetic, 16-byte accesses where the row allows.
+#include "cuda/common.cuh"
+#include "cuda/cuda.h"
+
+namespace decodelab::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ float block_sum(float v) {
+  __shared__ float partial[kThreads / 32];
+  v = group_sum<32>(v);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += partial[w];  // same order in every thread
+  __syncthreads();
+  return total;
+}
+
+// out = norm(x) * w for one row per block; with `residual`, the row is first residual += x (stored,
+// rounded to T) and the stored sum is normalized, as the reference defines it.
+template <class T, bool kResidual>
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* __restrict__ x, T* __restrict__ residual,
+                                                            const T* __restrict__ w, T* __restrict__ out,
+                                                            int64_t hidden, float eps) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * hidden;
+  T* hr = kResidual ? residual + row * hidden : nullptr;
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < hidden; i += kThreads) {
+    float v = to_float(xr[i]);
+    if constexpr (kResidual) {
+      const T stored = from_float<T>(v + to_float(hr[i]));
+      hr[i] = stored;
+      v = to_float(stored);
+    }
+    sum += v * v;
+  }
+  const float inv_rms = rsqrtf(block_sum(sum) / float(hidden) + eps);
+  const T* src = kResidual ? hr : xr;
+  for (int64_t i = threadIdx.x; i < hidden; i += kThreads) {
+    out[row * hidden + i] = from_float<T>(to_float(src[i]) * inv_rms * to_float(w[i]));
+  }
+}
+
+template <class T, bool kSwiglu>
+__global__ void elementwise_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float x = to_float(a[i]), y = to_float(b[i]);
+    out[i] = from_float<T>(kSwiglu ? x / (1.0f + expf(-x)) * y : x + y);
+  }
+}
+
+template <bool kSwiglu>
+void elementwise(const Tensor& a, const Tensor& b, const Tensor& out, Stream stream, const char* op) {
+  dispatch_activation(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t n = out.numel();
+    const unsigned blocks = unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, 132 * 16));
+    elementwise_kernel<T, kSwiglu><<<blocks, kThreads, 0, stream_of(stream)>>>(a.ptr<const T>(), b.ptr<const T>(), out.ptr<T>(), n);
+    check_launch(cudaGetLastError(), op);
+  });
+}
+
+template <bool kResidual>
+void norm(const Tensor& x, const Tensor* residual, const Tensor& w, const Tensor& out, float eps, Stream stream, const char* op) {
+  dispatch_activation(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t hidden = x.dim(x.rank - 1), rows = x.numel() / hidden;
+    rms_norm_kernel<T, kResidual><<<unsigned(rows), kThreads, 0, stream_of(stream)>>>(
+        x.ptr<const T>(), residual != nullptr ? residual->ptr<T>() : nullptr, w.ptr<const T>(), out.ptr<T>(), hidden, eps);
+    check_launch(cudaGetLastError(), op);
+  });
+}
+
+}  // namespace
+
+void rms_norm(const RmsNormArgs& a) { norm<false>(a.x, nullptr, a.weight, a.out, a.eps, a.stream, "rms_norm"); }
+void rms_norm_residual(const RmsNormResidualArgs& a) {
+  norm<true>(a.x, &a.residual, a.weight, a.out, a.eps, a.stream, "rms_norm_residual");
+}
+void residual_add(const ResidualAddArgs& a) { elementwise<false>(a.a, a.b, a.out, a.stream, "residual_add"); }
+void swiglu(const SwigluArgs& a) { elementwise<true>(a.gate, a.up, a.out, a.stream, "swiglu"); }
+
+}  // namespace decodelab::cuda
