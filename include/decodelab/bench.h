@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "decodelab/tensor.h"
+
 namespace decodelab {
 
 struct BandwidthProbe {
@@ -18,7 +20,7 @@ struct BandwidthProbe {
   double read_gbps_one = 0.0; // one thread
   double copy_gbps = 0.0;     // memcpy, counting read + write bytes, all threads
   double copy_gbps_one = 0.0;
-  double fma_gflops = 0.0;    // f32 FMA peak, all threads, best SIMD target
+  double fma_gflops = 0.0;    // f32 FMA peak, all threads, best SIMD target (CPU only)
 };
 
 // Streaming read and copy over buffers of `bytes` (default 512 MiB, far past any LLC).
@@ -39,9 +41,11 @@ struct BenchRecord {
   double speedup_vs_default = 0.0;    // against the stable default backend of the op
   bool compute_bound = false;         // judged against the FMA peak rather than bandwidth
   bool in_cache = false;              // all rotated copies together fit in the LLC: not a DRAM figure
+  std::string device = "cpu";
 };
 
 struct BenchOptions {
+  Device device = Device::cpu;  // which backends run (the reference only on the CPU)
   std::string op;       // empty: all
   std::string backend;  // empty: all CPU backends; "cpu" also selects cpu.<variant>
   bool quick = false;   // the smaller grid of the main job
@@ -58,7 +62,9 @@ struct BenchResult {
   std::vector<std::string> refused;  // backends not timed, with the reason (failed verification)
 };
 
-BenchResult run_cpu_benchmarks(const BenchOptions& options);
+// The grid on options.device: CPU backends against the CPU's limits, CUDA backends (events,
+// 256 MiB of rotated inputs against the 50 MiB L2) against the GPU's.
+BenchResult run_benchmarks(const BenchOptions& options);
 
 // `decodelab tune`: times the trusted candidates of every op and shape class and writes the
 // fastest to the autotune cache that backend "auto" reads. Returns the choices made.

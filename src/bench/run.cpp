@@ -13,6 +13,9 @@
 #include "decodelab/router.h"
 #include "decodelab/verify.h"
 #include "router/autotune.h"
+#ifdef DECODELAB_HAS_CUDA
+#include "cuda/bench.h"
+#endif
 #include "verify/weights.h"
 
 namespace decodelab {
@@ -62,13 +65,19 @@ Array uniform(DType dtype, const std::vector<int64_t>& shape, uint64_t seed) {
   return a;
 }
 
-Array clone(const Array& a) { return a.to(Device::cpu); }
-
 // Times kernel.run on `copies` rotated instances of the data.
 template <class Args>
-Timing time_kernel(const Kernel<Args>& kernel, const CaseData& data, const MakeArgs<Args>& make, int64_t bytes,
+Timing time_kernel(const Kernel<Args>& kernel, const CaseData& host_data, const MakeArgs<Args>& make, int64_t bytes,
                    const BenchOptions& options, bool is_reference) {
-  const int copies = int(std::clamp<int64_t>(kRotateBytes / std::max<int64_t>(bytes, 1), 1, 32));
+  const bool gpu = kernel.device == Device::cuda;
+  // The GPU's 50 MiB L2 is passed by a wider margin than the CPU's caches.
+  const int64_t rotate = gpu ? int64_t{256} << 20 : kRotateBytes;
+  const int copies = int(std::clamp<int64_t>(rotate / std::max<int64_t>(bytes, 1), 1, 32));
+  CaseData device_data;
+  for (const Array& a : host_data.inputs) device_data.inputs.push_back(a.to(kernel.device));
+  device_data.outputs = host_data.outputs;
+  const CaseData& data = gpu ? device_data : host_data;
+  auto clone = [&](const Array& a) { return a.to(kernel.device); };
   std::vector<std::vector<Array>> inputs(static_cast<size_t>(copies)), outputs(static_cast<size_t>(copies));
   std::vector<Args> args;
   for (int c = 0; c < copies; ++c) {
@@ -79,13 +88,21 @@ Timing time_kernel(const Kernel<Args>& kernel, const CaseData& data, const MakeA
     }
     for (const verify::OutputSpec& spec : data.outputs) {
       outputs[size_t(c)].push_back(spec.initial_from >= 0 ? clone(data.inputs[size_t(spec.initial_from)])
-                                                           : Array(spec.dtype, std::span<const int64_t>(spec.shape)));
+                                                           : Array(spec.dtype, std::span<const int64_t>(spec.shape), kernel.device));
       out.push_back(outputs[size_t(c)].back().view());
     }
     args.push_back(make(in, out));
   }
   // A kernel that declines the shape is not timed (repeats = 0), and says why.
   if (const std::string why = kernel.refusal(args[0]); !why.empty()) return {0, 0, 0, 0, why, false, {}};
+  if (gpu) {
+#ifdef DECODELAB_HAS_CUDA
+    const cuda::LaunchTiming t = cuda::time_launches([&](int c) { kernel.run(args[size_t(c)]); }, copies,
+                                                     options.min_repeats, options.min_seconds);
+    return {t.median_us, t.p10_us, t.p90_us, t.launches, {}, int64_t(copies) * bytes < (int64_t{50} << 20),
+            shape_class(args[0])};
+#endif
+  }
   using Clock = std::chrono::steady_clock;
   for (int w = 0; w < std::min(3, copies + 1); ++w) kernel.run(args[size_t(w % copies)]);
   std::vector<double> us;
@@ -119,7 +136,7 @@ template <class Args>
 void add_bench(std::vector<BenchCase>& cases, const BenchOptions& options, DType dtype, const std::string& shape,
                int64_t bytes, int64_t flops, bool compute_bound, std::function<CaseData()> build, MakeArgs<Args> make) {
   for (const auto& kernel : kernels<Args>()) {
-    if (kernel.device != Device::cpu || !selected(options, Args::kOp, kernel.backend)) continue;
+    if (kernel.device != options.device || !selected(options, Args::kOp, kernel.backend)) continue;
     const bool is_reference = kernel.backend == "reference";
     if (is_reference && (options.only_trusted || !reference_affordable(bytes, flops))) continue;
     BenchCase c{Args::kOp, std::string(kernel.backend), std::string(dtype_name(dtype)), shape, kernel.device,
@@ -184,11 +201,15 @@ void add_matvec(std::vector<BenchCase>& cases, const BenchOptions& o) {
 // Decode (and paged decode) over an f16 cache of `length` tokens for `batch` sequences.
 void add_decode(std::vector<BenchCase>& cases, const BenchOptions& o) {
   const DType t = DType::f16;
-  std::vector<int64_t> lengths = {4096}, batches = {1};
-  if (!o.quick) lengths = {4096, 8192, 32768}, batches = {1, 4};
+  // (batch, length) pairs: the issues' targets for each device.
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
+  if (!o.quick && o.device == Device::cpu) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+  if (!o.quick && o.device == Device::cuda) {
+    shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {1, 131072}, {32, 4096}, {8, 8192}, {4, 32768}};
+  }
   const int64_t page = 16;
-  for (const int64_t length : lengths) {
-    for (const int64_t batch : batches) {
+  for (const auto& [batch, length] : shapes) {
+    {
       const int64_t kv_bytes = 2 * batch * kHkv * length * kD * int64_t(dtype_size(t));
       const int64_t bytes = kv_bytes + 2 * batch * kHq * kD * int64_t(dtype_size(t));
       const int64_t flops = 4 * batch * kHq * length * kD;
@@ -319,7 +340,7 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
 
 }  // namespace
 
-BenchResult run_cpu_benchmarks(const BenchOptions& options) {
+BenchResult run_benchmarks(const BenchOptions& options) {
   BenchResult result;
   std::vector<BenchCase> cases = bench_grid(options);
   if (options.only_trusted) {
@@ -346,8 +367,16 @@ BenchResult run_cpu_benchmarks(const BenchOptions& options) {
       }
     }
   }
-  if (options.progress) options.progress("measuring memory bandwidth and FMA peak");
-  result.limits = measure_cpu_limits();
+  if (options.progress) options.progress("measuring memory bandwidth");
+  if (options.device == Device::cuda) {
+#ifdef DECODELAB_HAS_CUDA
+    result.limits = cuda::measure_limits(int64_t{2} << 30);
+#else
+    fail("bench", "device", "cpu (this build has no CUDA)", "cuda");
+#endif
+  } else {
+    result.limits = measure_cpu_limits();
+  }
   for (size_t i = 0; i < cases.size(); ++i) {
     const BenchCase& c = cases[i];
     if (failed.count({c.op, c.backend})) continue;
@@ -362,9 +391,10 @@ BenchResult run_cpu_benchmarks(const BenchOptions& options) {
     r.gbps = double(c.bytes) / (t.median_us * 1e-6) * 1e-9;
     r.pct_of_read_bandwidth = 100.0 * r.gbps / result.limits.read_gbps;
     r.gflops = double(c.flops) / (t.median_us * 1e-6) * 1e-9;
-    r.pct_of_fma_peak = 100.0 * r.gflops / result.limits.fma_gflops;
+    r.pct_of_fma_peak = result.limits.fma_gflops > 0 ? 100.0 * r.gflops / result.limits.fma_gflops : 0.0;
     r.compute_bound = c.compute_bound;
     r.in_cache = t.in_cache;
+    r.device = std::string(device_name(c.device));
     result.records.push_back(r);
   }
   // Speedups within each (op, dtype, shape): over the reference and over the stable default.
@@ -372,7 +402,7 @@ BenchResult run_cpu_benchmarks(const BenchOptions& options) {
   for (const BenchRecord& r : result.records) {
     auto& [reference_us, default_us] = baselines[{r.op, r.dtype, r.shape}];
     if (r.backend == "reference") reference_us = r.median_us;
-    if (r.backend == "cpu") default_us = r.median_us;
+    if (r.backend == "cpu" || r.backend == "cuda") default_us = r.median_us;
   }
   for (BenchRecord& r : result.records) {
     const auto& [reference_us, default_us] = baselines[{r.op, r.dtype, r.shape}];
@@ -385,7 +415,7 @@ BenchResult run_cpu_benchmarks(const BenchOptions& options) {
 std::vector<TuneChoice> tune_cpu(const BenchOptions& options, std::string* cache_path) {
   BenchOptions o = options;
   o.only_trusted = true;
-  const BenchResult result = run_cpu_benchmarks(o);
+  const BenchResult result = run_benchmarks(o);
   // The fastest trusted backend per (op, dtype, shape class); the stable default's time beside it.
   std::map<std::tuple<std::string, std::string, std::string>, TuneChoice> best;
   for (const BenchRecord& r : result.records) {
@@ -405,6 +435,11 @@ std::vector<TuneChoice> tune_cpu(const BenchOptions& options, std::string* cache
   return choices;
 }
 
+std::string gpu_fingerprint() {
+  const std::vector<ChipInfo> gpus = gpu_chips();
+  return gpus.empty() ? std::string("no gpu") : gpus.front().fingerprint();
+}
+
 std::string bench_json(const BenchResult& result) {
   const ChipInfo chip = cpu_chip();
   nlohmann::json records = nlohmann::json::array();
@@ -415,7 +450,8 @@ std::string bench_json(const BenchResult& result) {
                        {"pct_of_read_bandwidth", r.pct_of_read_bandwidth}, {"gflops", r.gflops},
                        {"pct_of_fma_peak", r.pct_of_fma_peak}, {"compute_bound", r.compute_bound}, {"in_cache", r.in_cache},
                        {"speedup_vs_reference", r.speedup_vs_reference}, {"speedup_vs_default", r.speedup_vs_default},
-                       {"device", "cpu"}, {"machine", chip.fingerprint()}, {"build_id", build_id()}});
+                       {"device", r.device}, {"machine", r.device == "cuda" ? gpu_fingerprint() : chip.fingerprint()},
+                       {"build_id", build_id()}});
   }
   const BandwidthProbe& l = result.limits;
   return nlohmann::json{{"schema", "decodelab.bench/1"},

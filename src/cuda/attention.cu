@@ -80,30 +80,39 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(DecodeParams 
 #pragma unroll
     for (int i = 0; i < kV; ++i) acc[g][i] = 0.0f;
   }
-  // Every lane runs the same number of steps so that the shuffles see full warps.
-  for (int64_t base = begin + warp * kGroups; base < end; base += kWarps * kGroups) {
-    const int64_t t = base + slot;
-    const bool valid = t < end;
-    float kv[kV], vv[kV];
-    if (valid) {
-      const int64_t at = kv_offset<kD, kPaged>(p, b, h, t) + sub * kV;
-      load_vec_stream(k + at, kv);
-      load_vec_stream(v + at, vv);
+  // Every lane runs the same number of steps so that the shuffles see full warps. kUnroll tokens
+  // per lane are loaded before any is used, so that enough bytes are in flight to cover latency.
+  constexpr int kUnroll = 4;
+  for (int64_t base = begin + warp * kGroups * kUnroll; base < end; base += kWarps * kGroups * kUnroll) {
+    float kv[kUnroll][kV], vv[kUnroll][kV];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = base + u * kGroups + slot;
+      valid[u] = t < end;
+      if (valid[u]) {
+        const int64_t at = kv_offset<kD, kPaged>(p, b, h, t) + sub * kV;
+        load_vec_stream(k + at, kv[u]);
+        load_vec_stream(v + at, vv[u]);
+      }
     }
 #pragma unroll
-    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-      if (g >= heads) continue;
-      float dot = 0.0f;
+    for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int i = 0; i < kV; ++i) dot += valid ? qv[g][i] * kv[i] : 0.0f;
-      const float s = group_sum<kLanes>(dot);
-      if (!valid) continue;
-      const float m_new = fmaxf(m[g], s);
-      const float correction = expf(m[g] - m_new), w = expf(s - m_new);
-      l[g] = l[g] * correction + w;
+      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+        if (g >= heads) continue;
+        float dot = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kV; ++i) acc[g][i] = acc[g][i] * correction + w * vv[i];
-      m[g] = m_new;
+        for (int i = 0; i < kV; ++i) dot += valid[u] ? qv[g][i] * kv[u][i] : 0.0f;
+        const float s = group_sum<kLanes>(dot);
+        if (!valid[u]) continue;
+        const float m_new = fmaxf(m[g], s);
+        const float correction = __expf(m[g] - m_new), w = __expf(s - m_new);
+        l[g] = l[g] * correction + w;
+#pragma unroll
+        for (int i = 0; i < kV; ++i) acc[g][i] = acc[g][i] * correction + w * vv[u][i];
+        m[g] = m_new;
+      }
     }
   }
 
@@ -184,9 +193,9 @@ cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStrea
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   p.chunks = (p.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
-  // Enough blocks for two waves over the SMs, but no split shorter than 64 tokens.
+  // Enough blocks for eight per SM (memory parallelism), but no split shorter than 128 tokens.
   const int64_t blocks = int64_t(batch) * p.hkv * p.chunks;
-  p.splits = int(std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / 64)));
+  p.splits = int(std::clamp<int64_t>((8 * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / 128)));
   p.partial = nullptr;
   if (p.splits > 1) {
     const size_t bytes = size_t(batch) * p.hq * p.splits * (kD + 2) * sizeof(float);

@@ -30,8 +30,15 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_kernel(const TW* __restric
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       if (b >= batch) break;
+      if constexpr (sizeof(TX) == sizeof(TW)) {
+        float xv[kV];  // x rows are small and stay in L1/L2: one 16-byte load like w's
+        load_vec(x + b * k + c, xv);
 #pragma unroll
-      for (int i = 0; i < kV; ++i) acc[b] += wv[i] * to_float(x[b * k + c + i]);
+        for (int i = 0; i < kV; ++i) acc[b] += wv[i] * xv[i];
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) acc[b] += wv[i] * to_float(x[b * k + c + i]);
+      }
     }
   }
 #pragma unroll

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "decodelab/router.h"
+#include "reference/elements.h"
 #include "verify/harness.h"
 #include "verify/random.h"
 
@@ -39,7 +40,10 @@ TEST_F(Cuda, HarnessStagesOutputsOnTheDeviceAndChecksTheirGuards) {
   verify::CaseData d;
   d.inputs.push_back(verify::random_array(DType::f32, {300}, rng));
   d.outputs.push_back({DType::f32, {300}});
-  const verify::Launch host_copy = [](auto in, auto out) { copy_bytes(out[0], in[0]); };
+  // The oracle writes f64 outputs: convert element by element.
+  const verify::Launch host_copy = [](auto in, auto out) {
+    for (int64_t i = 0; i < out[0].numel(); ++i) reference::store(out[0], i, reference::load(in[0], i));
+  };
   const verify::Launch device_copy = [](auto in, auto out) {
     ASSERT_EQ(out[0].device, Device::cuda);
     copy_bytes(out[0], in[0]);

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <vector>
 
 #include "commands.h"
 #include "decodelab/bench.h"
@@ -16,15 +17,23 @@ int run_bench(const BenchCommandOptions& options) {
   bench.op = options.op;
   bench.backend = options.backend;
   bench.quick = options.quick;
+  bench.device = options.device == "cuda" ? Device::cuda : Device::cpu;
   if (isatty(fileno(stderr))) {
     bench.progress = [](const std::string& line) { fmt::print(stderr, "\r{:100}\r{}", "", line); };
   }
-  const BenchResult result = run_cpu_benchmarks(bench);
+  const BenchResult result = run_benchmarks(bench);
   if (bench.progress) fmt::print(stderr, "\r{:100}\r", "");
   const BandwidthProbe& l = result.limits;
-  fmt::print("machine: {} [{}], {} threads\n", cpu_chip().name, cpu_chip().detail, l.threads);
-  fmt::print("measured: read {:.1f} GB/s ({:.1f} one thread), copy {:.1f} GB/s ({:.1f} one thread), FMA {:.0f} GFLOP/s\n\n",
-             l.read_gbps, l.read_gbps_one, l.copy_gbps, l.copy_gbps_one, l.fma_gflops);
+  if (bench.device == Device::cuda) {
+    const std::vector<ChipInfo> gpus = gpu_chips();
+    fmt::print("machine: {}\n", gpus.empty() ? std::string("no GPU") : gpus.front().fingerprint());
+    fmt::print("measured over {} MiB: read {:.0f} GB/s, device-to-device copy {:.0f} GB/s (read + write)\n\n",
+               l.bytes >> 20, l.read_gbps, l.copy_gbps);
+  } else {
+    fmt::print("machine: {} [{}], {} threads\n", cpu_chip().name, cpu_chip().detail, l.threads);
+    fmt::print("measured: read {:.1f} GB/s ({:.1f} one thread), copy {:.1f} GB/s ({:.1f} one thread), FMA {:.0f} GFLOP/s\n\n",
+               l.read_gbps, l.read_gbps_one, l.copy_gbps, l.copy_gbps_one, l.fma_gflops);
+  }
   fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10} {:>8} {:>8} {:>8} {:>8}\n", "op", "backend", "dtype", "shape", "median us",
              "GB/s", "% read", "GFLOP/s", "x ref");
   for (const BenchRecord& r : result.records) {
