@@ -549,10 +549,19 @@ HWY_NOINLINE void DotChunks(const Pass& p) {
   });
 }
 
-// DotChunks by dequantized weights for a run-time number of inputs (1 to kMaxInputs).
-template <class F, int kR, int... kB>
-void DotChunksFor(int inputs, std::integer_sequence<int, kB...>, const Pass& p) {
-  ((inputs == kB + 1 ? DotChunks<F, kR, kB + 1, false>(p) : void()), ...);
+// DotChunks by dequantized weights for 1, 2, 4 or 8 inputs (a pass takes the most that fit; other
+// counts take several passes, the later ones reading the rows from cache). Every input count is one
+// more instantiation of the row kernel per format, rows and SIMD target: powers of two keep the
+// compile time and the build's memory in bounds.
+template <class F, int kR>
+void DotChunksFor(int inputs, const Pass& p) {
+  static_assert(kMaxInputs == 8, "the cases below");
+  switch (inputs) {
+    case 8: return DotChunks<F, kR, 8, false>(p);
+    case 4: return DotChunks<F, kR, 4, false>(p);
+    case 2: return DotChunks<F, kR, 2, false>(p);
+    default: return DotChunks<F, kR, 1, false>(p);
+  }
 }
 
 // How rows are walked: the most inputs per pass (1: one input at a time, by partial sums), the most
@@ -601,18 +610,17 @@ void DotRowsT(const WeightRef& w, const Panel& p, int64_t n0, int64_t n1, const 
         const int64_t left = rows - r;
         const int pass_rows = left >= 4 && max_rows >= 4 ? 4 : left >= 2 && max_rows >= 2 ? 2 : 1;
         const uint8_t* row = w.data + (t0 + r) * w.row_bytes;
-        for (int64_t b0 = 0; b0 < batch; b0 += plan.max_inputs) {
-          const int inputs = int(std::min<int64_t>(plan.max_inputs, batch - b0));
+        for (int64_t b0 = 0, inputs = 0; b0 < batch; b0 += inputs) {
+          inputs = int64_t{1} << (63 - std::countl_zero(uint64_t(std::min<int64_t>(plan.max_inputs, batch - b0))));
           const Pass pass{row, w.row_bytes, w.cols, c0, c1, &scales[size_t(r)], p.x.get() + b0 * F::kPanelChunk,
                           p.chunk_stride, acc.get() + r * acc_row_stride + b0 * kN, acc_row_stride};
-          constexpr auto kInputs = std::make_integer_sequence<int, kMaxInputs>();
           if (partials) {
             if (pass_rows == 4) DotChunks<F, 4, 1, true>(pass);
             if (pass_rows == 2) DotChunks<F, 2, 1, true>(pass);
             if (pass_rows == 1) DotChunks<F, 1, 1, true>(pass);
           } else {
-            if (pass_rows == 2) DotChunksFor<F, 2>(inputs, kInputs, pass);
-            if (pass_rows == 1) DotChunksFor<F, 1>(inputs, kInputs, pass);
+            if (pass_rows == 2) DotChunksFor<F, 2>(int(inputs), pass);
+            if (pass_rows == 1) DotChunksFor<F, 1>(int(inputs), pass);
           }
         }
         r += pass_rows;
