@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The GPU check, in one run on the H100 machine: build, the CUDA tests, the CUDA verification grid,
-# compute-sanitizer (memcheck and racecheck) over the CUDA tests, and the CUDA benchmark where the
-# build has one. Usage: tools/gpu-check.sh OUT_DIR   (logs land in OUT_DIR; exit status 1 on any failure)
+# The GPU check, in one run on the H100 machine: build, the CUDA tests, the CUDA benchmark, and
+# compute-sanitizer (memcheck and racecheck) over the CUDA tests. Usage: tools/gpu-check.sh OUT_DIR
+# (logs and JSON land in OUT_DIR; exit status 1 on any failure). The steps run in that order, so a
+# run cut short by its time limit still leaves the tests' and the benchmark's logs.
 #
 # That machine has CUDA, CMake, Ninja and g++ but no package registry: the Debian packages it lacks
 # (Highway, fmt, CLI11, nlohmann-json, GoogleTest) travel as .deb files in .deps/ (fetch them here
 # with `mkdir -p .deps && cd .deps && apt-get download libhwy-dev libhwy1 libfmt-dev libfmt9
 # libcli11-dev nlohmann-json3-dev libgtest-dev`) and are unpacked into a private prefix.
+#
+# Knobs (environment):
+#   GPU_BIN=DIR        use decodelab and decodelab_cuda_tests built elsewhere (same CUDA major
+#                      version, Debian 12 libraries from .deps) instead of building here
+#   BENCH_OPS="a b:T"  benchmark only these ops (default: the whole grid); "op:TEXT" only the cases
+#                      of op whose shape contains TEXT (no spaces, e.g. matvec:K=14336)
+#   SANITIZE_FILTER=F  gtest filter for the compute-sanitizer runs (default: every CUDA test)
 set -uo pipefail
 out="${1:?usage: tools/gpu-check.sh OUT_DIR}"
 mkdir -p "$out"
@@ -27,20 +35,32 @@ if [ -d .deps ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 
-step build bash -c "cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDECODELAB_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90a && cmake --build build-gpu -j\$(nproc) --target decodelab_cuda_tests decodelab_cli"
-[ -x build-gpu/tests/decodelab_cuda_tests ] || { echo "build failed"; exit 1; }
-step cuda-tests build-gpu/tests/decodelab_cuda_tests
-step verify-cuda build-gpu/tools/decodelab/decodelab verify --device cuda --no-trust
-step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 build-gpu/tests/decodelab_cuda_tests
-step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 build-gpu/tests/decodelab_cuda_tests \
-  --gtest_filter='All/CudaGrid*'
-# BENCH_OPS="op1 op2" limits the benchmark to those ops (default: the whole grid).
+if [ -n "${GPU_BIN:-}" ]; then
+  bin="$GPU_BIN"
+else
+  # One SIMD target (this machine's): the CPU kernels are not what this run checks.
+  step build bash -c "cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDECODELAB_CUDA=ON \
+    -DDECODELAB_SIMD=native -DCMAKE_CUDA_ARCHITECTURES=90a && \
+    cmake --build build-gpu -j\$(nproc) --target decodelab_cuda_tests decodelab_cli"
+  mkdir -p build-gpu/bin
+  cp build-gpu/tests/decodelab_cuda_tests build-gpu/tools/decodelab/decodelab build-gpu/bin/ 2>/dev/null
+  bin=build-gpu/bin
+fi
+[ -x "$bin/decodelab_cuda_tests" ] && [ -x "$bin/decodelab" ] || { echo "no binaries in $bin"; exit 1; }
+export XDG_CACHE_HOME="$out/cache"
+
+step cuda-tests "$bin/decodelab_cuda_tests"
 if [ -n "${BENCH_OPS:-}" ]; then
-  for op in $BENCH_OPS; do
-    step "bench-$op" build-gpu/tools/decodelab/decodelab bench --device cuda --op "$op" --json "$out/bench-$op.json"
+  for spec in $BENCH_OPS; do
+    op="${spec%%:*}" shape=""
+    [ "$op" != "$spec" ] && shape="${spec#*:}"
+    step "bench-$op" "$bin/decodelab" bench --device cuda --op "$op" --shape "$shape" --json "$out/bench-$op.json"
   done
 else
-  step bench-cuda build-gpu/tools/decodelab/decodelab bench --device cuda --json "$out/bench-cuda.json"
+  step bench-cuda "$bin/decodelab" bench --device cuda --json "$out/bench-cuda.json"
 fi
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/decodelab_cuda_tests" \
+  --gtest_filter="${SANITIZE_FILTER:-*}"
+step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/decodelab_cuda_tests" \
+  --gtest_filter="${SANITIZE_FILTER:-All/CudaGrid*}"
 exit $status

@@ -48,6 +48,7 @@ struct BenchOptions {
   Device device = Device::cpu;  // which backends run (the reference only on the CPU)
   std::string op;       // empty: all
   std::string backend;  // empty: all CPU backends; "cpu" also selects cpu.<variant>
+  std::string shape;    // empty: all; else only cases whose shape contains this text
   bool quick = false;   // the smaller grid of the main job
   double min_seconds = 0.2;  // per case, after warm-up
   int min_repeats = 20;

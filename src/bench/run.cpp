@@ -137,6 +137,7 @@ void add_bench(std::vector<BenchCase>& cases, const BenchOptions& options, DType
                int64_t bytes, int64_t flops, bool compute_bound, std::function<CaseData()> build, MakeArgs<Args> make) {
   for (const auto& kernel : kernels<Args>()) {
     if (kernel.device != options.device || !selected(options, Args::kOp, kernel.backend)) continue;
+    if (!options.shape.empty() && shape.find(options.shape) == std::string::npos) continue;
     const bool is_reference = kernel.backend == "reference";
     if (is_reference && (options.only_trusted || !reference_affordable(bytes, flops))) continue;
     BenchCase c{Args::kOp, std::string(kernel.backend), std::string(dtype_name(dtype)), shape, kernel.device,
@@ -325,6 +326,29 @@ void add_layers(std::vector<BenchCase>& cases, const BenchOptions& o) {
         },
         [](auto in, auto out) {
           return RopeArgs{in[0], in[1], out[0], RopeParams{500000.0f, RopeStyle::half_split, int(kD), true, {}}, {}};
+        });
+    // The fused decode step for `tokens` sequences (one new token each) into a paged cache: read
+    // the qkv rows, write Q and the new K and V rows.
+    const int64_t page = 16, pages_per_seq = 8, qkv_width = (kHq + 2 * kHkv) * kD;
+    add_bench<QkvRopeAppendPagedArgs>(
+        cases, o, t, fmt::format("{} sequences Hq={} Hkv={} D={} page {}", tokens, kHq, kHkv, kD, page),
+        tokens * (qkv_width + qkv_width) * e, 0, false,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {tokens, 1, qkv_width}, 1));
+          std::vector<int32_t> table(static_cast<size_t>(tokens * pages_per_seq)), lengths;
+          for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+          for (int64_t b = 0; b < tokens; ++b) lengths.push_back(int32_t(100 + b % 16));
+          d.inputs.push_back(verify::i32_array({tokens, pages_per_seq}, table));
+          d.inputs.push_back(verify::i32_array({tokens}, lengths));
+          d.outputs.push_back({t, {tokens, 1, kHq, kD}});
+          d.outputs.push_back({t, {tokens * pages_per_seq, page, kHkv, kD}});
+          d.outputs.push_back({t, {tokens * pages_per_seq, page, kHkv, kD}});
+          return d;
+        },
+        [](auto in, auto out) {
+          return QkvRopeAppendPagedArgs{in[0], out[0], PagedKV{out[1], out[2], in[1], in[2]},
+                                        RopeParams{500000.0f, RopeStyle::half_split, int(kD), true, {}}, {}};
         });
   }
 }

@@ -9,6 +9,9 @@ void device_free(void*) noexcept {}
 void device_copy(void*, const void*, size_t, CopyKind) {
   fail("copy_bytes", "device", "cpu (this build has no CUDA)", "cuda");
 }
+void device_copy_2d(void*, size_t, const void*, size_t, size_t, size_t) {
+  fail("copy_bytes", "device", "cpu (this build has no CUDA)", "cuda");
+}
 bool cuda_compiled() { return false; }
 std::vector<GpuDescription> cuda_devices() { return {}; }
 

@@ -30,9 +30,6 @@ void qkv_rope_append_paged(const QkvRopeAppendPagedArgs& a);
 void quantize(const QuantizeArgs& a);
 void dequantize(const DequantizeArgs& a);
 
-// decode_block.cpp
-void decode_block(const DecodeBlockArgs& a);
-
 }  // namespace decodelab::cpu
 
 // The matvec family (matvec.cpp) and attention (attention.cpp) declare their kernels in

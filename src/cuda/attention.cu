@@ -187,22 +187,260 @@ __global__ void decode_merge_kernel(DecodeParams p) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// cuda.tiled: the block stages tiles of K and V (16 KB each) in shared memory with cp.async, two
+// tiles in flight, and works on a whole tile at a time in three phases, so that each token costs a
+// few shared-memory reads and FMAs and no shuffles, and the softmax rescales once per tile:
+//   1. scores: kThreadsPerToken threads per token, each a 128-byte slice of the K row against the
+//      same slice of every query head of the group (queries pre-scaled by scale * log2(e));
+//   2. softmax: a warp per head takes the tile's maximum, turns scores into exp2 weights, and
+//      updates the running maximum and sum (the factor for the old accumulator goes to smem);
+//   3. values: each thread owns kDimsPerThread output dims of every head and adds the tile's
+//      weighted V rows (threads beyond D take every other token, merged at the end).
+// K rows are stored with their 16-byte chunks permuted (XOR by the token and the slice) so that the
+// eight threads of a shared-memory phase hit eight different bank groups in phase 1.
+namespace tiled {
+
+constexpr int kThreads = 128;
+
+template <class T, int kD>
+struct Shape {
+  static constexpr int kRowBytes = kD * int(sizeof(T));
+  static constexpr int kChunks = kRowBytes / 16;             // 16-byte chunks per row
+  static constexpr int kTile = 16384 / kRowBytes;            // tokens per tile: 16 KB of K
+  static constexpr int kThreadsPerToken = kThreads / kTile;  // phase 1: each takes 128 bytes
+  static constexpr int kDimThreads = kD < kThreads ? kD : kThreads;
+  static constexpr int kDimsPerThread = kD / kDimThreads;
+  static constexpr int kTokenGroups = kThreads / kDimThreads;
+  static_assert(kChunks == 8 * kThreadsPerToken, "a phase-1 thread reads 8 chunks");
+  // A query row in shared memory: each slice padded by 4 floats, so the slices that phase 1 reads
+  // at once start in different banks.
+  static constexpr int kSliceElems = kD / kThreadsPerToken;
+  static constexpr int kQueryStride = kD + 4 * kThreadsPerToken;
+  // Dynamic shared memory: two stages of K and V tiles, then the f32 queries and weights.
+  static constexpr int kStageBytes = 2 * kTile * kRowBytes;
+  static constexpr int kQueryOffset = 2 * kStageBytes;
+  static constexpr int kWeightOffset = kQueryOffset + kMaxHeadsPerBlock * kQueryStride * 4;
+  static constexpr int kBytes = kWeightOffset + kTile * kMaxHeadsPerBlock * 4;
+};
+
+// Where chunk c of token t's K row is stored: the chunk's slice keeps its 8 chunks, permuted by
+// XOR with (t's place among the tokens of a phase, the slice) so the phase's threads differ mod 8.
+template <class S>
+__device__ __forceinline__ int k_chunk(int t, int c) {
+  const int slice = c / 8, mix = (t % (8 / S::kThreadsPerToken)) * S::kThreadsPerToken + slice;
+  return slice * 8 + ((c % 8) ^ mix);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
 template <class T, int kD, bool kPaged>
-cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream) {
+__global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
+  using S = Shape<T, kD>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* q_s = reinterpret_cast<float*>(smem + S::kQueryOffset);     // [heads][kQueryStride]
+  float* w_s = reinterpret_cast<float*>(smem + S::kWeightOffset);    // [kTile][kMaxHeadsPerBlock]
+  __shared__ float m_s[kMaxHeadsPerBlock], l_s[kMaxHeadsPerBlock], rescale_s[kMaxHeadsPerBlock];
+
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int h = blockIdx.y / p.chunks, chunk = blockIdx.y % p.chunks;
+  const int first_head = h * p.group + chunk * kMaxHeadsPerBlock;
+  const int heads = min(kMaxHeadsPerBlock, p.group - chunk * kMaxHeadsPerBlock);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < heads * kD; i += kThreads) {
+    const int g = i / kD, e = i % kD;
+    q_s[g * S::kQueryStride + e + e / S::kSliceElems * 4] =
+        to_float(q[(int64_t(b) * p.hq + first_head) * kD + i]) * p.scale * kLog2e;
+  }
+  if (tid < kMaxHeadsPerBlock) m_s[tid] = -INFINITY, l_s[tid] = 0.0f;
+  __syncthreads();  // an empty split reads m_s and l_s at the end without entering the tile loop
+
+  const int64_t length = p.lengths[b];
+  const int64_t per_split = (length + p.splits - 1) / p.splits;
+  const int64_t begin = min(length, per_split * split), end = min(length, begin + per_split);
+  const int tiles = int((end - begin + S::kTile - 1) / S::kTile);
+
+  const unsigned char* k = static_cast<const unsigned char*>(p.k);
+  const unsigned char* v = static_cast<const unsigned char*>(p.v);
+  auto load_tile = [&](int tile) {
+    unsigned char* k_tile = smem + (tile % 2) * S::kStageBytes;
+    unsigned char* v_tile = k_tile + S::kTile * S::kRowBytes;
+    const int64_t first = begin + int64_t(tile) * S::kTile;
+    for (int i = tid; i < S::kTile * S::kChunks; i += kThreads) {
+      const int t = i / S::kChunks, c = i % S::kChunks;
+      if (first + t >= end) break;  // i grows with t: the rest are past the end too
+      const int64_t at = kv_offset<kD, kPaged>(p, b, h, first + t) * int64_t(sizeof(T)) + c * 16;
+      cp_async16(k_tile + t * S::kRowBytes + k_chunk<S>(t, c) * 16, k + at);
+      cp_async16(v_tile + t * S::kRowBytes + c * 16, v + at);
+    }
+    cp_async_commit();
+  };
+
+  float acc[kMaxHeadsPerBlock][S::kDimsPerThread] = {};
+  const int dim0 = (tid % S::kDimThreads) * S::kDimsPerThread, token_group = tid / S::kDimThreads;
+  if (tiles > 0) load_tile(0);
+  for (int tile = 0; tile < tiles; ++tile) {
+    if (tile + 1 < tiles) {
+      load_tile(tile + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const unsigned char* k_tile = smem + (tile % 2) * S::kStageBytes;
+    const unsigned char* v_tile = k_tile + S::kTile * S::kRowBytes;
+    const int count = int(min(int64_t(S::kTile), end - begin - int64_t(tile) * S::kTile));
+
+    // 1. Scores.
+    {
+      const int t = tid / S::kThreadsPerToken, slice = tid % S::kThreadsPerToken;
+      float dot[kMaxHeadsPerBlock] = {};
+      if (t < count) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int c = slice * 8 + j;
+          const uint4 raw = *reinterpret_cast<const uint4*>(k_tile + t * S::kRowBytes + k_chunk<S>(t, c) * 16);
+          const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+            if (g >= heads) break;
+            const float* qg = q_s + g * S::kQueryStride + slice * (S::kSliceElems + 4) + j * kVec<T>;
+#pragma unroll
+            for (int i = 0; i < kVec<T>; ++i) dot[g] = fmaf(qg[i], to_float(e[i]), dot[g]);
+          }
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+        if (g >= heads) break;
+        const float score = group_sum<S::kThreadsPerToken>(dot[g]);
+        if (slice == 0) w_s[t * kMaxHeadsPerBlock + g] = t < count ? score : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    // 2. Softmax over the tile, a warp per head.
+    for (int g = warp; g < heads; g += kThreads / 32) {
+      float tile_max = -INFINITY;
+      for (int t = lane; t < count; t += 32) tile_max = fmaxf(tile_max, w_s[t * kMaxHeadsPerBlock + g]);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      const float m_old = m_s[g], m_new = fmaxf(m_old, tile_max);
+      float sum = 0.0f;
+      for (int t = lane; t < count; t += 32) {
+        const float w = exp2f(w_s[t * kMaxHeadsPerBlock + g] - m_new);
+        w_s[t * kMaxHeadsPerBlock + g] = w;
+        sum += w;
+      }
+      sum = group_sum<32>(sum);
+      __syncwarp();
+      if (lane == 0) {
+        const float rescale = exp2f(m_old - m_new);  // 0 while m_old is -inf
+        rescale_s[g] = rescale;
+        l_s[g] = l_s[g] * rescale + sum;
+        m_s[g] = m_new;
+      }
+    }
+    __syncthreads();
+
+    // 3. Values.
+#pragma unroll
+    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+      if (g >= heads) break;
+#pragma unroll
+      for (int i = 0; i < S::kDimsPerThread; ++i) acc[g][i] *= rescale_s[g];
+    }
+    for (int t = token_group; t < count; t += S::kTokenGroups) {
+      float vv[S::kDimsPerThread];
+      const T* row = reinterpret_cast<const T*>(v_tile + t * S::kRowBytes) + dim0;
+#pragma unroll
+      for (int i = 0; i < S::kDimsPerThread; ++i) vv[i] = to_float(row[i]);
+      const float4* w4 = reinterpret_cast<const float4*>(w_s + t * kMaxHeadsPerBlock);
+      const float4 wa = w4[0], wb = w4[1];
+      const float w[kMaxHeadsPerBlock] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+        if (g >= heads) break;
+#pragma unroll
+        for (int i = 0; i < S::kDimsPerThread; ++i) acc[g][i] = fmaf(w[g], vv[i], acc[g][i]);
+      }
+    }
+    __syncthreads();  // the stage is reloaded by the next iteration
+  }
+
+  // Token groups (D < 128 threads) add up through shared memory, in a fixed order.
+  float* sum_s = reinterpret_cast<float*>(smem);  // the K/V stages are free now
+  if constexpr (S::kTokenGroups > 1) {
+#pragma unroll
+    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+#pragma unroll
+      for (int i = 0; i < S::kDimsPerThread; ++i) sum_s[(token_group * kMaxHeadsPerBlock + g) * kD + dim0 + i] = acc[g][i];
+    }
+    __syncthreads();
+    if (token_group == 0) {
+#pragma unroll
+      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+#pragma unroll
+        for (int i = 0; i < S::kDimsPerThread; ++i) {
+          float total = 0.0f;
+          for (int tg = 0; tg < S::kTokenGroups; ++tg) total += sum_s[(tg * kMaxHeadsPerBlock + g) * kD + dim0 + i];
+          acc[g][i] = total;
+        }
+      }
+    }
+  }
+  if (token_group != 0) return;
+  for (int g = 0; g < heads; ++g) {
+    const int head = first_head + g;
+    // The partials keep the natural-log convention of the merge kernel: m in units of ln.
+    const float m = m_s[g] / kLog2e, l = l_s[g];
+#pragma unroll
+    for (int i = 0; i < S::kDimsPerThread; ++i) {
+      const int d = dim0 + i;
+      if (p.splits == 1) {
+        static_cast<T*>(p.out)[(int64_t(b) * p.hq + head) * kD + d] = from_float<T>(acc[g][i] / l);
+      } else {
+        float* part = p.partial + ((int64_t(b) * p.hq + head) * p.splits + split) * (kD + 2);
+        part[d] = acc[g][i];
+        if (d == 0) part[kD] = m, part[kD + 1] = l;
+      }
+    }
+  }
+}
+
+}  // namespace tiled
+
+// Splits of the length so that the grid has about kBlocksPerSm blocks per SM (memory parallelism
+// for batch 1), none shorter than min_split tokens; partials for the merge when there are several.
+int choose_splits(const DecodeParams& p, int batch, int64_t capacity, int blocks_per_sm, int64_t min_split) {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  p.chunks = (p.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
-  // Enough blocks for eight per SM (memory parallelism), but no split shorter than 128 tokens.
   const int64_t blocks = int64_t(batch) * p.hkv * p.chunks;
-  p.splits = int(std::clamp<int64_t>((8 * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / 128)));
+  return int(std::clamp<int64_t>((blocks_per_sm * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / min_split)));
+}
+
+// Runs the split kernel (grid: splits x (Hkv * chunks) x B) and, with several splits, the merge.
+template <class T, int kD, class Launch>
+cudaError_t launch_split_merge(DecodeParams p, int batch, cudaStream_t stream, Launch&& launch_split) {
   p.partial = nullptr;
   if (p.splits > 1) {
     const size_t bytes = size_t(batch) * p.hq * p.splits * (kD + 2) * sizeof(float);
     if (const cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&p.partial), bytes, stream); e != cudaSuccess) return e;
   }
   const dim3 grid(unsigned(p.splits), unsigned(p.hkv * p.chunks), unsigned(batch));
-  decode_split_kernel<T, kD, kPaged><<<grid, kWarps * 32, 0, stream>>>(p);
+  launch_split(grid, p);
   if (p.splits > 1) {
     decode_merge_kernel<T, kD><<<unsigned(batch * p.hq), kD, 0, stream>>>(p);
     cudaFreeAsync(p.partial, stream);
@@ -210,19 +448,42 @@ cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStrea
   return cudaGetLastError();
 }
 
+template <class T, int kD, bool kPaged, bool kTiled>
+cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream) {
+  p.chunks = (p.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
+  if constexpr (kTiled) {
+    using S = tiled::Shape<T, kD>;
+    p.splits = choose_splits(p, batch, capacity, 4, S::kTile);
+    const auto kernel = tiled::decode_kernel<T, kD, kPaged>;
+    if (const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes);
+        e != cudaSuccess) {
+      return e;
+    }
+    return launch_split_merge<T, kD>(p, batch, stream, [&](dim3 grid, const DecodeParams& params) {
+      kernel<<<grid, tiled::kThreads, S::kBytes, stream>>>(params);
+    });
+  } else {
+    // Enough blocks for eight per SM, but no split shorter than 128 tokens.
+    p.splits = choose_splits(p, batch, capacity, 8, 128);
+    return launch_split_merge<T, kD>(p, batch, stream, [&](dim3 grid, const DecodeParams& params) {
+      decode_split_kernel<T, kD, kPaged><<<grid, kWarps * 32, 0, stream>>>(params);
+    });
+  }
+}
+
 // head_dim -> template; the supported set is stated once here and in supports().
-template <class T, bool kPaged>
+template <class T, bool kPaged, bool kTiled>
 cudaError_t launch_for_head_dim(const DecodeParams& p, int d, int batch, int64_t capacity, cudaStream_t s) {
   switch (d) {
-    case 64: return launch_decode<T, 64, kPaged>(p, batch, capacity, s);
-    case 128: return launch_decode<T, 128, kPaged>(p, batch, capacity, s);
+    case 64: return launch_decode<T, 64, kPaged, kTiled>(p, batch, capacity, s);
+    case 128: return launch_decode<T, 128, kPaged, kTiled>(p, batch, capacity, s);
     default:
-      if constexpr (sizeof(T) == 2) return launch_decode<T, 256, kPaged>(p, batch, capacity, s);
+      if constexpr (sizeof(T) == 2) return launch_decode<T, 256, kPaged, kTiled>(p, batch, capacity, s);
       return cudaErrorInvalidValue;
   }
 }
 
-template <bool kPaged, class Cache>
+template <bool kPaged, bool kTiled, class Cache>
 void run(const Tensor& q, const Cache& cache, const Tensor& out, float scale, Stream stream, const char* op) {
   DecodeParams p{};
   p.q = q.data;
@@ -247,17 +508,23 @@ void run(const Tensor& q, const Cache& cache, const Tensor& out, float scale, St
   p.group = p.hq / p.hkv;
   dispatch_activation(q.dtype, [&](auto tag) {
     using T = decltype(tag);
-    check_launch(launch_for_head_dim<T, kPaged>(p, int(q.dim(3)), int(q.dim(0)), capacity, stream_of(stream)), op);
+    check_launch(launch_for_head_dim<T, kPaged, kTiled>(p, int(q.dim(3)), int(q.dim(0)), capacity, stream_of(stream)), op);
   });
 }
 
 }  // namespace
 
 void decode_attention(const DecodeAttentionArgs& a) {
-  run<false>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
+  run<false, false>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
 }
 void decode_attention_paged(const DecodeAttentionPagedArgs& a) {
-  run<true>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
+  run<true, false>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
+}
+void decode_attention_tiled(const DecodeAttentionArgs& a) {
+  run<false, true>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
+}
+void decode_attention_paged_tiled(const DecodeAttentionPagedArgs& a) {
+  run<true, true>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
 }
 
 }  // namespace decodelab::cuda

@@ -14,14 +14,41 @@ void rms_norm_residual(const RmsNormResidualArgs& a);
 void residual_add(const ResidualAddArgs& a);
 void swiglu(const SwigluArgs& a);
 
+// cache.cu: KV appends (contiguous, paged), the QKV split family and RoPE; head_dim <= 256.
+void kv_append(const KvAppendArgs& a);
+void kv_append_paged(const KvAppendPagedArgs& a);
+void qkv_split(const QkvSplitArgs& a);
+void qkv_split_rope(const QkvSplitRopeArgs& a);
+void qkv_rope_append(const QkvRopeAppendArgs& a);
+void qkv_rope_append_paged(const QkvRopeAppendPagedArgs& a);
+void rope(const RopeArgs& a);
+std::string kv_append_supports(const KvAppendArgs& a);
+std::string kv_append_paged_supports(const KvAppendPagedArgs& a);
+std::string qkv_split_supports(const QkvSplitArgs& a);
+std::string qkv_split_rope_supports(const QkvSplitRopeArgs& a);
+std::string qkv_rope_append_supports(const QkvRopeAppendArgs& a);
+std::string qkv_rope_append_paged_supports(const QkvRopeAppendPagedArgs& a);
+std::string rope_supports(const RopeArgs& a);
+
 // attention.cu: decode (Sq = 1) over contiguous and paged caches, split-K with a log-sum-exp merge.
 void decode_attention(const DecodeAttentionArgs& a);
 void decode_attention_paged(const DecodeAttentionPagedArgs& a);
+// cuda.tiled: K/V tiles staged in shared memory, a tile's scores, softmax and values in phases.
+void decode_attention_tiled(const DecodeAttentionArgs& a);
+void decode_attention_paged_tiled(const DecodeAttentionPagedArgs& a);
 std::string decode_attention_supports(const DecodeAttentionArgs& a);
 std::string decode_attention_paged_supports(const DecodeAttentionPagedArgs& a);
 
-// matvec.cu: dense weights, batch 1..16.
+// matvec.cu: dense (f32, f16, bf16) and quantized (MLX affine 4/8-bit, GGUF Q4_0/Q8_0) weights,
+// batch 1..16, and the ops built on the same kernel.
 void matvec(const MatvecArgs& a);
+void matvec_multi(const MatvecMultiArgs& a);
+void output_projection(const OutputProjectionArgs& a);
+void mlp_block(const MlpBlockArgs& a);
 std::string matvec_supports(const MatvecArgs& a);
+std::string matvec_multi_supports(const MatvecMultiArgs& a);
+std::string output_projection_supports(const OutputProjectionArgs& a);
+std::string mlp_block_supports(const MlpBlockArgs& a);
+std::string decode_block_supports(const DecodeBlockArgs& a);
 
 }  // namespace decodelab::cuda

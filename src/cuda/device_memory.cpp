@@ -31,6 +31,11 @@ void device_copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
   check(cudaMemcpy(dst, src, bytes, cuda_kind), "cudaMemcpy", bytes);
 }
 
+void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows) {
+  check(cudaMemcpy2D(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice), "cudaMemcpy2D",
+        row_bytes * rows);
+}
+
 bool cuda_compiled() { return true; }
 
 }  // namespace decodelab::detail

@@ -17,17 +17,96 @@ std::string decode_supports(const Tensor& q) {
   return {};
 }
 
+
+// The matvec kernel's conditions on one weight over x (see matvec.cu): batch <= 16, 16-byte aligned
+// rows of x and of dense or MLX weights, MLX scales in x's dtype, GGUF blocks 2-byte aligned.
+std::string matvec_weight_supports(const Weight& w, const Tensor& x) {
+  constexpr int64_t kMaxBatch = 16;
+  const auto aligned = [](const void* p, uintptr_t to) { return reinterpret_cast<uintptr_t>(p) % to == 0; };
+  if (x.dim(0) > kMaxBatch) return fmt::format("batch <= {}, got {}", kMaxBatch, x.dim(0));
+  if (!aligned(x.data, 16) || x.dim(1) * int64_t(dtype_size(x.dtype)) % 16 != 0) {
+    return "x rows 16-byte aligned (K * dtype size a multiple of 16, an aligned start)";
+  }
+  if (!w.is_quantized) {
+    const int64_t vec = 16 / int64_t(dtype_size(w.dense.dtype));
+    if (w.cols() % vec != 0) return fmt::format("K a multiple of {} (16-byte rows), got {}", vec, w.cols());
+    if (!aligned(w.dense.data, 16)) return "dense weights 16-byte aligned";
+    return {};
+  }
+  const QuantizedWeight& q = w.quantized;
+  if (q.spec.format == QuantFormat::mlx_affine) {
+    if (!aligned(q.packed.data, 16)) return "MLX packed codes 16-byte aligned";
+    if (q.scales.dtype != x.dtype) {
+      return fmt::format("MLX scales in x's dtype {}, got {}", dtype_name(x.dtype), dtype_name(q.scales.dtype));
+    }
+    return {};
+  }
+  if (!aligned(q.packed.data, 2)) return "GGUF blocks 2-byte aligned";
+  return {};
+}
+
+// Weights that one launch can read together: one format, one dtype.
+bool same_format(const Weight& a, const Weight& b) {
+  if (a.is_quantized != b.is_quantized) return false;
+  if (!a.is_quantized) return a.dense.dtype == b.dense.dtype;
+  return a.quantized.spec.format == b.quantized.spec.format && a.quantized.spec.bits == b.quantized.spec.bits &&
+         a.quantized.scales.dtype == b.quantized.scales.dtype;
+}
+
+// The rope/scatter kernel of cache.cu keeps a token's cos/sin table for D / 2 pairs.
+std::string head_dim_supports(const Tensor& t) {
+  constexpr int64_t kMaxHeadDim = 256;
+  const int64_t d = t.dim(t.rank - 1);
+  if (d > kMaxHeadDim) return fmt::format("head_dim <= {}, got {}", kMaxHeadDim, d);
+  return {};
+}
+
 }  // namespace
+
+std::string kv_append_supports(const KvAppendArgs& a) { return head_dim_supports(a.k_new); }
+std::string kv_append_paged_supports(const KvAppendPagedArgs& a) { return head_dim_supports(a.k_new); }
+std::string qkv_split_supports(const QkvSplitArgs& a) { return head_dim_supports(a.q); }
+std::string qkv_split_rope_supports(const QkvSplitRopeArgs& a) { return head_dim_supports(a.q); }
+std::string qkv_rope_append_supports(const QkvRopeAppendArgs& a) { return head_dim_supports(a.q_out); }
+std::string qkv_rope_append_paged_supports(const QkvRopeAppendPagedArgs& a) { return head_dim_supports(a.q_out); }
+std::string rope_supports(const RopeArgs& a) { return head_dim_supports(a.x); }
 
 std::string decode_attention_supports(const DecodeAttentionArgs& a) { return decode_supports(a.q); }
 std::string decode_attention_paged_supports(const DecodeAttentionPagedArgs& a) { return decode_supports(a.q); }
 
-std::string matvec_supports(const MatvecArgs& a) {
-  constexpr int64_t kMaxBatch = 16;
-  if (a.w.is_quantized) return "dense weights only (quantized matvec is not in the CUDA backend yet)";
-  if (a.x.dim(0) > kMaxBatch) return fmt::format("batch <= {}, got {}", kMaxBatch, a.x.dim(0));
-  const int64_t vec = 16 / int64_t(dtype_size(a.w.dense.dtype));
-  if (a.w.cols() % vec != 0) return fmt::format("K a multiple of {} (16-byte rows), got {}", vec, a.w.cols());
+std::string matvec_supports(const MatvecArgs& a) { return matvec_weight_supports(a.w, a.x); }
+
+std::string matvec_multi_supports(const MatvecMultiArgs& a) {
+  for (int i = 0; i < a.count; ++i) {
+    if (std::string why = matvec_weight_supports(a.w[size_t(i)], a.x); !why.empty()) return why;
+    if (!same_format(a.w[0], a.w[size_t(i)])) return "weights of one format and dtype";
+  }
+  return {};
+}
+
+std::string output_projection_supports(const OutputProjectionArgs& a) { return matvec_weight_supports(a.wo, a.attn); }
+
+// The composed block (src/ops/decode_block_composed.cpp) runs the CUDA pieces: their conditions.
+std::string decode_block_supports(const DecodeBlockArgs& a) {
+  const DecodeLayerConfig& c = a.config;
+  if (c.head_dim != 64 && c.head_dim != 128 && (c.head_dim != 256 || a.x.dtype == DType::f32)) {
+    return fmt::format("head_dim 64, 128 or 256 (f16/bf16) for the attention, got {}", c.head_dim);
+  }
+  for (const Weight* w : {&a.weights.wq, &a.weights.wk, &a.weights.wv, &a.weights.gate}) {
+    if (std::string why = matvec_weight_supports(*w, a.x); !why.empty()) return why;
+  }
+  return mlp_block_supports(MlpBlockArgs{a.x, a.weights.gate, a.weights.up, a.weights.down, a.x, a.stream});
+}
+
+std::string mlp_block_supports(const MlpBlockArgs& a) {
+  if (std::string why = matvec_weight_supports(a.gate, a.x); !why.empty()) return why;
+  if (!same_format(a.gate, a.up)) return "gate and up of one format and dtype";
+  // The down matvec reads the activation from scratch memory (aligned) in the output dtype.
+  if (a.down.is_quantized && a.down.quantized.spec.format == QuantFormat::mlx_affine &&
+      a.down.quantized.scales.dtype != a.out.dtype) {
+    return "MLX scales of down in the output dtype";
+  }
+  if (a.gate.rows() * int64_t(dtype_size(a.out.dtype)) % 16 != 0) return "intermediate size * dtype size a multiple of 16";
   return {};
 }
 

@@ -9,6 +9,10 @@
 #include "decodelab/quant.h"
 #include "decodelab/tensor.h"
 
+namespace decodelab {
+struct DecodeBlockArgs;
+}  // namespace decodelab
+
 namespace decodelab::detail {
 
 // The values of a small i32 tensor (lengths, positions, page tables) on the host, copied from
@@ -32,5 +36,9 @@ RopeParams check_rope(const ArgCheck& check, const RopeParams& params, int64_t h
 
 // A dense or quantized weight [N, cols] on `device`, its layout checked (defined in quant.cpp).
 void check_weight(const ArgCheck& check, const Weight& w, const char* name, int64_t cols, Device device);
+
+// The decode block composed of its device's best stable kernels (decode_block_composed.cpp): the
+// cpu and cuda backends' decode_block.
+void composed_decode_block(const DecodeBlockArgs& a);
 
 }  // namespace decodelab::detail

@@ -10,6 +10,7 @@
 #include "cpu/attention.h"
 #include "cpu/cpu.h"
 #include "cpu/matvec.h"
+#include "ops/common.h"
 #ifdef DECODELAB_HAS_CUDA
 #include "cuda/cuda.h"
 #endif

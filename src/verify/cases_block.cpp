@@ -9,10 +9,10 @@ namespace {
 
 DecodeLayerConfig small_config() {
   DecodeLayerConfig c;
-  c.hidden = 128;
+  c.hidden = 256;
   c.num_heads = 4;
   c.num_kv_heads = 2;
-  c.head_dim = 32;
+  c.head_dim = 64;  // a head_dim every backend specializes (the CUDA attention takes 64, 128, 256)
   c.intermediate = 384;
   c.rms_eps = 1e-5f;
   c.rope = RopeParams{500000.0f, RopeStyle::half_split, 32, true, {}};

@@ -58,7 +58,7 @@ void add_matvec(std::vector<VerifyCase>& grid, const GridFilter& filter) {
     int64_t batch, rows, cols;
   };
   for (const WeightKind& kind : kWeightKinds) {
-    for (const Shape s : {Shape{1, 64, 4096}, Shape{3, 33, 256}, Shape{16, 40, 192}}) {
+    for (const Shape s : {Shape{1, 64, 4096}, Shape{1, 33, 320}, Shape{3, 33, 256}, Shape{16, 40, 192}}) {
       add_cases<MatvecArgs>(
           grid, filter, fmt::format("{} B={} N={} K={}", kind.name(), s.batch, s.rows, s.cols),
           [](DType t) { return rounding_tolerance(t); },

@@ -16,6 +16,7 @@ int run_bench(const BenchCommandOptions& options) {
   BenchOptions bench;
   bench.op = options.op;
   bench.backend = options.backend;
+  bench.shape = options.shape;
   bench.quick = options.quick;
   bench.device = options.device == "cuda" ? Device::cuda : Device::cpu;
   if (isatty(fileno(stderr))) {

@@ -24,6 +24,7 @@ int run_info();
 struct BenchCommandOptions {
   std::string op;
   std::string backend;
+  std::string shape;
   std::string device = "cpu";
   std::string json_path = "decodelab-bench.json";
   bool quick = false;

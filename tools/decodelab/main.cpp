@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--op", bench.op, "only this op");
   bench_cmd->add_option("--backend", bench.backend, "only this backend (cpu also selects cpu.<variant>)");
   bench_cmd->add_option("--device", bench.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  bench_cmd->add_option("--shape", bench.shape, "only cases whose shape contains this text (e.g. 'B=1 N=4096')");
   bench_cmd->add_option("--json", bench.json_path, "where to write the results")->capture_default_str();
   bench_cmd->add_flag("--quick", bench.quick, "the small grid of the main job");
 
