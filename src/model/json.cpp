@@ -30,7 +30,7 @@ json parse_json_strict(std::string_view text, std::string_view source) {
   };
   try {
     return json::parse(text.begin(), text.end(), refuse_duplicates);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // a syntax error, or a number too large for a double
     fail(source, "JSON", "valid JSON", e.what());
   }
 }
