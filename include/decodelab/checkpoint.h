@@ -60,6 +60,7 @@ struct ModelConfig {
 //    num_attention_heads, num_hidden_layers, vocab_size, rms_norm_eps, max_position_embeddings;
 //    optional: num_key_value_heads, head_dim, rope_theta, rope_scaling, tie_word_embeddings,
 //    attention_bias, torch_dtype (or its newer name dtype), sliding_window, use_sliding_window.
+//    An optional key set to null counts as absent, as in transformers.
 //  - head_dim may differ from hidden_size / num_attention_heads (Mistral, Qwen allow it).
 //  - rope_scaling: null, or rope_type (or the older key type) "llama3" with factor,
 //    low_freq_factor, high_freq_factor and original_max_position_embeddings.
