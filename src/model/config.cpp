@@ -5,7 +5,7 @@
 
 #include <algorithm>
 #include <array>
-#include <climits>
+#include <cstdint>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <set>
