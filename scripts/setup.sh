@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(cmake ninja-build g++ libgtest-dev libhwy-dev nlohmann-json3-dev libcli11-dev libfmt-dev python3-venv)
+# clang and libclang-rt-14-dev (libFuzzer) build the fuzz target of tests/fuzz.
+packages=(cmake ninja-build g++ libgtest-dev libhwy-dev nlohmann-json3-dev libcli11-dev libfmt-dev python3-venv
+          clang libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -19,7 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ "${1:-}" = "--python" ]; then
-  # mlx needs its CPU backend package on Linux (mlx[cpu]); gguf is ggml's own Python package.
+  # mlx needs its CPU backend package on Linux (mlx[cpu]); gguf is ggml's own Python package;
+  # safetensors is Hugging Face's reference reader and writer.
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check "mlx[cpu]" gguf numpy pytest
+  .venv/bin/pip install -q --disable-pip-version-check "mlx[cpu]" gguf numpy pytest safetensors
 fi

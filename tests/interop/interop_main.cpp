@@ -1,5 +1,6 @@
 // decodelab_interop <dir>: runs one op of the reference backend for test_interop.py, which feeds
-// the same random inputs to the owners' packages (mlx, gguf) and compares the results.
+// the same random inputs to the owners' packages (mlx, gguf) and compares the results; or reads or
+// writes a safetensors file for test_safetensors.py, which checks it against the safetensors package.
 //
 // <dir>/request.json = {"op": ..., "params": {...},
 //                       "inputs": {name: {"file": "x.bin", "dtype": "f32", "shape": [...]}}}
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "decodelab/attention.h"
+#include "decodelab/checkpoint.h"
 #include "decodelab/error.h"
 #include "decodelab/layers.h"
 #include "decodelab/quant.h"
@@ -166,6 +168,30 @@ Outputs run_prefill_attention(const Inputs& inputs, const json& params) {
   return result;
 }
 
+// params {file}: writes every input, named by its input name, with write_safetensors.
+Outputs run_safetensors_write(const Inputs& inputs, const fs::path& dir, const json& params) {
+  std::vector<NamedTensor> tensors;
+  for (const auto& [name, array] : inputs) tensors.emplace_back(name, array.view());
+  write_safetensors(dir / params.at("file").get<std::string>(), tensors);
+  return {};
+}
+
+// params {file, names (default: every tensor)}: each tensor as SafetensorsFile::tensor views it,
+// copied out of the mapping.
+Outputs run_safetensors_read(const fs::path& dir, const json& params) {
+  const SafetensorsFile file(dir / params.at("file").get<std::string>());
+  const std::vector<std::string> names =
+      params.contains("names") ? params.at("names").get<std::vector<std::string>>() : file.names();
+  Outputs result;
+  for (const std::string& name : names) {
+    const Tensor t = file.tensor(name);
+    Array copy(t.dtype, shape_of(t));
+    copy_bytes(copy, t);
+    result.emplace_back(name, std::move(copy));
+  }
+  return result;
+}
+
 void run(const fs::path& dir) {
   std::ifstream request_file(dir / "request.json");
   if (!request_file) fail("interop", fmt::format("cannot read {}", (dir / "request.json").string()));
@@ -185,6 +211,10 @@ void run(const fs::path& dir) {
     outputs = run_rope(inputs, params);
   } else if (op == "prefill_attention") {
     outputs = run_prefill_attention(inputs, params);
+  } else if (op == "safetensors_write") {
+    outputs = run_safetensors_write(inputs, dir, params);
+  } else if (op == "safetensors_read") {
+    outputs = run_safetensors_read(dir, params);
   } else {
     fail("interop", fmt::format("unknown op \"{}\"", op));
   }
