@@ -22,7 +22,7 @@ fi
 
 if [ "${1:-}" = "--python" ]; then
   # mlx needs its CPU backend package on Linux (mlx[cpu]); gguf is ggml's own Python package;
-  # safetensors is Hugging Face's reference reader and writer.
+  # safetensors is Hugging Face's reference reader and writer; mlx-lm holds the independent Llama.
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check "mlx[cpu]" gguf numpy pytest safetensors
+  .venv/bin/pip install -q --disable-pip-version-check "mlx[cpu]" gguf numpy pytest safetensors mlx-lm
 fi

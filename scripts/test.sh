@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the C++ suite (with CUDA compiled when nvcc is present; CUDA tests
-# skip without a GPU), the interop tests against the mlx and gguf Python packages, and the whole
+# skip without a GPU), the interop tests against the mlx, gguf, safetensors and mlx-lm Python
+# packages, a bounded libFuzzer run over the checkpoint parsers, and the whole
 # C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer, and the threaded CPU tests
 # under ThreadSanitizer. The sanitizer builds compile the CPU kernels for this machine's best SIMD
 # target only (the release build's tests cover every compiled target).
@@ -16,8 +17,11 @@ cmake --build build -j"$jobs"
 echo "== C++ tests (release) =="
 ctest --test-dir build -j"$jobs" --output-on-failure
 
-echo "== interop tests: mlx and gguf =="
+echo "== interop tests: mlx, gguf, safetensors, mlx-lm =="
 DECODELAB_INTEROP="$PWD/build/tests/interop/decodelab_interop" .venv/bin/python -m pytest -q tests/interop
+
+echo "== fuzz: the checkpoint parsers (libFuzzer, 60 s) =="
+bash tests/fuzz/run.sh 60
 
 # The sanitizer builds: -O1 and line tables only (-g1): at -O2 -g the SIMD kernel files take over
 # 15 minutes each to compile under a sanitizer on two cores.

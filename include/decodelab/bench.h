@@ -25,6 +25,9 @@ struct BandwidthProbe {
 
 // Streaming read and copy over buffers of `bytes` (default 512 MiB, far past any LLC).
 BandwidthProbe measure_cpu_limits(int64_t bytes = int64_t{512} << 20);
+// The probe of a device: measure_cpu_limits() on the CPU, streaming read and device-to-device copy
+// over 2 GiB on the GPU.
+BandwidthProbe measure_limits(Device device);
 
 struct BenchRecord {
   std::string op, backend, dtype, shape;

@@ -1,7 +1,17 @@
-// One Llama-family decoder layer for a decode step (the multi-layer stack comes on top of it).
+// The Llama-family decode stack: one decoder layer for a decode step (decode_block), and on top
+// of it a model loaded from a Hugging Face checkpoint (LlamaModel), a decoder that runs it over
+// paged KV caches for many sequences (LlamaDecoder), and token sampling.
 #pragma once
 
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <span>
+#include <vector>
+
 #include "decodelab/attention.h"
+#include "decodelab/checkpoint.h"
 #include "decodelab/kv_cache.h"
 #include "decodelab/layers.h"
 #include "decodelab/quant.h"
@@ -33,5 +43,90 @@ struct DecodeLayerWeights {
 void decode_block(const Tensor& x, const DecodeLayerWeights& weights,
                   const DecodeLayerConfig& config, const PagedKV& cache, const Tensor& out,
                   const RunOptions& run = {});
+
+// ---------------------------------------------------------------------------------------------
+// A Llama-family model (Llama 2/3, Mistral; Qwen2's q/k/v biases are not supported yet).
+
+struct LoadOptions {
+  Device device = Device::cpu;
+  DType dtype = DType::f32;            // activations, norms, embeddings and dense weights
+  std::optional<QuantSpec> quantize;   // quantize-on-load of every projection and the LM head
+  bool check_finite = false;           // refuse NaN or Inf weights (reads every weight once)
+};
+
+// The weights in decode_block's layout, converted to options.dtype (and quantized on request) on
+// options.device. Every tensor of the checkpoint must be used and every expected one present:
+// the error names each missing, extra or misshapen tensor (Hugging Face names, e.g.
+// "model.layers.3.self_attn.k_proj.weight: expected [1024, 4096], got [4096, 4096]").
+class LlamaModel {
+ public:
+  // config.json and the safetensors weights of a checkpoint directory.
+  static LlamaModel load(const std::filesystem::path& dir, const LoadOptions& options = {});
+  static LlamaModel from_checkpoint(const ModelConfig& config, const Checkpoint& checkpoint,
+                                    const LoadOptions& options = {});
+
+  const ModelConfig& config() const { return config_; }
+  const LoadOptions& options() const { return options_; }
+  const DecodeLayerConfig& layer_config() const { return layer_config_; }
+  const Tensor& embedding() const { return embed_.view(); }  // [vocab, hidden]
+  std::span<const DecodeLayerWeights> layers() const { return layers_; }
+  const Tensor& final_norm() const { return final_norm_.view(); }
+  const Weight& lm_head() const { return lm_head_; }
+  // Bytes a decode step must read for the weights (all layers, the LM head, one embedding row).
+  int64_t weight_bytes_per_token() const;
+
+ private:
+  ModelConfig config_;
+  LoadOptions options_;
+  DecodeLayerConfig layer_config_;
+  std::vector<Array> storage_;  // every array the views below point into
+  Array embed_, final_norm_;
+  std::vector<DecodeLayerWeights> layers_;
+  Weight lm_head_;
+};
+
+// Writes a random Llama model of `config` (weights N(0, 0.02), norms near 1, in `dtype`) as
+// config.json and model.safetensors into `dir`: the toy checkpoint of `decodelab generate --toy`.
+void write_random_llama(const std::filesystem::path& dir, const ModelConfig& config, DType dtype,
+                        uint64_t seed);
+
+// ---------------------------------------------------------------------------------------------
+// Decoding many sequences over paged KV caches (one pool per layer, pages of `page_size`).
+
+class LlamaDecoder {
+ public:
+  struct Config {
+    int64_t max_sequences = 1;
+    int64_t max_tokens = 4096;  // per sequence
+    int64_t page_size = 16;
+    RunOptions run{};           // the backend of every op of the stack ("auto", "reference", ...)
+  };
+  LlamaDecoder(const LlamaModel& model, const Config& config);
+
+  int add_sequence();
+  void free(int seq);
+  int64_t length(int seq) const;
+
+  // One decode step: tokens[i] is appended to sequence seqs[i]; logits = [len(seqs), vocab] f32
+  // on the host, the next-token distribution of each sequence.
+  void step(std::span<const int> seqs, std::span<const int32_t> tokens, const Tensor& logits);
+  // Feeds a prompt to one sequence (a decode step per token); logits of its last token.
+  void prefill(int seq, std::span<const int32_t> prompt, const Tensor& logits);
+
+ private:
+  const LlamaModel& model_;
+  Config config_;
+  std::vector<PagedKVCache> caches_;  // one per layer, driven in lockstep
+};
+
+// Token sampling over one row of logits: greedy when temperature is 0, else softmax at
+// `temperature`, restricted to the top_k most likely tokens (0: all) and then to the smallest
+// set whose probability reaches top_p (1: all), drawn with `rng`.
+struct SamplingOptions {
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+};
+int32_t sample_token(std::span<const float> logits, const SamplingOptions& options, std::mt19937_64& rng);
 
 }  // namespace decodelab

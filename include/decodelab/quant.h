@@ -42,6 +42,8 @@ constexpr int64_t gguf_block_bytes(QuantFormat f) { return f == QuantFormat::ggu
 
 // "mlx.q4.g64", "gguf.q4_0", "gguf.q8_0".
 std::string quant_spec_name(const QuantSpec& spec);
+// The spec of such a name; an Error for any other.
+QuantSpec parse_quant_spec(std::string_view name);
 
 // A view of a quantized [rows, cols] matrix.
 struct QuantizedWeight {

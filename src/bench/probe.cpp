@@ -58,6 +58,10 @@ namespace decodelab {
 namespace bench {
 HWY_EXPORT(SumFloats);
 HWY_EXPORT(FmaLoop);
+// Dispatched from inside the namespace of the exports: HWY_DYNAMIC_DISPATCH names the function
+// unqualified (with one compiled target it becomes a plain call into that target's namespace).
+float sum_floats(const float* p, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumFloats)(p, n); }
+int64_t fma_loop(int64_t iterations, float* sink) { return HWY_DYNAMIC_DISPATCH(FmaLoop)(iterations, sink); }
 }  // namespace bench
 
 namespace {
@@ -95,11 +99,11 @@ BandwidthProbe measure_cpu_limits(int64_t bytes) {
   std::vector<float> sums(size_t(n / (1 << 16) + 1), 0.0f);
   const double read_all = best_seconds(5, [&] {
     cpu::parallel_ranges(n, 1 << 16, [&](int64_t b, int64_t e) {
-      sums[size_t(b >> 16)] += HWY_DYNAMIC_DISPATCH(bench::SumFloats)(src.ptr<float>() + b, e - b);
+      sums[size_t(b >> 16)] += bench::sum_floats(src.ptr<float>() + b, e - b);
     });
   });
   const int64_t n_one = std::min<int64_t>(n, int64_t{256} << 18);  // 256 MiB for one thread
-  const double read_one = best_seconds(3, [&] { sums[0] += HWY_DYNAMIC_DISPATCH(bench::SumFloats)(src.ptr<float>(), n_one); });
+  const double read_one = best_seconds(3, [&] { sums[0] += bench::sum_floats(src.ptr<float>(), n_one); });
   const double copy_all = best_seconds(5, [&] {
     cpu::parallel_ranges(n, 1 << 16, [&](int64_t b, int64_t e) {
       std::memcpy(dst.ptr<float>() + b, src.ptr<float>() + b, size_t(e - b) * 4);
@@ -116,7 +120,7 @@ BandwidthProbe measure_cpu_limits(int64_t bytes) {
   const int64_t iterations = int64_t{1} << 24;
   const double fma = best_seconds(3, [&] {
     pool.parallel_for(probe.threads, [&](int64_t t) {
-      flops[size_t(t)] = HWY_DYNAMIC_DISPATCH(bench::FmaLoop)(iterations, &sinks[size_t(t)]);
+      flops[size_t(t)] = bench::fma_loop(iterations, &sinks[size_t(t)]);
     });
   });
   int64_t total = 0;

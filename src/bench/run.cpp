@@ -364,6 +364,15 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
 
 }  // namespace
 
+BandwidthProbe measure_limits(Device device) {
+  if (device == Device::cpu) return measure_cpu_limits();
+#ifdef DECODELAB_HAS_CUDA
+  return cuda::measure_limits(int64_t{2} << 30);
+#else
+  fail("measure_limits", "device", "cpu (this build has no CUDA)", "cuda");
+#endif
+}
+
 BenchResult run_benchmarks(const BenchOptions& options) {
   BenchResult result;
   std::vector<BenchCase> cases = bench_grid(options);
@@ -392,15 +401,7 @@ BenchResult run_benchmarks(const BenchOptions& options) {
     }
   }
   if (options.progress) options.progress("measuring memory bandwidth");
-  if (options.device == Device::cuda) {
-#ifdef DECODELAB_HAS_CUDA
-    result.limits = cuda::measure_limits(int64_t{2} << 30);
-#else
-    fail("bench", "device", "cpu (this build has no CUDA)", "cuda");
-#endif
-  } else {
-    result.limits = measure_cpu_limits();
-  }
+  result.limits = measure_limits(options.device);
   for (size_t i = 0; i < cases.size(); ++i) {
     const BenchCase& c = cases[i];
     if (failed.count({c.op, c.backend})) continue;

@@ -105,6 +105,14 @@ std::string quant_spec_name(const QuantSpec& spec) {
   return std::string(quant_format_name(spec.format));
 }
 
+QuantSpec parse_quant_spec(std::string_view name) {
+  for (const QuantSpec& s : {QuantSpec::mlx(4, 32), QuantSpec::mlx(4, 64), QuantSpec::mlx(4, 128), QuantSpec::mlx(8, 32),
+                             QuantSpec::mlx(8, 64), QuantSpec::mlx(8, 128), QuantSpec::q4_0(), QuantSpec::q8_0()}) {
+    if (quant_spec_name(s) == name) return s;
+  }
+  fail("parse_quant_spec", "name", "mlx.q{4,8}.g{32,64,128}, gguf.q4_0 or gguf.q8_0", name);
+}
+
 QuantizedArray make_quantized(const QuantSpec& spec, int64_t rows, int64_t cols, DType scale_dtype, Device device) {
   const ArgCheck c("make_quantized");
   check_spec(c, spec, cols);

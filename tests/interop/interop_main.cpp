@@ -1,6 +1,7 @@
 // decodelab_interop <dir>: runs one op of the reference backend for test_interop.py, which feeds
 // the same random inputs to the owners' packages (mlx, gguf) and compares the results; or reads or
-// writes a safetensors file for test_safetensors.py, which checks it against the safetensors package.
+// writes a safetensors file for test_safetensors.py, which checks it against the safetensors package;
+// or runs the Llama decode stack for test_llama_mlx_lm.py, which checks it against mlx-lm.
 //
 // <dir>/request.json = {"op": ..., "params": {...},
 //                       "inputs": {name: {"file": "x.bin", "dtype": "f32", "shape": [...]}}}
@@ -24,6 +25,7 @@
 #include "decodelab/checkpoint.h"
 #include "decodelab/error.h"
 #include "decodelab/layers.h"
+#include "decodelab/model.h"
 #include "decodelab/quant.h"
 
 namespace {
@@ -192,6 +194,30 @@ Outputs run_safetensors_read(const fs::path& dir, const json& params) {
   return result;
 }
 
+// params {checkpoint, tokens, quantize ("" or a spec name)}: the logits [T, vocab] f32 after each
+// token, the tokens fed one decode step at a time through LlamaDecoder on the reference backend.
+Outputs run_llama_logits(const json& params) {
+  LoadOptions load;
+  const std::string quantize = params.value("quantize", "");
+  if (!quantize.empty()) load.quantize = parse_quant_spec(quantize);
+  const LlamaModel model = LlamaModel::load(params.at("checkpoint").get<std::string>(), load);
+  const auto tokens = params.at("tokens").get<std::vector<int32_t>>();
+  const int64_t vocab = model.config().vocab_size;
+  LlamaDecoder::Config config;
+  config.max_tokens = int64_t(tokens.size());
+  config.run = kReference;
+  LlamaDecoder decoder(model, config);
+  const int seq = decoder.add_sequence();
+  Array logits(DType::f32, {int64_t(tokens.size()), vocab});
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const Tensor row = Tensor::contiguous(logits.ptr<float>() + int64_t(i) * vocab, DType::f32, {1, vocab});
+    decoder.step({&seq, 1}, {&tokens[i], 1}, row);
+  }
+  Outputs result;
+  result.emplace_back("logits", std::move(logits));
+  return result;
+}
+
 void run(const fs::path& dir) {
   std::ifstream request_file(dir / "request.json");
   if (!request_file) fail("interop", fmt::format("cannot read {}", (dir / "request.json").string()));
@@ -215,6 +241,8 @@ void run(const fs::path& dir) {
     outputs = run_safetensors_write(inputs, dir, params);
   } else if (op == "safetensors_read") {
     outputs = run_safetensors_read(dir, params);
+  } else if (op == "llama_logits") {
+    outputs = run_llama_logits(params);
   } else {
     fail("interop", fmt::format("unknown op \"{}\"", op));
   }

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace decodelab::cli {
 
@@ -20,6 +21,23 @@ struct VerifyOptions {
 int run_verify(const VerifyOptions& options);
 
 int run_info();
+
+struct GenerateCommandOptions {
+  std::string checkpoint;  // a Hugging Face checkpoint directory; with --toy, where to write one
+  bool toy = false;
+  std::vector<int32_t> tokens;  // the prompt
+  int steps = 32;
+  std::string device = "cpu";
+  std::string dtype = "f32";
+  std::string quantize;  // "", mlx.q4.g64, gguf.q4_0, ...
+  std::string backend = "auto";
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  bool check_finite = false;
+};
+int run_generate(const GenerateCommandOptions& options);
 
 struct BenchCommandOptions {
   std::string op;

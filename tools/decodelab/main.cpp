@@ -33,6 +33,22 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--json", bench.json_path, "where to write the results")->capture_default_str();
   bench_cmd->add_flag("--quick", bench.quick, "the small grid of the main job");
 
+  GenerateCommandOptions gen;
+  CLI::App* gen_cmd = app.add_subcommand("generate", "decode token ids with a Llama-family checkpoint (or a toy one)");
+  gen_cmd->add_option("checkpoint", gen.checkpoint, "checkpoint directory (config.json, *.safetensors); with --toy, where to write it");
+  gen_cmd->add_flag("--toy", gen.toy, "write a small random Llama checkpoint and use it");
+  gen_cmd->add_option("--tokens", gen.tokens, "prompt token ids")->delimiter(',');
+  gen_cmd->add_option("--steps", gen.steps, "tokens to generate")->check(CLI::Range(1, 1 << 20));
+  gen_cmd->add_option("--device", gen.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  gen_cmd->add_option("--dtype", gen.dtype, "activations and dense weights: f32, f16 or bf16");
+  gen_cmd->add_option("--quantize", gen.quantize, "quantize on load: mlx.q4.g64, mlx.q8.g64, gguf.q4_0, gguf.q8_0, ...");
+  gen_cmd->add_option("--backend", gen.backend, "backend of every op (auto, reference, cpu, cuda, ...)");
+  gen_cmd->add_option("--temperature", gen.temperature, "0: greedy");
+  gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0: all)");
+  gen_cmd->add_option("--top-p", gen.top_p, "keep the smallest set of this probability (1: all)");
+  gen_cmd->add_option("--seed", gen.seed, "seed of the sampler and of the toy weights");
+  gen_cmd->add_flag("--check-finite", gen.check_finite, "refuse NaN or Inf weights");
+
   BenchCommandOptions tune;
   CLI::App* tune_cmd = app.add_subcommand("tune", "time the trusted backends and write the autotune cache for auto");
   tune_cmd->add_option("--op", tune.op, "only this op");
@@ -45,6 +61,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("verify")) return run_verify(verify);
     if (app.got_subcommand("bench")) return run_bench(bench);
     if (app.got_subcommand("tune")) return run_tune(tune);
+    if (app.got_subcommand("generate")) return run_generate(gen);
     // The main job: verify the default grid, then benchmark the quick grid.
     fmt::print("decodelab: verifying the default grid on the CPU (decodelab --help for more)\n");
     const int verified = run_verify(VerifyOptions{});

@@ -1,0 +1,121 @@
+// The decode stack over paged KV caches: embedding, the decoder layers (decode_block), the final
+// norm and the LM head, for many sequences at once; and token sampling.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "decodelab/error.h"
+#include "decodelab/model.h"
+#include "reference/elements.h"
+
+namespace decodelab {
+
+LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : model_(model), config_(config) {
+  if (config.max_sequences < 1 || config.max_tokens < 1 || config.page_size < 1) {
+    throw Error(fmt::format("LlamaDecoder: config: expected max_sequences, max_tokens and page_size >= 1, got {}, {}, {}",
+                            config.max_sequences, config.max_tokens, config.page_size));
+  }
+  const DecodeLayerConfig& c = model.layer_config();
+  PagedKVCache::Config cache;
+  cache.page_size = config.page_size;
+  cache.max_pages_per_sequence = (config.max_tokens + config.page_size - 1) / config.page_size;
+  cache.num_pages = config.max_sequences * cache.max_pages_per_sequence;
+  cache.num_kv_heads = c.num_kv_heads;
+  cache.head_dim = c.head_dim;
+  cache.dtype = model.options().dtype;
+  cache.max_sequences = config.max_sequences;
+  cache.device = model.options().device;
+  caches_.reserve(model.layers().size());
+  for (size_t l = 0; l < model.layers().size(); ++l) caches_.emplace_back(cache);
+}
+
+// The layers' caches take the same calls in the same order, so their sequence ids and page
+// assignments agree: one id names a sequence in all of them.
+int LlamaDecoder::add_sequence() {
+  int id = -1;
+  for (PagedKVCache& cache : caches_) id = cache.add_sequence();
+  return id;
+}
+
+void LlamaDecoder::free(int seq) {
+  for (PagedKVCache& cache : caches_) cache.free(seq);
+}
+
+int64_t LlamaDecoder::length(int seq) const { return caches_.empty() ? 0 : caches_[0].length(seq); }
+
+void LlamaDecoder::step(std::span<const int> seqs, std::span<const int32_t> tokens, const Tensor& logits) {
+  const ModelConfig& mc = model_.config();
+  const int64_t batch = int64_t(seqs.size()), hidden = mc.hidden_size, vocab = mc.vocab_size;
+  const DType t = model_.options().dtype;
+  const Device device = model_.options().device;
+  if (tokens.size() != seqs.size() || batch < 1) {
+    throw Error(fmt::format("LlamaDecoder::step: tokens: expected one per sequence ({}), got {}", batch, tokens.size()));
+  }
+  if (logits.dtype != DType::f32 || logits.device != Device::cpu || logits.rank != 2 || logits.dim(0) != batch ||
+      logits.dim(1) != vocab || !logits.is_contiguous()) {
+    throw Error(fmt::format("LlamaDecoder::step: logits: expected [{}, {}] f32 on the host, got {}", batch, vocab,
+                            logits.describe()));
+  }
+  // The embedding rows of the tokens.
+  Array x(t, {batch, hidden}, device);
+  const int64_t row_bytes = hidden * int64_t(dtype_size(t));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int32_t token = tokens[size_t(b)];
+    if (token < 0 || token >= vocab) {
+      throw Error(fmt::format("LlamaDecoder::step: tokens[{}]: expected a token id in [0, {}), got {}", b, vocab, token));
+    }
+    copy_bytes(Tensor::contiguous(static_cast<char*>(x.data()) + b * row_bytes, t, {hidden}, device),
+               Tensor::contiguous(static_cast<char*>(model_.embedding().data) + token * row_bytes, t, {hidden}, device));
+  }
+  // Room for the new token in every layer first: out of pages changes nothing.
+  for (PagedKVCache& cache : caches_) cache.reserve(seqs, 1);
+  for (size_t l = 0; l < caches_.size(); ++l) {
+    decode_block(x, model_.layers()[l], model_.layer_config(), caches_[l].view(seqs), x, config_.run);
+    caches_[l].advance(seqs, 1);
+  }
+  Array normed(t, {batch, hidden}, device), out(t, {batch, vocab}, device);
+  rms_norm(x, model_.final_norm(), model_.layer_config().rms_eps, normed, config_.run);
+  matvec(normed, model_.lm_head(), out, config_.run);
+  const Array host = out.to(Device::cpu);
+  for (int64_t i = 0; i < batch * vocab; ++i) logits.ptr<float>()[i] = float(reference::load(host, i));
+}
+
+void LlamaDecoder::prefill(int seq, std::span<const int32_t> prompt, const Tensor& logits) {
+  if (prompt.empty()) throw Error("LlamaDecoder::prefill: prompt: expected at least one token, got none");
+  for (const int32_t token : prompt) step({&seq, 1}, {&token, 1}, logits);
+}
+
+int32_t sample_token(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng) {
+  if (logits.empty()) throw Error("sample_token: logits: expected at least one value, got none");
+  if (!(o.temperature >= 0.0f) || o.top_k < 0 || !(o.top_p > 0.0f && o.top_p <= 1.0f)) {
+    throw Error(fmt::format("sample_token: options: expected temperature >= 0, top_k >= 0, 0 < top_p <= 1, got {}, {}, {}",
+                            o.temperature, o.top_k, o.top_p));
+  }
+  // Greedy: the first of the largest.
+  if (o.temperature == 0.0f) return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  // Token ids by falling logit (ties by id), cut to top_k.
+  std::vector<int32_t> order(logits.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[size_t(a)] > logits[size_t(b)]; });
+  if (o.top_k > 0 && size_t(o.top_k) < order.size()) order.resize(size_t(o.top_k));
+  std::vector<double> p(order.size());
+  const double top = logits[size_t(order[0])];
+  double sum = 0.0;
+  for (size_t i = 0; i < order.size(); ++i) sum += p[i] = std::exp((double(logits[size_t(order[i])]) - top) / o.temperature);
+  // The smallest prefix whose probability reaches top_p.
+  size_t keep = order.size();
+  double mass = 0.0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    mass += p[i] / sum;
+    if (mass >= double(o.top_p)) {
+      keep = i + 1;
+      break;
+    }
+  }
+  std::discrete_distribution<size_t> pick(p.begin(), p.begin() + ptrdiff_t(keep));
+  return order[pick(rng)];
+}
+
+}  // namespace decodelab

@@ -1,0 +1,210 @@
+// The Llama decode stack: the cpu stack against the reference stack over 32 greedy steps (logits
+// NMSE per step, identical tokens), checkpoint mapping errors, and sampling.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <set>
+#include <filesystem>
+#include <map>
+
+#include "decodelab/error.h"
+#include "decodelab/model.h"
+#include "verify/random.h"
+
+namespace decodelab {
+namespace {
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.num_hidden_layers = 2;
+  c.vocab_size = 512;
+  c.max_position_embeddings = 4096;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000.0;
+  c.rope_scaling = Llama3Scaling{};
+  return c;
+}
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("decodelab-test-" + name);
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
+double nmse(std::span<const float> got, std::span<const float> want) {
+  double err = 0.0, ref = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    ref += double(want[i]) * want[i];
+  }
+  return err / ref;
+}
+
+// Greedy decoding of `steps` tokens after `prompt`; every step's logits.
+std::vector<std::vector<float>> greedy(const LlamaModel& model, std::string_view backend, std::vector<int32_t> prompt,
+                                       int steps, std::vector<int32_t>& tokens) {
+  LlamaDecoder::Config config;
+  config.max_tokens = int64_t(prompt.size()) + steps;
+  config.page_size = 8;  // several pages per sequence
+  config.run.backend = backend;
+  LlamaDecoder decoder(model, config);
+  const int seq = decoder.add_sequence();
+  const int64_t vocab = model.config().vocab_size;
+  Array logits(DType::f32, {1, vocab});
+  const std::span<const float> row(logits.ptr<const float>(), size_t(vocab));
+  std::mt19937_64 rng(0);
+  std::vector<std::vector<float>> all;
+  decoder.prefill(seq, prompt, logits);
+  for (int i = 0; i < steps; ++i) {
+    all.emplace_back(row.begin(), row.end());
+    tokens.push_back(sample_token(row, {}, rng));
+    decoder.step({&seq, 1}, {&tokens.back(), 1}, logits);
+  }
+  EXPECT_EQ(decoder.length(seq), int64_t(prompt.size()) + steps);
+  return all;
+}
+
+// min_distinct: the greedy tokens are not all one token (the model is not constant).
+void expect_matches_reference(const LlamaModel& model, double max_nmse, size_t min_distinct = 4) {
+  std::vector<int32_t> want_tokens, got_tokens;
+  const std::vector<int32_t> prompt = {1, 17, 300, 42, 7};
+  const auto want = greedy(model, "reference", prompt, 32, want_tokens);
+  const auto got = greedy(model, "cpu", prompt, 32, got_tokens);
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_LE(nmse(got[i], want[i]), max_nmse) << "step " << i;
+  EXPECT_EQ(got_tokens, want_tokens);
+  EXPECT_GE(std::set<int32_t>(want_tokens.begin(), want_tokens.end()).size(), min_distinct);
+}
+
+TEST(LlamaStack, CpuMatchesReferenceF32) {
+  const auto dir = fresh_dir("llama-f32");
+  write_random_llama(dir, tiny_config(), DType::f32, 7);
+  expect_matches_reference(LlamaModel::load(dir), 1e-9);
+}
+
+TEST(LlamaStack, CpuMatchesReferenceQuantizedOnLoad) {
+  const auto dir = fresh_dir("llama-q4");
+  write_random_llama(dir, tiny_config(), DType::bf16, 8);
+  for (const QuantSpec& spec : {QuantSpec::mlx(4, 64), QuantSpec::q8_0()}) {
+    LoadOptions options;
+    options.quantize = spec;
+    expect_matches_reference(LlamaModel::load(dir, options), 1e-9);
+  }
+}
+
+TEST(LlamaStack, TiedEmbeddingsNeedNoLmHead) {
+  ModelConfig c = tiny_config();
+  c.tie_word_embeddings = true;
+  const auto dir = fresh_dir("llama-tied");
+  write_random_llama(dir, c, DType::f32, 9);
+  EXPECT_FALSE(Checkpoint(dir).contains("lm_head.weight"));
+  const LlamaModel model = LlamaModel::load(dir);
+  ASSERT_FALSE(model.lm_head().is_quantized);
+  EXPECT_EQ(0, std::memcmp(model.lm_head().dense.data, model.embedding().data, model.embedding().nbytes()));
+  // A random model with tied embeddings mostly predicts the token it was given: fewer distinct tokens.
+  expect_matches_reference(model, 1e-9, 2);
+}
+
+// A checkpoint of tiny_config() with some tensors replaced or dropped.
+std::filesystem::path edited_checkpoint(const std::string& name, const std::map<std::string, std::vector<int64_t>>& reshape,
+                                        const std::vector<std::string>& drop, const std::string& extra = "",
+                                        bool nan = false) {
+  const auto src = fresh_dir(name + "-src");
+  write_random_llama(src, tiny_config(), DType::f32, 1);
+  const Checkpoint original(src);
+  std::vector<Array> arrays;
+  std::vector<NamedTensor> named;
+  verify::Rng rng(2);
+  for (const std::string& n : original.names()) {
+    if (std::find(drop.begin(), drop.end(), n) != drop.end()) continue;
+    const Tensor t = original.tensor(n);
+    std::vector<int64_t> shape(t.shape.begin(), t.shape.begin() + t.rank);
+    if (auto it = reshape.find(n); it != reshape.end()) shape = it->second;
+    arrays.push_back(verify::random_array(DType::f32, shape, rng, 0.02));
+    if (nan) arrays.back().ptr<float>()[3] = std::nanf("");
+    named.emplace_back(n, arrays.back().view());
+  }
+  if (!extra.empty()) {
+    arrays.push_back(verify::random_array(DType::f32, {4}, rng));
+    named.emplace_back(extra, arrays.back().view());
+  }
+  const auto dir = fresh_dir(name);
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(src / "config.json", dir / "config.json");
+  write_safetensors(dir / "model.safetensors", named);
+  return dir;
+}
+
+void expect_load_error(const std::filesystem::path& dir, const std::string& needle, const LoadOptions& options = {}) {
+  try {
+    LlamaModel::load(dir, options);
+    ADD_FAILURE() << "no error; expected one containing: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(LlamaStack, CheckpointErrorsNameTheTensor) {
+  expect_load_error(edited_checkpoint("missing", {}, {"model.layers.1.mlp.up_proj.weight"}),
+                    "model.layers.1.mlp.up_proj.weight: missing (expected [256, 128])");
+  expect_load_error(edited_checkpoint("shape", {{"model.layers.0.self_attn.k_proj.weight", {256, 128}}}, {}),
+                    "model.layers.0.self_attn.k_proj.weight: expected [128, 128], got [256, 128]");
+  expect_load_error(edited_checkpoint("extra", {}, {}, "model.layers.0.self_attn.q_proj.bias"),
+                    "model.layers.0.self_attn.q_proj.bias: not a tensor of a llama model");
+  LoadOptions finite;
+  finite.check_finite = true;
+  const auto nan_dir = edited_checkpoint("nan", {}, {}, "", true);
+  expect_load_error(nan_dir, "expected finite weights", finite);
+  EXPECT_NO_THROW(LlamaModel::load(nan_dir));  // flagged only on request
+}
+
+TEST(LlamaStack, BadTokensAndCapacityAreErrors) {
+  const auto dir = fresh_dir("llama-errors");
+  write_random_llama(dir, tiny_config(), DType::f32, 3);
+  const LlamaModel model = LlamaModel::load(dir);
+  LlamaDecoder::Config config;
+  config.max_tokens = 2;
+  config.page_size = 1;
+  LlamaDecoder decoder(model, config);
+  const int seq = decoder.add_sequence();
+  Array logits(DType::f32, {1, 512});
+  const int32_t bad = 512;
+  EXPECT_THROW(decoder.step({&seq, 1}, {&bad, 1}, logits), Error);
+  EXPECT_EQ(decoder.length(seq), 0);
+  const std::vector<int32_t> prompt = {1, 2};
+  decoder.prefill(seq, prompt, logits);
+  const int32_t one = 1;
+  EXPECT_THROW(decoder.step({&seq, 1}, {&one, 1}, logits), Error);  // the cache is full
+  EXPECT_EQ(decoder.length(seq), 2);
+}
+
+TEST(Sampling, GreedyTopKTopPAndSeeds) {
+  const std::vector<float> logits = {0.1f, 2.0f, 1.9f, -1.0f, 2.0f};
+  std::mt19937_64 rng(1);
+  EXPECT_EQ(sample_token(logits, {}, rng), 1);  // the first of the largest
+  EXPECT_EQ(sample_token(logits, {1.0f, 1, 1.0f}, rng), 1);
+  EXPECT_EQ(sample_token(logits, {1.0f, 0, 0.01f}, rng), 1);
+  // Seeded: the same draws; top_k = 3 never yields the others.
+  std::mt19937_64 a(5), b(5);
+  std::map<int32_t, int> counts;
+  for (int i = 0; i < 3000; ++i) {
+    const int32_t t = sample_token(logits, {1.0f, 3, 1.0f}, a);
+    EXPECT_EQ(t, sample_token(logits, {1.0f, 3, 1.0f}, b));
+    ++counts[t];
+  }
+  EXPECT_EQ(counts.size(), 3u);
+  EXPECT_EQ(counts.count(0) + counts.count(3), 0u);
+  // Tokens 1 and 4 (equal logits) are about equally likely, token 2 a little less.
+  EXPECT_NEAR(double(counts[1]) / counts[4], 1.0, 0.15);
+  EXPECT_LT(counts[2], counts[1] + counts[4]);
+  EXPECT_THROW(sample_token(logits, {-1.0f, 0, 1.0f}, rng), Error);
+  EXPECT_THROW(sample_token(logits, {1.0f, 0, 0.0f}, rng), Error);
+}
+
+}  // namespace
+}  // namespace decodelab

@@ -1,0 +1,111 @@
+// `decodelab generate`: token ids in, token ids and timings out, for a local Hugging Face
+// checkpoint or a generated toy one, beside the bandwidth floor of this model on this machine.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+#include <filesystem>
+#include <random>
+
+#include "commands.h"
+#include "decodelab/bench.h"
+#include "decodelab/error.h"
+#include "decodelab/model.h"
+
+namespace decodelab::cli {
+namespace {
+
+// A small model of realistic proportions (GQA 4:1, head_dim 64, Llama 3 RoPE).
+ModelConfig toy_config() {
+  ModelConfig c;
+  c.hidden_size = 512;
+  c.intermediate_size = 1536;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.num_hidden_layers = 4;
+  c.vocab_size = 4096;
+  c.max_position_embeddings = 8192;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000.0;
+  c.rope_scaling = Llama3Scaling{};
+  return c;
+}
+
+DType parse_dtype(const std::string& name) {
+  for (DType t : {DType::f32, DType::f16, DType::bf16}) {
+    if (dtype_name(t) == name) return t;
+  }
+  throw Error(fmt::format("generate: --dtype: expected f32, f16 or bf16, got {}", name));
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+int run_generate(const GenerateCommandOptions& o) {
+  std::filesystem::path dir = o.checkpoint;
+  if (o.toy) {
+    if (dir.empty()) dir = std::filesystem::temp_directory_path() / "decodelab-toy";
+    write_random_llama(dir, toy_config(), DType::bf16, o.seed);
+    fmt::print("toy checkpoint: {}\n", dir.string());
+  } else if (dir.empty()) {
+    throw Error("generate: checkpoint: expected a checkpoint directory (or --toy), got none");
+  }
+  LoadOptions load;
+  load.device = o.device == "cuda" ? Device::cuda : Device::cpu;
+  load.dtype = parse_dtype(o.dtype);
+  if (!o.quantize.empty()) load.quantize = parse_quant_spec(o.quantize);
+  load.check_finite = o.check_finite;
+  const LlamaModel model = LlamaModel::load(dir, load);
+  const ModelConfig& c = model.config();
+  std::vector<int32_t> prompt = o.tokens;
+  if (prompt.empty()) prompt = {1};
+
+  LlamaDecoder::Config dc;
+  dc.max_tokens = int64_t(prompt.size()) + o.steps;
+  dc.run.backend = o.backend;
+  LlamaDecoder decoder(model, dc);
+  const int seq = decoder.add_sequence();
+  Array logits(DType::f32, {1, c.vocab_size});
+  const std::span<const float> row(logits.ptr<const float>(), size_t(c.vocab_size));
+  std::mt19937_64 rng(o.seed);
+  const SamplingOptions sampling{o.temperature, o.top_k, o.top_p};
+
+  const auto t0 = std::chrono::steady_clock::now();
+  decoder.prefill(seq, prompt, logits);
+  const double prefill_s = seconds_since(t0);
+  std::vector<int32_t> generated;
+  const auto t1 = std::chrono::steady_clock::now();
+  for (int i = 0; i < o.steps; ++i) {
+    generated.push_back(sample_token(row, sampling, rng));
+    if (i + 1 < o.steps) decoder.step({&seq, 1}, {&generated.back(), 1}, logits);
+  }
+  const double decode_s = seconds_since(t1);
+
+  // The floor: a decode step reads every weight once and the K and V of its context in every layer.
+  const BandwidthProbe limits = measure_limits(load.device);
+  const double mean_context = double(prompt.size()) + double(o.steps) / 2.0;
+  const double kv_bytes = mean_context * double(c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim) *
+                          double(dtype_size(load.dtype));
+  const double bytes_per_token = double(model.weight_bytes_per_token()) + kv_bytes;
+  const double floor_tokens_per_s = limits.read_gbps * 1e9 / bytes_per_token;
+  const double decode_tps = o.steps > 1 ? double(o.steps - 1) / decode_s : 0.0;
+
+  fmt::print("model: {} layers, hidden {}, heads {}/{} (head_dim {}), vocab {}; {} {}{} on {}, backend {}\n",
+             c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size,
+             model_type_name(c.model_type), dtype_name(load.dtype), load.quantize ? fmt::format(" {}", quant_spec_name(*load.quantize)) : "",
+             o.device, o.backend);
+  fmt::print("prompt: [{}]\n", fmt::join(prompt, ", "));
+  fmt::print("generated: [{}]\n", fmt::join(generated, ", "));
+  fmt::print("prefill: {} tokens in {:.3f} s ({:.1f} tokens/s, a decode step per token)\n", prompt.size(), prefill_s,
+             double(prompt.size()) / prefill_s);
+  fmt::print("decode: {:.1f} tokens/s; floor {:.1f} tokens/s ({:.1f} MB read per token at the measured {:.1f} GB/s): {:.1f}% of the floor\n",
+             decode_tps, floor_tokens_per_s, bytes_per_token * 1e-6, limits.read_gbps,
+             floor_tokens_per_s > 0 ? 100.0 * decode_tps / floor_tokens_per_s : 0.0);
+  return 0;
+}
+
+}  // namespace decodelab::cli
