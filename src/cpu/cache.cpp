@@ -5,6 +5,7 @@
 #define HWY_TARGET_INCLUDE "cpu/cache.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "cpu/simd.h"
 #include "cpu/rope-inl.h"
 
 #include <cstring>
@@ -87,9 +88,9 @@ void Split(const T* qkv, int64_t tokens, int64_t hq, int64_t hkv, int64_t d, con
           std::memcpy(out, row + j * d, size_t(d) * sizeof(T));
           continue;
         }
-        for (int64_t i = 0; i < d; ++i) head[size_t(i)] = to_f32(row[j * d + i]);
+        WidenRow(row + j * d, head.data(), d);
         RotateHead(head.data(), cos_v.data(), sin_v.data(), *rope);
-        for (int64_t i = 0; i < d; ++i) out[i] = from_f32<T>(head[size_t(i)]);
+        NarrowRow(head.data(), out, d);
       }
     }
   });

@@ -162,9 +162,9 @@ void Rope(const RopeArgs& a) {
         rope_angles(inv_freq, positions[t], cos_v.data(), sin_v.data());
         for (int64_t h = 0; h < heads; ++h) {
           const int64_t base = (t * heads + h) * d;
-          for (int64_t i = 0; i < d; ++i) head[size_t(i)] = to_f32(x[base + i]);
+          WidenRow(x + base, head.data(), d);
           RotateHead(head.data(), cos_v.data(), sin_v.data(), a.params);
-          for (int64_t i = 0; i < d; ++i) out[base + i] = from_f32<T>(head[size_t(i)]);
+          NarrowRow(head.data(), out + base, d);
         }
       }
     });

@@ -8,6 +8,7 @@
 #define DECODELAB_CPU_SIMD_H_
 #endif
 
+#include "cpu/element.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -51,6 +52,26 @@ HWY_INLINE void StoreF32(D /*df*/, hn::Vec<D> v, hwy::bfloat16_t* HWY_RESTRICT p
   // Arithmetic shift sign-extends negative values: keep the low 16 bits before narrowing.
   const auto low = hn::And(rounded, hn::Set(di, 0xFFFF));
   hn::StoreU(hn::DemoteTo(du16, low), du16, reinterpret_cast<uint16_t*>(p));
+}
+
+// n values of src widened to f32 into dst.
+template <class T>
+HWY_INLINE void WidenRow(const T* HWY_RESTRICT src, float* HWY_RESTRICT dst, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t lanes = int64_t(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) hn::StoreU(LoadF32(df, src + i), df, dst + i);
+  for (; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+// n f32 values of src stored to dst in T, rounded to nearest even.
+template <class T>
+HWY_INLINE void NarrowRow(const float* HWY_RESTRICT src, T* HWY_RESTRICT dst, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t lanes = int64_t(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) StoreF32(df, hn::LoadU(df, src + i), dst + i);
+  for (; i < n; ++i) dst[i] = from_f32<T>(src[i]);
 }
 
 }  // namespace decodelab::cpu::HWY_NAMESPACE
