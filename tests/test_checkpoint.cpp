@@ -6,11 +6,11 @@
 
 #include <cstring>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "decodelab/checkpoint.h"
 #include "decodelab/error.h"
+#include "error_of.h"
 #include "verify/random.h"
 
 namespace decodelab {
@@ -18,18 +18,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-// Runs `call` and returns the message of the decodelab::Error it throws ("" if none).
-std::string error_of(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_ERROR(call, text) EXPECT_EQ(error_of([&] { call; }), text)
 
 // ---------------------------------------------------------------------------------------------
 // config.json

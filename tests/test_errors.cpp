@@ -2,10 +2,10 @@
 // one or more cases per op, each checking the message.
 #include <gtest/gtest.h>
 
-#include <functional>
 
 #include "decodelab/attention.h"
 #include "decodelab/error.h"
+#include "error_of.h"
 #include "decodelab/model.h"
 #include "decodelab/quant.h"
 #include "verify/random.h"
@@ -14,18 +14,6 @@ namespace decodelab {
 namespace {
 
 using verify::i32_array;
-
-// Runs `call` and returns the message of the decodelab::Error it throws ("" if none).
-std::string error_of(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_ERROR(call, text) EXPECT_EQ(error_of([&] { call; }), text)
 
 TEST(Errors, RmsNorm) {
   Array x(DType::f32, {2, 8}), w(DType::f32, {7}), w16(DType::f16, {8}), out(DType::f32, {2, 8});

@@ -9,6 +9,7 @@
 #include <map>
 
 #include "decodelab/error.h"
+#include "error_of.h"
 #include "decodelab/model.h"
 #include "verify/random.h"
 
@@ -141,12 +142,8 @@ std::filesystem::path edited_checkpoint(const std::string& name, const std::map<
 }
 
 void expect_load_error(const std::filesystem::path& dir, const std::string& needle, const LoadOptions& options = {}) {
-  try {
-    LlamaModel::load(dir, options);
-    ADD_FAILURE() << "no error; expected one containing: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
+  const std::string message = error_of([&] { LlamaModel::load(dir, options); });
+  EXPECT_NE(message.find(needle), std::string::npos) << "expected an error containing \"" << needle << "\", got \"" << message << "\"";
 }
 
 TEST(LlamaStack, CheckpointErrorsNameTheTensor) {
