@@ -10,76 +10,16 @@
 
 #include "decodelab/error.h"
 #include "error_of.h"
+#include "llama_stack.h"
 #include "decodelab/model.h"
 #include "verify/random.h"
 
 namespace decodelab {
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.hidden_size = 128;
-  c.intermediate_size = 256;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 64;
-  c.num_hidden_layers = 2;
-  c.vocab_size = 512;
-  c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 500000.0;
-  c.rope_scaling = Llama3Scaling{};
-  return c;
-}
-
-std::filesystem::path fresh_dir(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("decodelab-test-" + name);
-  std::filesystem::remove_all(dir);
-  return dir;
-}
-
-double nmse(std::span<const float> got, std::span<const float> want) {
-  double err = 0.0, ref = 0.0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
-    ref += double(want[i]) * want[i];
-  }
-  return err / ref;
-}
-
-// Greedy decoding of `steps` tokens after `prompt`; every step's logits.
-std::vector<std::vector<float>> greedy(const LlamaModel& model, std::string_view backend, std::vector<int32_t> prompt,
-                                       int steps, std::vector<int32_t>& tokens) {
-  LlamaDecoder::Config config;
-  config.max_tokens = int64_t(prompt.size()) + steps;
-  config.page_size = 8;  // several pages per sequence
-  config.run.backend = backend;
-  LlamaDecoder decoder(model, config);
-  const int seq = decoder.add_sequence();
-  const int64_t vocab = model.config().vocab_size;
-  Array logits(DType::f32, {1, vocab});
-  const std::span<const float> row(logits.ptr<const float>(), size_t(vocab));
-  std::mt19937_64 rng(0);
-  std::vector<std::vector<float>> all;
-  decoder.prefill(seq, prompt, logits);
-  for (int i = 0; i < steps; ++i) {
-    all.emplace_back(row.begin(), row.end());
-    tokens.push_back(sample_token(row, {}, rng));
-    decoder.step({&seq, 1}, {&tokens.back(), 1}, logits);
-  }
-  EXPECT_EQ(decoder.length(seq), int64_t(prompt.size()) + steps);
-  return all;
-}
-
-// min_distinct: the greedy tokens are not all one token (the model is not constant).
+// The cpu stack against the reference stack on the same model.
 void expect_matches_reference(const LlamaModel& model, double max_nmse, size_t min_distinct = 4) {
-  std::vector<int32_t> want_tokens, got_tokens;
-  const std::vector<int32_t> prompt = {1, 17, 300, 42, 7};
-  const auto want = greedy(model, "reference", prompt, 32, want_tokens);
-  const auto got = greedy(model, "cpu", prompt, 32, got_tokens);
-  for (size_t i = 0; i < want.size(); ++i) EXPECT_LE(nmse(got[i], want[i]), max_nmse) << "step " << i;
-  EXPECT_EQ(got_tokens, want_tokens);
-  EXPECT_GE(std::set<int32_t>(want_tokens.begin(), want_tokens.end()).size(), min_distinct);
+  expect_stack_matches(model, model, "cpu", max_nmse, min_distinct);
 }
 
 TEST(LlamaStack, CpuMatchesReferenceF32) {

@@ -1,46 +1,19 @@
-// CUDA decode attention over contiguous and paged KV caches (Sq = 1).
+// CUDA decode attention over contiguous and paged KV caches (Sq = 1): the stable split kernel, the
+// cuda.tiled variant, and the adapters of all variants (cuda.mma is in attention_mma.cu). The plan
+// they share is in decode_attention.cuh.
 //
-// Memory-bound: every K and V byte is read once. A block owns one (sequence, KV head, split of
-// the length) and up to 8 query heads of that KV head's GQA group, so K/V are read once per group.
-// Each token is read by kLanes lanes with 16-byte loads; a warp covers 32 / kLanes tokens per step;
-// scores and an online softmax (running max, sum, accumulator) stay in registers. Splits of the
-// length give batch 1 enough blocks to fill the GPU; a second kernel merges them with log-sum-exp
-// in a fixed order, so results are bit-identical run to run.
+// The split kernel: every K and V byte is read once. Each token is read by kLanes lanes with
+// 16-byte loads; a warp covers 32 / kLanes tokens per step; scores and an online softmax (running
+// max, sum, accumulator) stay in registers.
 #include <algorithm>
 
-#include "cuda/common.cuh"
 #include "cuda/cuda.h"
+#include "cuda/decode_attention.cuh"
 
 namespace decodelab::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kMaxHeadsPerBlock = 8;
-
-struct DecodeParams {
-  const void* q;  // [B, 1, Hq, D]
-  const void* k;  // contiguous [B, Hkv, S_max, D] or pools [pages, page_size, Hkv, D]
-  const void* v;
-  const int32_t* lengths;     // [B]
-  const int32_t* page_table;  // [B, table_stride], paged only
-  int64_t table_stride;
-  int page_size;
-  int64_t s_max;
-  int hq, hkv, group, chunks, splits;
-  float scale;
-  void* out;       // [B, 1, Hq, D]
-  float* partial;  // [B, Hq, splits, D + 2]: unnormalized acc, max, sum; used when splits > 1
-};
-
-template <int kD, bool kPaged>
-__device__ __forceinline__ int64_t kv_offset(const DecodeParams& p, int b, int h, int64_t t) {
-  if constexpr (kPaged) {
-    const int64_t page = p.page_table[b * p.table_stride + t / p.page_size];
-    return ((page * p.page_size + t % p.page_size) * p.hkv + h) * kD;
-  } else {
-    return ((int64_t(b) * p.hkv + h) * p.s_max + t) * kD;
-  }
-}
 
 template <class T, int kD, bool kPaged>
 __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(DecodeParams p) {
@@ -68,9 +41,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(DecodeParams 
     }
   }
 
-  const int64_t length = p.lengths[b];
-  const int64_t per_split = (length + p.splits - 1) / p.splits;
-  const int64_t begin = min(length, per_split * split), end = min(length, begin + per_split);
+  int64_t begin, end;
+  split_range<1>(p, b, split, begin, end);
 
   float m[kMaxHeadsPerBlock], l[kMaxHeadsPerBlock], acc[kMaxHeadsPerBlock][kV];
 #pragma unroll
@@ -146,45 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(DecodeParams 
     }
   }
   __syncthreads();
-  // Thread i of the block finishes element i of each head's output (kD <= 256 threads' worth).
-  for (int e = threadIdx.x; e < heads * kD; e += kWarps * 32) {
-    const int g = e / kD, d = e % kD;
-    float m_all = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
-    float l_all = 0.0f, a_all = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = s_m[w][g] == -INFINITY ? 0.0f : expf(s_m[w][g] - m_all);
-      l_all += s_l[w][g] * f;
-      a_all += s_acc[w][g][d] * f;
-    }
-    const int head = first_head + g;
-    if (p.splits == 1) {
-      static_cast<T*>(p.out)[(int64_t(b) * p.hq + head) * kD + d] = from_float<T>(a_all / l_all);
-    } else {
-      float* part = p.partial + ((int64_t(b) * p.hq + head) * p.splits + split) * (kD + 2);
-      part[d] = a_all;
-      if (d == 0) part[kD] = m_all, part[kD + 1] = l_all;
-    }
-  }
-}
-
-// One block per (sequence, query head); thread d combines element d over the splits.
-template <class T, int kD>
-__global__ void decode_merge_kernel(DecodeParams p) {
-  const int64_t row = blockIdx.x;  // b * Hq + head
-  const float* part = p.partial + row * p.splits * (kD + 2);
-  float m_all = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) m_all = fmaxf(m_all, part[s * (kD + 2) + kD]);
-  for (int d = threadIdx.x; d < kD; d += blockDim.x) {
-    float l_all = 0.0f, a_all = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float m_s = part[s * (kD + 2) + kD];
-      const float f = m_s == -INFINITY ? 0.0f : expf(m_s - m_all);
-      l_all += part[s * (kD + 2) + kD + 1] * f;
-      a_all += part[s * (kD + 2) + d] * f;
-    }
-    static_cast<T*>(p.out)[row * kD + d] = from_float<T>(a_all / l_all);
-  }
+  finish_block<T, kD, kWarps>(p, b, first_head, heads, split, s_acc, s_m, s_l);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -266,9 +200,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
   if (tid < kMaxHeadsPerBlock) m_s[tid] = -INFINITY, l_s[tid] = 0.0f;
   __syncthreads();  // an empty split reads m_s and l_s at the end without entering the tile loop
 
-  const int64_t length = p.lengths[b];
-  const int64_t per_split = (length + p.splits - 1) / p.splits;
-  const int64_t begin = min(length, per_split * split), end = min(length, begin + per_split);
+  int64_t begin, end;
+  split_range<1>(p, b, split, begin, end);
   const int tiles = int((end - begin + S::kTile - 1) / S::kTile);
 
   const unsigned char* k = static_cast<const unsigned char*>(p.k);
@@ -421,44 +354,19 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
 
 }  // namespace tiled
 
-// Splits of the length so that the grid has about kBlocksPerSm blocks per SM (memory parallelism
-// for batch 1), none shorter than min_split tokens; partials for the merge when there are several.
-int choose_splits(const DecodeParams& p, int batch, int64_t capacity, int blocks_per_sm, int64_t min_split) {
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t blocks = int64_t(batch) * p.hkv * p.chunks;
-  return int(std::clamp<int64_t>((blocks_per_sm * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / min_split)));
-}
+enum class Variant { split, tiled, mma };
 
-// Runs the split kernel (grid: splits x (Hkv * chunks) x B) and, with several splits, the merge.
-template <class T, int kD, class Launch>
-cudaError_t launch_split_merge(DecodeParams p, int batch, cudaStream_t stream, Launch&& launch_split) {
-  p.partial = nullptr;
-  if (p.splits > 1) {
-    const size_t bytes = size_t(batch) * p.hq * p.splits * (kD + 2) * sizeof(float);
-    if (const cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&p.partial), bytes, stream); e != cudaSuccess) return e;
-  }
-  const dim3 grid(unsigned(p.splits), unsigned(p.hkv * p.chunks), unsigned(batch));
-  launch_split(grid, p);
-  if (p.splits > 1) {
-    decode_merge_kernel<T, kD><<<unsigned(batch * p.hq), kD, 0, stream>>>(p);
-    cudaFreeAsync(p.partial, stream);
-  }
-  return cudaGetLastError();
-}
-
-template <class T, int kD, bool kPaged, bool kTiled>
+template <class T, int kD, bool kPaged, Variant kVariant>
 cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream) {
   p.chunks = (p.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
-  if constexpr (kTiled) {
+  if constexpr (kVariant == Variant::mma) {
+    if constexpr (sizeof(T) == 2) return launch_decode_mma<T, kD, kPaged>(p, batch, capacity, stream);
+    return cudaErrorInvalidValue;  // f32 is declined by supports()
+  } else if constexpr (kVariant == Variant::tiled) {
     using S = tiled::Shape<T, kD>;
     p.splits = choose_splits(p, batch, capacity, 4, S::kTile);
     const auto kernel = tiled::decode_kernel<T, kD, kPaged>;
-    if (const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes);
-        e != cudaSuccess) {
-      return e;
-    }
+    if (const cudaError_t e = allow_dynamic_smem(kernel, S::kBytes); e != cudaSuccess) return e;
     return launch_split_merge<T, kD>(p, batch, stream, [&](dim3 grid, const DecodeParams& params) {
       kernel<<<grid, tiled::kThreads, S::kBytes, stream>>>(params);
     });
@@ -472,18 +380,18 @@ cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStrea
 }
 
 // head_dim -> template; the supported set is stated once here and in supports().
-template <class T, bool kPaged, bool kTiled>
+template <class T, bool kPaged, Variant kVariant>
 cudaError_t launch_for_head_dim(const DecodeParams& p, int d, int batch, int64_t capacity, cudaStream_t s) {
   switch (d) {
-    case 64: return launch_decode<T, 64, kPaged, kTiled>(p, batch, capacity, s);
-    case 128: return launch_decode<T, 128, kPaged, kTiled>(p, batch, capacity, s);
+    case 64: return launch_decode<T, 64, kPaged, kVariant>(p, batch, capacity, s);
+    case 128: return launch_decode<T, 128, kPaged, kVariant>(p, batch, capacity, s);
     default:
-      if constexpr (sizeof(T) == 2) return launch_decode<T, 256, kPaged, kTiled>(p, batch, capacity, s);
+      if constexpr (sizeof(T) == 2) return launch_decode<T, 256, kPaged, kVariant>(p, batch, capacity, s);
       return cudaErrorInvalidValue;
   }
 }
 
-template <bool kPaged, bool kTiled, class Cache>
+template <bool kPaged, Variant kVariant, class Cache>
 void run(const Tensor& q, const Cache& cache, const Tensor& out, float scale, Stream stream, const char* op) {
   DecodeParams p{};
   p.q = q.data;
@@ -508,23 +416,29 @@ void run(const Tensor& q, const Cache& cache, const Tensor& out, float scale, St
   p.group = p.hq / p.hkv;
   dispatch_activation(q.dtype, [&](auto tag) {
     using T = decltype(tag);
-    check_launch(launch_for_head_dim<T, kPaged, kTiled>(p, int(q.dim(3)), int(q.dim(0)), capacity, stream_of(stream)), op);
+    check_launch(launch_for_head_dim<T, kPaged, kVariant>(p, int(q.dim(3)), int(q.dim(0)), capacity, stream_of(stream)), op);
   });
 }
 
 }  // namespace
 
 void decode_attention(const DecodeAttentionArgs& a) {
-  run<false, false>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
+  run<false, Variant::split>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
 }
 void decode_attention_paged(const DecodeAttentionPagedArgs& a) {
-  run<true, false>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
+  run<true, Variant::split>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
 }
 void decode_attention_tiled(const DecodeAttentionArgs& a) {
-  run<false, true>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
+  run<false, Variant::tiled>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
 }
 void decode_attention_paged_tiled(const DecodeAttentionPagedArgs& a) {
-  run<true, true>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
+  run<true, Variant::tiled>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
+}
+void decode_attention_mma(const DecodeAttentionArgs& a) {
+  run<false, Variant::mma>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
+}
+void decode_attention_paged_mma(const DecodeAttentionPagedArgs& a) {
+  run<true, Variant::mma>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
 }
 
 }  // namespace decodelab::cuda

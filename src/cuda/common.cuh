@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/scratch.h"
 #include "decodelab/dtype.h"
 #include "decodelab/tensor.h"
 

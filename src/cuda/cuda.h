@@ -36,8 +36,13 @@ void decode_attention_paged(const DecodeAttentionPagedArgs& a);
 // cuda.tiled: K/V tiles staged in shared memory, a tile's scores, softmax and values in phases.
 void decode_attention_tiled(const DecodeAttentionArgs& a);
 void decode_attention_paged_tiled(const DecodeAttentionPagedArgs& a);
+// cuda.mma (attention_mma.cu): tensor-core scores (Q K^T) and values (P V), f16 and bf16 only.
+void decode_attention_mma(const DecodeAttentionArgs& a);
+void decode_attention_paged_mma(const DecodeAttentionPagedArgs& a);
 std::string decode_attention_supports(const DecodeAttentionArgs& a);
 std::string decode_attention_paged_supports(const DecodeAttentionPagedArgs& a);
+std::string decode_attention_mma_supports(const DecodeAttentionArgs& a);
+std::string decode_attention_paged_mma_supports(const DecodeAttentionPagedArgs& a);
 
 // matvec.cu: dense (f32, f16, bf16) and quantized (MLX affine 4/8-bit, GGUF Q4_0/Q8_0) weights,
 // batch 1..16, and the ops built on the same kernel.

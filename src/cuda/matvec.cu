@@ -357,12 +357,12 @@ void mlp_block(const MlpBlockArgs& a) {
   const cudaStream_t s = stream_of(a.stream);
   const int64_t batch = a.x.dim(0), inter = a.gate.rows();
   void* scratch = nullptr;
-  check_launch(cudaMallocAsync(&scratch, size_t(batch * inter) * dtype_size(a.out.dtype), s), "mlp_block");
+  check_launch(scratch_alloc(&scratch, size_t(batch * inter) * dtype_size(a.out.dtype), s), "mlp_block");
   const Tensor act = Tensor::contiguous(scratch, a.out.dtype, {batch, inter}, Device::cuda);
   const Weight gate_up[2] = {a.gate, a.up};
   run_any<2>(a.x, gate_up, {&act, 1}, nullptr, a.stream, "mlp_block");
   run_any(act, {&a.down, 1}, {&a.out, 1}, nullptr, a.stream, "mlp_block");
-  check_launch(cudaFreeAsync(scratch, s), "mlp_block");
+  check_launch(scratch_free(scratch, s), "mlp_block");
 }
 
 }  // namespace decodelab::cuda
