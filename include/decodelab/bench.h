@@ -45,6 +45,11 @@ struct BenchRecord {
   bool compute_bound = false;         // judged against the FMA peak rather than bandwidth
   bool in_cache = false;              // all rotated copies together fit in the LLC: not a DRAM figure
   std::string device = "cpu";
+  // GPU only (0 elsewhere, or where the launches could not be captured): the median per launch of
+  // a batch captured once in a CUDA graph and replayed, i.e. without the host's launch cost, and
+  // its % of the read bandwidth.
+  double graph_median_us = 0.0;
+  double graph_pct_of_read_bandwidth = 0.0;
 };
 
 struct BenchOptions {
@@ -78,7 +83,7 @@ struct TuneChoice {
 };
 std::vector<TuneChoice> tune_cpu(const BenchOptions& options, std::string* cache_path);
 
-// The JSON document (schema "decodelab.bench/1") of a result, with the machine and build.
+// The JSON document (schema "decodelab.bench/2") of a result, with the machine and build.
 std::string bench_json(const BenchResult& result);
 
 }  // namespace decodelab

@@ -33,6 +33,7 @@ struct Timing {
   std::string refused;
   bool in_cache = false;  // the rotated copies together fit in the last-level cache
   std::string shape_class;
+  double graph_us = 0;  // GPU: per launch replayed from a CUDA graph; 0 elsewhere
 };
 
 struct BenchCase {
@@ -100,7 +101,7 @@ Timing time_kernel(const Kernel<Args>& kernel, const CaseData& host_data, const 
     const cuda::LaunchTiming t = cuda::time_launches([&](int c) { kernel.run(args[size_t(c)]); }, copies,
                                                      options.min_repeats, options.min_seconds);
     return {t.median_us, t.p10_us, t.p90_us, t.launches, {}, int64_t(copies) * bytes < (int64_t{50} << 20),
-            shape_class(args[0])};
+            shape_class(args[0]), t.graph_median_us};
 #endif
   }
   using Clock = std::chrono::steady_clock;
@@ -419,6 +420,8 @@ BenchResult run_benchmarks(const BenchOptions& options) {
     r.pct_of_fma_peak = result.limits.fma_gflops > 0 ? 100.0 * r.gflops / result.limits.fma_gflops : 0.0;
     r.compute_bound = c.compute_bound;
     r.in_cache = t.in_cache;
+    r.graph_median_us = t.graph_us;
+    if (t.graph_us > 0) r.graph_pct_of_read_bandwidth = 100.0 * double(c.bytes) / (t.graph_us * 1e-6) * 1e-9 / result.limits.read_gbps;
     r.device = std::string(device_name(c.device));
     result.records.push_back(r);
   }
@@ -475,11 +478,12 @@ std::string bench_json(const BenchResult& result) {
                        {"pct_of_read_bandwidth", r.pct_of_read_bandwidth}, {"gflops", r.gflops},
                        {"pct_of_fma_peak", r.pct_of_fma_peak}, {"compute_bound", r.compute_bound}, {"in_cache", r.in_cache},
                        {"speedup_vs_reference", r.speedup_vs_reference}, {"speedup_vs_default", r.speedup_vs_default},
+                       {"graph_median_us", r.graph_median_us}, {"graph_pct_of_read_bandwidth", r.graph_pct_of_read_bandwidth},
                        {"device", r.device}, {"machine", r.device == "cuda" ? gpu_fingerprint() : chip.fingerprint()},
                        {"build_id", build_id()}});
   }
   const BandwidthProbe& l = result.limits;
-  return nlohmann::json{{"schema", "decodelab.bench/1"},
+  return nlohmann::json{{"schema", "decodelab.bench/2"},
                         {"build_id", build_id()},
                         {"machine", {{"cpu", chip.name}, {"isa", chip.detail}, {"threads", l.threads}}},
                         {"limits", {{"probe_bytes", l.bytes}, {"read_gbps", l.read_gbps}, {"read_gbps_one_thread", l.read_gbps_one},

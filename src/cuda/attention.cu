@@ -1,6 +1,6 @@
-// CUDA decode attention over contiguous and paged KV caches (Sq = 1): the stable split kernel, the
-// cuda.tiled variant, and the adapters of all variants (cuda.mma is in attention_mma.cu). The plan
-// they share is in decode_attention.cuh.
+// CUDA decode attention over contiguous and paged KV caches (Sq = 1): the split kernel, the
+// cuda.tiled variant, and the adapters. The stable `cuda` backend runs the tensor-core kernel of
+// attention_mma.cu for f16 and bf16, and the split kernel for f32. The plan they share is in decode_attention.cuh.
 //
 // The split kernel: every K and V byte is read once. Each token is read by kLanes lanes with
 // 16-byte loads; a warp covers 32 / kLanes tokens per step; scores and an online softmax (running
@@ -354,19 +354,19 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
 
 }  // namespace tiled
 
-enum class Variant { split, tiled, mma };
+// stable (`cuda`): the tensor-core kernel for f16 and bf16, the split kernel for f32.
+enum class Variant { stable, tiled };
 
 template <class T, int kD, bool kPaged, Variant kVariant>
 cudaError_t launch_decode(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream) {
   p.chunks = (p.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
-  if constexpr (kVariant == Variant::mma) {
-    if constexpr (sizeof(T) == 2) return launch_decode_mma<T, kD, kPaged>(p, batch, capacity, stream);
-    return cudaErrorInvalidValue;  // f32 is declined by supports()
+  if constexpr (kVariant == Variant::stable && sizeof(T) == 2) {
+    return launch_decode_mma<T, kD, kPaged>(p, batch, capacity, stream);
   } else if constexpr (kVariant == Variant::tiled) {
     using S = tiled::Shape<T, kD>;
     p.splits = choose_splits(p, batch, capacity, 4, S::kTile);
-    const auto kernel = tiled::decode_kernel<T, kD, kPaged>;
-    if (const cudaError_t e = allow_dynamic_smem(kernel, S::kBytes); e != cudaSuccess) return e;
+    constexpr auto kernel = tiled::decode_kernel<T, kD, kPaged>;
+    if (const cudaError_t e = allow_dynamic_smem<kernel>(S::kBytes); e != cudaSuccess) return e;
     return launch_split_merge<T, kD>(p, batch, stream, [&](dim3 grid, const DecodeParams& params) {
       kernel<<<grid, tiled::kThreads, S::kBytes, stream>>>(params);
     });
@@ -423,22 +423,16 @@ void run(const Tensor& q, const Cache& cache, const Tensor& out, float scale, St
 }  // namespace
 
 void decode_attention(const DecodeAttentionArgs& a) {
-  run<false, Variant::split>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
+  run<false, Variant::stable>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
 }
 void decode_attention_paged(const DecodeAttentionPagedArgs& a) {
-  run<true, Variant::split>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
+  run<true, Variant::stable>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
 }
 void decode_attention_tiled(const DecodeAttentionArgs& a) {
   run<false, Variant::tiled>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
 }
 void decode_attention_paged_tiled(const DecodeAttentionPagedArgs& a) {
   run<true, Variant::tiled>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
-}
-void decode_attention_mma(const DecodeAttentionArgs& a) {
-  run<false, Variant::mma>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention");
-}
-void decode_attention_paged_mma(const DecodeAttentionPagedArgs& a) {
-  run<true, Variant::mma>(a.q, a.cache, a.out, a.options.scale, a.stream, "decode_attention_paged");
 }
 
 }  // namespace decodelab::cuda

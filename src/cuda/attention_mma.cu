@@ -1,5 +1,5 @@
-// cuda.mma: decode attention with both products on the tensor cores (mma.sync m16n8k16, f16 or
-// bf16 operands, f32 accumulation), over contiguous and paged caches.
+// The stable CUDA decode attention for f16 and bf16 caches, contiguous and paged: both products on
+// the tensor cores (mma.sync m16n8k16, f16 or bf16 operands, f32 accumulation).
 //
 // Why: the CUDA-core kernels spend about 60 instructions per (token, KV head) on dot products,
 // shuffles and a per-token softmax update, which is more than a memory-bound kernel can hide. Here
@@ -86,20 +86,29 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
   float m = -INFINITY;  // head g's running max (log2 units), the same on its four lanes
   float l = 0.0f;       // this lane's share of head g's running sum
   float o[kMTiles][4] = {};
+  // With pages of a multiple of kStep tokens a step lies in one page (steps start at multiples of
+  // kStep): one page-table read per step instead of one per token.
+  const bool whole_pages = kPaged && p.page_size % kStep == 0;
   for (int64_t base = begin + warp * kStep; base < end; base += kWarps * kStep) {
+    int64_t page_row = 0;  // the step's page, as a token row of the pool
+    if (whole_pages) page_row = int64_t(p.page_table[b * p.table_stride + base / p.page_size]) * p.page_size - base / p.page_size * p.page_size;
+    const auto row_of = [&](int64_t t) {  // element offset of token t's row / 8
+      if (whole_pages) return ((page_row + t) * p.hkv + h) * kD / 8;
+      return kv_offset<kD, kPaged>(p, b, h, t) / 8;
+    };
     // Every load of the step is issued before any is used.
     uint4 kr[2][kKChunks], vr[4][kVChunks];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int64_t t = base + 8 * j + g;
-      const int64_t at = t < end ? kv_offset<kD, kPaged>(p, b, h, t) / 8 : 0;
+      const int64_t at = t < end ? row_of(t) : 0;
 #pragma unroll
       for (int i = 0; i < kKChunks; ++i) kr[j][i] = t < end ? __ldcs(k + at + 4 * i + c) : zero;
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int64_t t = base + 8 * (u / 2) + 2 * c + u % 2;
-      const int64_t at = t < end ? kv_offset<kD, kPaged>(p, b, h, t) / 8 : 0;
+      const int64_t at = t < end ? row_of(t) : 0;
 #pragma unroll
       for (int kk = 0; kk < kVChunks; ++kk) vr[u][kk] = t < end ? __ldcs(v + at + 8 * kk + g) : zero;
     }
@@ -189,10 +198,10 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
 
 template <class T, int kD, bool kPaged>
 cudaError_t launch_decode_mma(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream) {
-  // Three blocks per SM, none shorter than the block's step.
-  p.splits = choose_splits(p, batch, capacity, 3, kWarps * kStep);
+  constexpr auto kernel = decode_mma_kernel<T, kD, kPaged>;
+  p.splits = choose_splits(p, batch, capacity, resident_blocks<kernel>(kWarps * 32, 0), kWarps * kStep);
   return launch_split_merge<T, kD>(p, batch, stream, [&](dim3 grid, const DecodeParams& params) {
-    decode_mma_kernel<T, kD, kPaged><<<grid, kWarps * 32, 0, stream>>>(params);
+    kernel<<<grid, kWarps * 32, 0, stream>>>(params);
   });
 }
 

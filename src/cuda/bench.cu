@@ -2,6 +2,7 @@
 // reduction over a buffer far past the 50 MiB L2, and a device-to-device copy) and CUDA-event
 // timing of rotated launches.
 #include <algorithm>
+#include <exception>
 #include <vector>
 
 #include "cuda/bench.h"
@@ -78,28 +79,63 @@ BandwidthProbe measure_limits(int64_t bytes) {
   return probe;
 }
 
-LaunchTiming time_launches(const std::function<void(int)>& launch, int copies, int min_repeats, double min_seconds) {
+namespace {
+
+// Per-launch times of batches of `per_batch` launches between two events until both minimums are
+// reached; the median over batches and its spread.
+template <class Batch>
+LaunchTiming time_batches(Batch&& batch, int per_batch, int min_repeats, double min_seconds) {
   Events events;
+  std::vector<double> us;
+  double total_ms = 0.0;
+  while (int(us.size()) < min_repeats || total_ms < min_seconds * 1e3) {
+    const float ms = events.time(batch);
+    us.push_back(double(ms) * 1e3 / per_batch);
+    total_ms += ms;
+    if (us.size() >= 2000) break;
+  }
+  std::sort(us.begin(), us.end());
+  auto at = [&](double q) { return us[size_t(q * double(us.size() - 1) + 0.5)]; };
+  return {at(0.5), at(0.1), at(0.9), int(us.size()) * per_batch};
+}
+
+}  // namespace
+
+LaunchTiming time_launches(const std::function<void(int)>& launch, int copies, int min_repeats, double min_seconds) {
   for (int w = 0; w < 3; ++w) launch(w % copies);
   cudaStreamSynchronize(cudaStreamPerThread);
   // Batches of launches between two events amortize the event overhead; each batch gives one
   // per-launch time, and the median over batches is reported.
   const int per_batch = 8;
-  std::vector<double> us;
-  double total_ms = 0.0;
   int next = 0;
-  while (int(us.size()) < min_repeats || total_ms < min_seconds * 1e3) {
-    const float ms = events.time([&] {
-      for (int i = 0; i < per_batch; ++i) launch(next++ % copies);
-    });
-    us.push_back(double(ms) * 1e3 / per_batch);
-    total_ms += ms;
-    if (us.size() >= 2000) break;
-  }
+  LaunchTiming t = time_batches([&] { for (int i = 0; i < per_batch; ++i) launch(next++ % copies); }, per_batch,
+                                min_repeats, min_seconds);
   check_launch(cudaGetLastError(), "bench");
-  std::sort(us.begin(), us.end());
-  auto at = [&](double q) { return us[size_t(q * double(us.size() - 1) + 0.5)]; };
-  return {at(0.5), at(0.1), at(0.9), int(us.size()) * per_batch};
+
+  // The same batch captured once in a graph (each launch with its own rotated copy) and replayed.
+  // A launch that cannot be captured (it synchronizes, say) leaves graph_median_us at 0.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  bool captured = cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  if (captured) {
+    try {
+      for (int i = 0; i < per_batch; ++i) launch(i % copies);
+    } catch (const std::exception&) {
+      captured = false;
+    }
+    captured = cudaStreamEndCapture(cudaStreamPerThread, &graph) == cudaSuccess && captured &&
+               cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  }
+  if (captured) {
+    cudaGraphLaunch(exec, cudaStreamPerThread);
+    cudaStreamSynchronize(cudaStreamPerThread);
+    t.graph_median_us = time_batches([&] { cudaGraphLaunch(exec, cudaStreamPerThread); }, per_batch, min_repeats,
+                                     min_seconds).median_us;
+  }
+  cudaGetLastError();  // a failed capture is reported as graph_median_us = 0, not as an error
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  return t;
 }
 
 }  // namespace decodelab::cuda

@@ -30,19 +30,15 @@ std::string qkv_rope_append_supports(const QkvRopeAppendArgs& a);
 std::string qkv_rope_append_paged_supports(const QkvRopeAppendPagedArgs& a);
 std::string rope_supports(const RopeArgs& a);
 
-// attention.cu: decode (Sq = 1) over contiguous and paged caches, split-K with a log-sum-exp merge.
+// attention.cu: decode (Sq = 1) over contiguous and paged caches, split-K with a log-sum-exp merge
+// (the tensor-core kernel for f16/bf16, a CUDA-core kernel for f32).
 void decode_attention(const DecodeAttentionArgs& a);
 void decode_attention_paged(const DecodeAttentionPagedArgs& a);
 // cuda.tiled: K/V tiles staged in shared memory, a tile's scores, softmax and values in phases.
 void decode_attention_tiled(const DecodeAttentionArgs& a);
 void decode_attention_paged_tiled(const DecodeAttentionPagedArgs& a);
-// cuda.mma (attention_mma.cu): tensor-core scores (Q K^T) and values (P V), f16 and bf16 only.
-void decode_attention_mma(const DecodeAttentionArgs& a);
-void decode_attention_paged_mma(const DecodeAttentionPagedArgs& a);
 std::string decode_attention_supports(const DecodeAttentionArgs& a);
 std::string decode_attention_paged_supports(const DecodeAttentionPagedArgs& a);
-std::string decode_attention_mma_supports(const DecodeAttentionArgs& a);
-std::string decode_attention_paged_mma_supports(const DecodeAttentionPagedArgs& a);
 
 // matvec.cu: dense (f32, f16, bf16) and quantized (MLX affine 4/8-bit, GGUF Q4_0/Q8_0) weights,
 // batch 1..16, and the ops built on the same kernel.

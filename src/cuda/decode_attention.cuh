@@ -101,14 +101,34 @@ __global__ void decode_merge_kernel(DecodeParams p) {
   }
 }
 
-// Splits of the length so that the grid has about blocks_per_sm blocks per SM (memory parallelism
-// for batch 1), none shorter than min_split tokens.
+// Splits of the length for a grid of batch x Hkv x chunks blocks, when blocks_per_sm blocks fit on
+// an SM at once: the fewest splits whose waves of blocks fill at least 90% of the GPU's block slots
+// (a last wave of a few blocks leaves most of the GPU idle), none shorter than min_split tokens.
 inline int choose_splits(const DecodeParams& p, int batch, int64_t capacity, int blocks_per_sm, int64_t min_split) {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t blocks = int64_t(batch) * p.hkv * p.chunks;
-  return int(std::clamp<int64_t>((blocks_per_sm * sms + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / min_split)));
+  const int64_t slots = int64_t(std::max(1, blocks_per_sm)) * sms, blocks = int64_t(batch) * p.hkv * p.chunks;
+  const int64_t most = std::clamp<int64_t>(capacity / min_split, 1, slots);
+  int64_t best = 1;
+  double best_fill = 0.0;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t total = blocks * s, waves = (total + slots - 1) / slots;
+    const double fill = double(total) / double(waves * slots);
+    if (fill >= 0.9) return int(s);
+    if (fill > best_fill) best = s, best_fill = fill;
+  }
+  return int(best);
+}
+
+// How many blocks of a kernel fit on an SM at once (registers and shared memory), asked once.
+template <auto kKernel>
+int resident_blocks(int threads, int dynamic_smem) {
+  static const int blocks = [&] {
+    int n = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, threads, size_t(dynamic_smem)) == cudaSuccess ? n : 1;
+  }();
+  return blocks;
 }
 
 // Runs the split kernel (grid: splits x (Hkv * chunks) x B) and, with several splits, the merge;
@@ -131,19 +151,19 @@ cudaError_t launch_split_merge(DecodeParams p, int batch, cudaStream_t stream, L
 
 // cudaFuncSetAttribute for a kernel's dynamic shared memory, once per device (it costs a driver
 // call, and the attribute stays set).
-template <class Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(int bytes) {
   static std::atomic<uint64_t> done{0};
   int device = 0;
   if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   const uint64_t bit = uint64_t(1) << (device % 64);
   if (done.load() & bit) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess) done.fetch_or(bit);
   return e;
 }
 
-// cuda.mma (attention_mma.cu): tensor-core scores and values, f16 and bf16, head_dim 64/128/256.
+// attention_mma.cu: tensor-core scores and values, f16 and bf16, head_dim 64/128/256.
 template <class T, int kD, bool kPaged>
 cudaError_t launch_decode_mma(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream);
 

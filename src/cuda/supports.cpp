@@ -74,16 +74,6 @@ std::string rope_supports(const RopeArgs& a) { return head_dim_supports(a.x); }
 std::string decode_attention_supports(const DecodeAttentionArgs& a) { return decode_supports(a.q); }
 std::string decode_attention_paged_supports(const DecodeAttentionPagedArgs& a) { return decode_supports(a.q); }
 
-namespace {
-// The tensor-core variant multiplies f16 or bf16 operands; f32 caches take the other variants.
-std::string mma_supports(const Tensor& q) {
-  if (q.dtype == DType::f32) return "f16 or bf16 (tensor-core operands), got f32";
-  return decode_supports(q);
-}
-}  // namespace
-std::string decode_attention_mma_supports(const DecodeAttentionArgs& a) { return mma_supports(a.q); }
-std::string decode_attention_paged_mma_supports(const DecodeAttentionPagedArgs& a) { return mma_supports(a.q); }
-
 std::string matvec_supports(const MatvecArgs& a) { return matvec_weight_supports(a.w, a.x); }
 
 std::string matvec_multi_supports(const MatvecMultiArgs& a) {

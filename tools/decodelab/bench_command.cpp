@@ -35,16 +35,23 @@ int run_bench(const BenchCommandOptions& options) {
     fmt::print("measured: read {:.1f} GB/s ({:.1f} one thread), copy {:.1f} GB/s ({:.1f} one thread), FMA {:.0f} GFLOP/s\n\n",
                l.read_gbps, l.read_gbps_one, l.copy_gbps, l.copy_gbps_one, l.fma_gflops);
   }
-  fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10} {:>8} {:>8} {:>8} {:>8}\n", "op", "backend", "dtype", "shape", "median us",
-             "GB/s", "% read", "GFLOP/s", "x ref");
+  const bool gpu = bench.device == Device::cuda;
+  fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10} {:>8} {:>8} {:>8} {:>8}{}\n", "op", "backend", "dtype", "shape", "median us",
+             "GB/s", "% read", "GFLOP/s", "x ref", gpu ? "  graph us  % read" : "");
   for (const BenchRecord& r : result.records) {
-    fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10.1f} {:>8.1f} {:>7.1f}{} {:>8.1f} {:>8}\n", r.op, r.backend, r.dtype,
+    fmt::print("{:<22} {:<14} {:<5} {:<42} {:>10.1f} {:>8.1f} {:>7.1f}{} {:>8.1f} {:>8}", r.op, r.backend, r.dtype,
                r.shape, r.median_us, r.gbps, r.compute_bound ? r.pct_of_fma_peak : r.pct_of_read_bandwidth,
                r.compute_bound ? "F" : r.in_cache ? "c" : "%", r.gflops,
                r.speedup_vs_reference > 0 ? fmt::format("{:.1f}", r.speedup_vs_reference) : std::string("-"));
+    if (gpu) {
+      fmt::print("{}", r.graph_median_us > 0 ? fmt::format(" {:>9.1f} {:>6.1f}%", r.graph_median_us, r.graph_pct_of_read_bandwidth)
+                                             : std::string("         -       -"));
+    }
+    fmt::print("\n");
   }
   fmt::print("(% read: of the measured streaming read; F: % of the FMA peak for compute-bound ops; c: inputs stay in\n"
-             " cache across repeats, so the figure is not a DRAM one)\n");
+             " cache across repeats, so the figure is not a DRAM one{})\n",
+             gpu ? "; graph: the same launches replayed from a CUDA graph, without the host's launch cost" : "");
   for (const std::string& why : result.refused) fmt::print("not timed: {}\n", why);
   if (!options.json_path.empty()) {
     std::ofstream(options.json_path) << bench_json(result) << '\n';
