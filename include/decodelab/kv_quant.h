@@ -1,8 +1,9 @@
-// KV-cache vector quantization, base layer: bit packing and rotations, the CPU reference.
+// KV-cache vector quantization, base layer: bit packing, rotations and the Lloyd-Max codebook, the CPU reference.
 //
 // - Bit packing of 1-4-bit indices and of sign bits.
 // - Rotations: a dense Haar-random orthogonal matrix (the reference) and a two-round randomized
 //   Hadamard transform (the fast path), both from a seed.
+// - The Lloyd-Max codebook for one coordinate of a uniformly random unit vector in D dimensions.
 //
 // Everything here computes in double: it is the oracle that later CPU and CUDA codecs must match
 // code for code.
@@ -86,6 +87,40 @@ class Rotation {
   std::vector<double> signs1_;         // hadamard: S1, +1 or -1
   std::vector<double> signs2_;         // hadamard: S2
   std::vector<int64_t> permutation_;   // hadamard: (P v)[i] = v[permutation_[i]]
+};
+
+// ---------------------------------------------------------------------------------------------
+// Lloyd-Max codebook for one coordinate x of a uniformly random unit vector in D dimensions,
+// which has density f(x) = (1 - x^2)^((D-3)/2) / B(1/2, (D-1)/2) on [-1, 1] (the paper's Lemma 1;
+// variance 1/D, close to N(0, 1/D) for large D). The 2^bits centroids minimize E[(x - c(x))^2]:
+// iterated until each centroid is the mean of f over its cell and each boundary the midpoint of
+// its neighbours, the integrals computed by Gauss-Legendre quadrature in x = sin(theta), where
+// f dx = cos^(D-2)(theta) dtheta is smooth for every D >= 3.
+//
+// A codebook belongs to one D: its scale is 1/sqrt(D), and TurboQuant refuses a codebook whose D
+// differs from its head_dim.
+class Codebook {
+ public:
+  // Any D >= 3, bits 1..4.
+  static Codebook lloyd_max(int64_t dim, int bits);
+
+  int64_t dim() const { return dim_; }
+  int bits() const { return bits_; }
+  std::span<const double> centroids() const { return centroids_; }    // 2^bits, ascending
+  std::span<const double> boundaries() const { return boundaries_; }  // 2^bits - 1 midpoints
+  // E[(x - c(x))^2] under f: the expected squared error per coordinate of a unit vector.
+  double distortion() const { return distortion_; }
+  // Index of the nearest centroid; a value exactly on a boundary goes to the upper centroid.
+  uint8_t index_of(double x) const;
+
+ private:
+  Codebook(int64_t dim, int bits) : dim_(dim), bits_(bits) {}
+
+  int64_t dim_;
+  int bits_;
+  std::vector<double> centroids_;
+  std::vector<double> boundaries_;
+  double distortion_ = 0.0;
 };
 
 }  // namespace decodelab::kvquant
