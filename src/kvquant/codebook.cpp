@@ -160,7 +160,8 @@ Codebook Codebook::lloyd_max(int64_t dim, int bits) {
     converged = largest_move <= 1e-14 * sigma;
   }
   if (!converged) {
-    fail("lloyd_max_codebook", fmt::format("no convergence in {} iterations for D = {}, bits = {}", kMaxIterations, dim, bits));
+    fail("lloyd_max_codebook",
+         fmt::format("no convergence in {} iterations for D = {}, bits = {}", kMaxIterations, dim, bits));
   }
 
   Codebook book(dim, bits);
