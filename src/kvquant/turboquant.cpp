@@ -1,0 +1,124 @@
+// TurboQuant (MSE), the double-precision reference: Zandieh, Daliri, Hadian, Mirrokni,
+// "TurboQuant: Online Vector Quantization with Near-optimal Distortion Rate", arXiv:2504.19874
+// (2025), Algorithm 1, with the vector's norm stored beside the codes (the paper quantizes unit
+// vectors and notes that the norm is kept separately). Record layout and scale modes in
+// include/decodelab/kv_quant.h.
+#include <fmt/format.h>
+
+#include <bit>
+#include <cmath>
+#include <string>
+
+#include "core/check.h"
+#include "decodelab/error.h"
+#include "decodelab/kv_quant.h"
+
+namespace decodelab::kvquant {
+namespace {
+
+constexpr int64_t kNormBytes = 4;
+
+const TurboQuantConfig& checked(const TurboQuantConfig& config) {
+  const detail::ArgCheck check("turboquant");
+  check.head_dim(config.head_dim, "config.head_dim");
+  if (config.bits < 1 || config.bits > 4) check.fail("config.bits", "1, 2, 3 or 4", std::to_string(config.bits));
+  return config;
+}
+
+// Both directions take one vector of head_dim values and one record.
+void check_sizes(const detail::ArgCheck& check, int64_t head_dim, size_t x_size, int64_t record_bytes,
+                 size_t record_size) {
+  if (int64_t(x_size) != head_dim) check.fail("x", fmt::format("{} values (head_dim)", head_dim), std::to_string(x_size));
+  if (int64_t(record_size) != record_bytes) {
+    check.fail("record", fmt::format("{} bytes (record_bytes())", record_bytes), fmt::format("{} bytes", record_size));
+  }
+}
+
+void store_f32_le(uint8_t* dst, float v) {
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  for (int i = 0; i < 4; ++i) dst[i] = uint8_t(bits >> (8 * i));
+}
+
+float load_f32_le(const uint8_t* src) {
+  uint32_t bits = 0;
+  for (int i = 0; i < 4; ++i) bits |= uint32_t(src[i]) << (8 * i);
+  return std::bit_cast<float>(bits);
+}
+
+}  // namespace
+
+std::string_view scale_mode_name(ScaleMode mode) {
+  switch (mode) {
+    case ScaleMode::plain: return "plain";
+    case ScaleMode::norm_corrected: return "norm_corrected";
+  }
+  return "?";
+}
+
+TurboQuantMse::TurboQuantMse(const TurboQuantConfig& config)
+    : config_(checked(config)),
+      rotation_(Rotation::make(config.rotation, config.head_dim, config.seed)),
+      codebook_(Codebook::lloyd_max(config.head_dim, config.bits)) {}
+
+TurboQuantMse::TurboQuantMse(const TurboQuantConfig& config, Codebook codebook)
+    : config_(checked(config)),
+      rotation_(Rotation::make(config.rotation, config.head_dim, config.seed)),
+      codebook_(std::move(codebook)) {
+  // The coordinates of a rotated unit vector have scale 1/sqrt(D) for this D: a codebook fitted
+  // to another D would quantize every coordinate on the wrong scale, silently.
+  if (codebook_.dim() != config.head_dim || codebook_.bits() != config.bits) {
+    fail("turboquant", "codebook",
+         fmt::format("a codebook for D = {}, bits = {} (the config's)", config.head_dim, config.bits),
+         fmt::format("D = {}, bits = {}", codebook_.dim(), codebook_.bits()));
+  }
+}
+
+int64_t TurboQuantMse::record_bytes() const { return kNormBytes + packed_bytes(config_.head_dim, config_.bits); }
+
+void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) const {
+  const detail::ArgCheck check("turboquant.encode");
+  const int64_t d = config_.head_dim;
+  check_sizes(check, d, x.size(), record_bytes(), record.size());
+  double norm2 = 0.0;
+  for (size_t j = 0; j < x.size(); ++j) {
+    if (!std::isfinite(x[j])) check.fail(fmt::format("x[{}]", j), "a finite value", fmt::format("{}", x[j]));
+    norm2 += double(x[j]) * double(x[j]);
+  }
+  const double norm = std::sqrt(norm2);
+  if (!std::isfinite(float(norm))) check.fail("x", "a vector whose norm fits in f32", fmt::format("norm {:g}", norm));
+
+  std::vector<double> y(size_t(d), 0.0);  // the zero vector stays zero: its direction is moot
+  if (norm > 0.0) {
+    for (size_t j = 0; j < x.size(); ++j) y[j] = double(x[j]) / norm;
+  }
+  rotation_.apply(y, y);
+  std::vector<uint8_t> indices(static_cast<size_t>(d));
+  for (size_t j = 0; j < indices.size(); ++j) indices[j] = codebook_.index_of(y[j]);
+
+  store_f32_le(record.data(), float(norm));
+  pack_bits(indices, config_.bits, record.subspan(kNormBytes));
+}
+
+void TurboQuantMse::decode(std::span<const uint8_t> record, std::span<float> x) const {
+  const detail::ArgCheck check("turboquant.decode");
+  const int64_t d = config_.head_dim;
+  check_sizes(check, d, x.size(), record_bytes(), record.size());
+  const float norm = load_f32_le(record.data());
+  if (!std::isfinite(norm) || norm < 0.0f) check.fail("record norm", "a finite norm >= 0", fmt::format("{}", norm));
+
+  std::vector<uint8_t> indices(static_cast<size_t>(d));
+  unpack_bits(record.subspan(kNormBytes), config_.bits, indices);
+  std::vector<double> y(static_cast<size_t>(d));
+  double length2 = 0.0;
+  for (size_t j = 0; j < y.size(); ++j) {
+    y[j] = codebook_.centroids()[indices[j]];
+    length2 += y[j] * y[j];
+  }
+  rotation_.apply_inverse(y, y);
+  // ||R^T y~|| = ||y~||, so the decoded direction's length is known before rotating back. It is
+  // never zero: a codebook of 2^bits symmetric centroids has none at 0.
+  const double scale = config_.scale == ScaleMode::norm_corrected ? double(norm) / std::sqrt(length2) : double(norm);
+  for (size_t j = 0; j < x.size(); ++j) x[j] = float(scale * y[j]);
+}
+
+}  // namespace decodelab::kvquant
