@@ -17,7 +17,7 @@
 #include <span>
 #include <vector>
 
-#include "decodelab/kv_quant.h"
+#include "decodelab/kvquant.h"
 #include "error_of.h"
 #include "verify/random.h"
 

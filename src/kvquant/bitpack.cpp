@@ -1,5 +1,5 @@
 // Bit packing of 1-4-bit values and sign bits into a little-endian bit stream (layout in
-// include/decodelab/kv_quant.h): value j in stream bits [j*b, (j+1)*b), stream bit k in bit k % 8
+// include/decodelab/kvquant.h): value j in stream bits [j*b, (j+1)*b), stream bit k in bit k % 8
 // of byte k / 8.
 #include <fmt/format.h>
 
@@ -7,7 +7,7 @@
 #include <string>
 
 #include "decodelab/error.h"
-#include "decodelab/kv_quant.h"
+#include "decodelab/kvquant.h"
 
 namespace decodelab::kvquant {
 namespace {

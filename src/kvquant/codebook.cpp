@@ -16,7 +16,7 @@
 #include <string>
 
 #include "decodelab/error.h"
-#include "decodelab/kv_quant.h"
+#include "decodelab/kvquant.h"
 
 namespace decodelab::kvquant {
 namespace {

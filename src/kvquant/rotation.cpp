@@ -1,6 +1,6 @@
 // Seeded orthogonal rotations for KV-cache quantization: a dense Haar-random matrix (the
 // reference) and a two-round randomized Hadamard transform (the fast path). See
-// include/decodelab/kv_quant.h for what each computes.
+// include/decodelab/kvquant.h for what each computes.
 #include <fmt/format.h>
 
 #include <cmath>
@@ -10,7 +10,7 @@
 #include <string>
 
 #include "decodelab/error.h"
-#include "decodelab/kv_quant.h"
+#include "decodelab/kvquant.h"
 
 namespace decodelab::kvquant {
 namespace {

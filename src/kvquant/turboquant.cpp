@@ -2,7 +2,7 @@
 // "TurboQuant: Online Vector Quantization with Near-optimal Distortion Rate", arXiv:2504.19874
 // (2025), Algorithm 1, with the vector's norm stored beside the codes (the paper quantizes unit
 // vectors and notes that the norm is kept separately). Record layout and scale modes in
-// include/decodelab/kv_quant.h.
+// include/decodelab/kvquant.h.
 #include <fmt/format.h>
 
 #include <bit>
@@ -11,7 +11,7 @@
 
 #include "core/check.h"
 #include "decodelab/error.h"
-#include "decodelab/kv_quant.h"
+#include "decodelab/kvquant.h"
 
 namespace decodelab::kvquant {
 namespace {
