@@ -99,7 +99,9 @@ class LlamaDecoder {
     int64_t max_sequences = 1;
     int64_t max_tokens = 4096;  // per sequence
     int64_t page_size = 16;
-    RunOptions run{};           // the backend of every op of the stack ("auto", "reference", ...)
+    // The backend of every op of the stack ("auto", "reference", ...). The decoder turns its
+    // check_indices off: its own caches keep page tables and lengths valid.
+    RunOptions run{};
   };
   LlamaDecoder(const LlamaModel& model, const Config& config);
 
@@ -117,6 +119,7 @@ class LlamaDecoder {
   const LlamaModel& model_;
   Config config_;
   std::vector<PagedKVCache> caches_;  // one per layer, driven in lockstep
+  Array x_, normed_, logits_;         // a step's activations, max_sequences rows
 };
 
 // Token sampling over one row of logits: greedy when temperature is 0, else softmax at

@@ -21,6 +21,12 @@ namespace decodelab {
 struct RunOptions {
   std::string_view backend = "auto";
   Stream stream{};
+  // Check the values of index tensors (cache lengths, page tables, RoPE positions) before the
+  // launch. They live where the op runs, so on a GPU this copies them to the host and waits for
+  // the stream, every call. A caller whose indices come from a PagedKVCache (which keeps them
+  // valid as it builds them) may turn it off; shapes and dtypes are checked either way, and an
+  // out-of-range index then is the caller's undefined behaviour.
+  bool check_indices = true;
 };
 
 enum class Status { stable, experimental };

@@ -9,9 +9,14 @@ void device_free(void*) noexcept {}
 void device_copy(void*, const void*, size_t, CopyKind) {
   fail("copy_bytes", "device", "cpu (this build has no CUDA)", "cuda");
 }
-void device_copy_2d(void*, size_t, const void*, size_t, size_t, size_t) {
+void device_copy_2d(void*, size_t, const void*, size_t, size_t, size_t, void*) {
   fail("copy_bytes", "device", "cpu (this build has no CUDA)", "cuda");
 }
+void device_add_i32(int32_t*, const int32_t*, int64_t, int32_t, void*) {
+  fail("device_add_i32", "device", "cpu (this build has no CUDA)", "cuda");
+}
+void* device_scratch_alloc(size_t, void*) { fail("scratch", "device", "cpu (this build has no CUDA)", "cuda"); }
+void device_scratch_free(void*, void*) noexcept {}
 bool cuda_compiled() { return false; }
 std::vector<GpuDescription> cuda_devices() { return {}; }
 

@@ -6,6 +6,9 @@
 // lose the phase), then each thread moves one pair of elements (a rotary pair, or two elements
 // that are only copied). Lengths and page tables are read on the device; the op layer has checked
 // them on the host before the launch.
+#include <algorithm>
+
+#include "core/device_memory.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda.h"
 #include "decodelab/layers.h"
@@ -238,3 +241,24 @@ void rope(const RopeArgs& a) {
 }
 
 }  // namespace decodelab::cuda
+
+namespace decodelab::detail {
+namespace {
+
+__global__ void add_i32_kernel(int32_t* out, const int32_t* in, int64_t n, int32_t add) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = in[i] + add;
+  }
+}
+
+}  // namespace
+
+// Cache lengths plus the new tokens, without a round trip through the host (core/device_memory.h).
+void device_add_i32(int32_t* out, const int32_t* in, int64_t n, int32_t add, void* stream) {
+  const cudaStream_t s = stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamPerThread;
+  const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 1024));
+  if (n > 0) add_i32_kernel<<<blocks, 256, 0, s>>>(out, in, n, add);
+  cuda::check_launch(cudaGetLastError(), "device_add_i32");
+}
+
+}  // namespace decodelab::detail

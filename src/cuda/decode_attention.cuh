@@ -82,23 +82,46 @@ __device__ void finish_block(const DecodeParams& p, int b, int first_head, int h
   }
 }
 
-// One block per (sequence, query head); thread d combines element d over the splits.
+// Most splits of one sequence (the merge keeps a weight per split in shared memory).
+constexpr int kMaxSplits = 1024;
+
+// The merge: one block of kD threads per (sequence, query head). The split maxima and sums are
+// reduced once, by the whole block, into a weight per split (exp(m_s - m_all)); then thread d adds
+// element d of the splits' accumulators, several loads in flight. Fixed orders throughout, so the
+// result is the same run to run.
 template <class T, int kD>
-__global__ void decode_merge_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kD) decode_merge_kernel(DecodeParams p) {
+  constexpr int kWarps = kD / 32;
+  __shared__ float s_weight[kMaxSplits];
+  __shared__ float s_reduce[kWarps];
   const int64_t row = blockIdx.x;  // b * Hq + head
   const float* part = p.partial + row * p.splits * (kD + 2);
-  float m_all = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) m_all = fmaxf(m_all, part[s * (kD + 2) + kD]);
-  for (int d = threadIdx.x; d < kD; d += blockDim.x) {
-    float l_all = 0.0f, a_all = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float m_s = part[s * (kD + 2) + kD];
-      const float f = m_s == -INFINITY ? 0.0f : expf(m_s - m_all);
-      l_all += part[s * (kD + 2) + kD + 1] * f;
-      a_all += part[s * (kD + 2) + d] * f;
-    }
-    static_cast<T*>(p.out)[row * kD + d] = from_float<T>(a_all / l_all);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const auto block_reduce = [&](float v, auto op) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    if (lane == 0) s_reduce[warp] = v;
+    __syncthreads();
+    float all = s_reduce[0];
+    for (int w = 1; w < kWarps; ++w) all = op(all, s_reduce[w]);
+    __syncthreads();  // s_reduce is reused by the next reduction
+    return all;
+  };
+  float m_local = -INFINITY;
+  for (int s = tid; s < p.splits; s += kD) m_local = fmaxf(m_local, part[s * (kD + 2) + kD]);
+  const float m_all = block_reduce(m_local, [](float a, float b) { return fmaxf(a, b); });
+  float l_local = 0.0f;
+  for (int s = tid; s < p.splits; s += kD) {
+    const float m_s = part[s * (kD + 2) + kD];
+    const float w = m_s == -INFINITY ? 0.0f : expf(m_s - m_all);  // an empty split weighs nothing
+    s_weight[s] = w;
+    l_local += part[s * (kD + 2) + kD + 1] * w;
   }
+  const float l_all = block_reduce(l_local, [](float a, float b) { return a + b; });  // also orders s_weight
+  float acc = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < p.splits; ++s) acc += s_weight[s] * part[s * (kD + 2) + tid];
+  static_cast<T*>(p.out)[row * kD + tid] = from_float<T>(acc / l_all);
 }
 
 // Splits of the length for a grid of batch x Hkv x chunks blocks, when blocks_per_sm blocks fit on
@@ -109,7 +132,7 @@ inline int choose_splits(const DecodeParams& p, int batch, int64_t capacity, int
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t slots = int64_t(std::max(1, blocks_per_sm)) * sms, blocks = int64_t(batch) * p.hkv * p.chunks;
-  const int64_t most = std::clamp<int64_t>(capacity / min_split, 1, slots);
+  const int64_t most = std::clamp<int64_t>(capacity / min_split, 1, std::min<int64_t>(slots, kMaxSplits));
   int64_t best = 1;
   double best_fill = 0.0;
   for (int64_t s = 1; s <= most; ++s) {

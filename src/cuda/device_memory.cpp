@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "core/device_memory.h"
+#include "cuda/scratch.h"
 #include "decodelab/error.h"
 
 namespace decodelab::detail {
@@ -12,6 +13,10 @@ void check(cudaError_t status, const char* what, size_t bytes) {
   if (status != cudaSuccess) {
     throw Error(fmt::format("{} of {} bytes failed: {}", what, bytes, cudaGetErrorString(status)));
   }
+}
+
+cudaStream_t stream_or_default(void* stream) {
+  return stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamPerThread;
 }
 
 }  // namespace
@@ -31,10 +36,20 @@ void device_copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
   check(cudaMemcpy(dst, src, bytes, cuda_kind), "cudaMemcpy", bytes);
 }
 
-void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows) {
-  check(cudaMemcpy2D(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice), "cudaMemcpy2D",
-        row_bytes * rows);
+void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows,
+                    void* stream) {
+  check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice,
+                          stream_or_default(stream)),
+        "cudaMemcpy2DAsync", row_bytes * rows);
 }
+
+void* device_scratch_alloc(size_t bytes, void* stream) {
+  void* ptr = nullptr;
+  check(cuda::scratch_alloc(&ptr, bytes, stream_or_default(stream)), "scratch allocation", bytes);
+  return ptr;
+}
+
+void device_scratch_free(void* ptr, void* stream) noexcept { cuda::scratch_free(ptr, stream_or_default(stream)); }
 
 bool cuda_compiled() { return true; }
 

@@ -29,6 +29,15 @@ LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : mode
   cache.device = model.options().device;
   caches_.reserve(model.layers().size());
   for (size_t l = 0; l < model.layers().size(); ++l) caches_.emplace_back(cache);
+  // The step's activations, for the most sequences a step can take, allocated once.
+  const DType t = model.options().dtype;
+  const int64_t rows = config.max_sequences, hidden = model.config().hidden_size;
+  x_ = Array(t, {rows, hidden}, cache.device);
+  normed_ = Array(t, {rows, hidden}, cache.device);
+  logits_ = Array(t, {rows, model.config().vocab_size}, cache.device);
+  // The caches' pages and lengths are valid by construction (PagedKVCache checks them as it
+  // assigns them), so the ops need not copy them back to the host to check them every layer.
+  config_.run.check_indices = false;
 }
 
 // The layers' caches take the same calls in the same order, so their sequence ids and page
@@ -50,8 +59,9 @@ void LlamaDecoder::step(std::span<const int> seqs, std::span<const int32_t> toke
   const int64_t batch = int64_t(seqs.size()), hidden = mc.hidden_size, vocab = mc.vocab_size;
   const DType t = model_.options().dtype;
   const Device device = model_.options().device;
-  if (tokens.size() != seqs.size() || batch < 1) {
-    throw Error(fmt::format("LlamaDecoder::step: tokens: expected one per sequence ({}), got {}", batch, tokens.size()));
+  if (tokens.size() != seqs.size() || batch < 1 || batch > config_.max_sequences) {
+    throw Error(fmt::format("LlamaDecoder::step: tokens: expected one per sequence ({}, at most max_sequences = {}), got {}",
+                            batch, config_.max_sequences, tokens.size()));
   }
   if (logits.dtype != DType::f32 || logits.device != Device::cpu || logits.rank != 2 || logits.dim(0) != batch ||
       logits.dim(1) != vocab || !logits.is_contiguous()) {
@@ -59,26 +69,32 @@ void LlamaDecoder::step(std::span<const int> seqs, std::span<const int32_t> toke
                             logits.describe()));
   }
   // The embedding rows of the tokens.
-  Array x(t, {batch, hidden}, device);
+  const Tensor x = Tensor::contiguous(x_.data(), t, {batch, hidden}, device);
   const int64_t row_bytes = hidden * int64_t(dtype_size(t));
   for (int64_t b = 0; b < batch; ++b) {
     const int32_t token = tokens[size_t(b)];
     if (token < 0 || token >= vocab) {
       throw Error(fmt::format("LlamaDecoder::step: tokens[{}]: expected a token id in [0, {}), got {}", b, vocab, token));
     }
-    copy_bytes(Tensor::contiguous(static_cast<char*>(x.data()) + b * row_bytes, t, {hidden}, device),
+    copy_bytes(Tensor::contiguous(static_cast<char*>(x.data) + b * row_bytes, t, {hidden}, device),
                Tensor::contiguous(static_cast<char*>(model_.embedding().data) + token * row_bytes, t, {hidden}, device));
   }
-  // Room for the new token in every layer first: out of pages changes nothing.
+  // Room for the new token in every layer first: out of pages changes nothing. The layers' caches
+  // hold the same pages for the same sequences, so one view's page table and lengths serve all.
   for (PagedKVCache& cache : caches_) cache.reserve(seqs, 1);
+  PagedKV kv = caches_[0].view(seqs);
   for (size_t l = 0; l < caches_.size(); ++l) {
-    decode_block(x, model_.layers()[l], model_.layer_config(), caches_[l].view(seqs), x, config_.run);
-    caches_[l].advance(seqs, 1);
+    kv.k_pages = caches_[l].k_pages();
+    kv.v_pages = caches_[l].v_pages();
+    decode_block(x, model_.layers()[l], model_.layer_config(), kv, x, config_.run);
   }
-  Array normed(t, {batch, hidden}, device), out(t, {batch, vocab}, device);
+  for (PagedKVCache& cache : caches_) cache.advance(seqs, 1);
+  const Tensor normed = Tensor::contiguous(normed_.data(), t, {batch, hidden}, device);
+  const Tensor out = Tensor::contiguous(logits_.data(), t, {batch, vocab}, device);
   rms_norm(x, model_.final_norm(), model_.layer_config().rms_eps, normed, config_.run);
   matvec(normed, model_.lm_head(), out, config_.run);
-  const Array host = out.to(Device::cpu);
+  Array host(t, {batch, vocab});
+  copy_bytes(host.view(), out);
   for (int64_t i = 0; i < batch * vocab; ++i) logits.ptr<float>()[i] = float(reference::load(host, i));
 }
 

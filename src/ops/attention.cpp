@@ -60,7 +60,7 @@ void decode_attention(const Tensor& q, const ContiguousKV& cache, const Tensor& 
   const AttentionOptions resolved = check_queries(c, q, out, options);
   if (cache.k.rank != 4) c.fail("cache.k", "rank 4 [B, Hkv, S_max, D]", cache.k.describe());
   c.gqa(q.dim(2), cache.k.dim(1));
-  detail::check_contiguous_kv(c, cache, q.dim(0), cache.k.dim(1), q.dim(3), q.dtype, q.device, 0, q.dim(1));
+  detail::check_contiguous_kv(c, cache, q.dim(0), cache.k.dim(1), q.dim(3), q.dtype, q.device, 0, q.dim(1), run.check_indices);
   dispatch(DecodeAttentionArgs{q, cache, out, resolved, run.stream}, run, q.device);
 }
 
@@ -72,7 +72,7 @@ void decode_attention_paged(const Tensor& q, const PagedKV& cache, const Tensor&
     c.fail("cache.k_pages", "rank 4 [num_pages, page_size, Hkv, D]", cache.k_pages.describe());
   }
   c.gqa(q.dim(2), cache.k_pages.dim(2));
-  detail::check_paged_kv(c, cache, q.dim(0), cache.k_pages.dim(2), q.dim(3), q.dtype, q.device, 0, q.dim(1));
+  detail::check_paged_kv(c, cache, q.dim(0), cache.k_pages.dim(2), q.dim(3), q.dtype, q.device, 0, q.dim(1), run.check_indices);
   dispatch(DecodeAttentionPagedArgs{q, cache, out, resolved, run.stream}, run, q.device);
 }
 

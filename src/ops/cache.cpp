@@ -62,17 +62,6 @@ void check_kv_outputs(const ArgCheck& c, const Tensor& q, const Tensor& k, const
   if (k.dim(k.rank - 1) != q.dim(q.rank - 1)) c.fail("k", "head_dim D like q", k.describe());
 }
 
-void check_positions(const ArgCheck& c, const Tensor& positions, int64_t tokens, Device device) {
-  c.dtype(positions, "positions", DType::i32);
-  c.usable(positions, "positions", device);
-  if (positions.numel() != tokens) {
-    c.fail("positions", fmt::format("{} positions, one per token", tokens), positions.describe());
-  }
-  const std::vector<int32_t> values = detail::read_i32(positions);
-  for (size_t t = 0; t < values.size(); ++t) {
-    if (values[t] < 0) c.fail(fmt::format("positions[{}]", t), "a position >= 0", std::to_string(values[t]));
-  }
-}
 
 void check_q_out(const ArgCheck& c, const Tensor& q_out) {
   c.shape(q_out, "q_out", {kAny, kAny, kAny, kAny}, "[B, S, Hq, D]");
@@ -85,7 +74,7 @@ void kv_append(const Tensor& k_new, const Tensor& v_new, const ContiguousKV& cac
   const ArgCheck c("kv_append");
   check_new_tokens(c, k_new, v_new);
   detail::check_contiguous_kv(c, cache, k_new.dim(0), k_new.dim(2), k_new.dim(3), k_new.dtype,
-                              k_new.device, k_new.dim(1), 0);
+                              k_new.device, k_new.dim(1), 0, run.check_indices);
   dispatch(KvAppendArgs{k_new, v_new, cache, run.stream}, run, k_new.device);
 }
 
@@ -93,7 +82,7 @@ void kv_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedKV& ca
   const ArgCheck c("kv_append_paged");
   check_new_tokens(c, k_new, v_new);
   detail::check_paged_kv(c, cache, k_new.dim(0), k_new.dim(2), k_new.dim(3), k_new.dtype, k_new.device,
-                         k_new.dim(1), 0);
+                         k_new.dim(1), 0, run.check_indices);
   dispatch(KvAppendPagedArgs{k_new, v_new, cache, run.stream}, run, k_new.device);
 }
 
@@ -111,7 +100,7 @@ void qkv_split_rope(const Tensor& qkv, const Tensor& positions, const RopeParams
   if (k.rank < 2) c.fail("k", "rank >= 2 [..., Hkv, D]", k.describe());
   const QkvHeads heads = check_qkv(c, qkv, q, "q", k.dim(k.rank - 2));
   check_kv_outputs(c, q, k, v);
-  check_positions(c, positions, heads.tokens, q.device);
+  detail::check_positions(c, positions, heads.tokens, q.device, run.check_indices);
   dispatch(QkvSplitRopeArgs{qkv, positions, q, k, v, detail::check_rope(c, rope, heads.d), run.stream}, run,
            q.device);
 }
@@ -123,7 +112,7 @@ void qkv_rope_append(const Tensor& qkv, const RopeParams& rope, const Contiguous
   if (cache.k.rank != 4) c.fail("cache.k", "rank 4 [B, Hkv, S_max, D]", cache.k.describe());
   const QkvHeads heads = check_qkv(c, qkv, q_out, "q_out", cache.k.dim(1));
   detail::check_contiguous_kv(c, cache, q_out.dim(0), heads.hkv, heads.d, q_out.dtype, q_out.device,
-                              q_out.dim(1), 0);
+                              q_out.dim(1), 0, run.check_indices);
   dispatch(QkvRopeAppendArgs{qkv, q_out, cache, detail::check_rope(c, rope, heads.d), run.stream}, run,
            q_out.device);
 }
@@ -134,7 +123,7 @@ void qkv_rope_append_paged(const Tensor& qkv, const RopeParams& rope, const Page
   check_q_out(c, q_out);
   if (cache.k_pages.rank != 4) c.fail("cache.k_pages", "rank 4 [num_pages, page_size, Hkv, D]", cache.k_pages.describe());
   const QkvHeads heads = check_qkv(c, qkv, q_out, "q_out", cache.k_pages.dim(2));
-  detail::check_paged_kv(c, cache, q_out.dim(0), heads.hkv, heads.d, q_out.dtype, q_out.device, q_out.dim(1), 0);
+  detail::check_paged_kv(c, cache, q_out.dim(0), heads.hkv, heads.d, q_out.dtype, q_out.device, q_out.dim(1), 0, run.check_indices);
   dispatch(QkvRopeAppendPagedArgs{qkv, q_out, cache, detail::check_rope(c, rope, heads.d), run.stream}, run,
            q_out.device);
 }

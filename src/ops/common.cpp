@@ -36,9 +36,8 @@ void check_length_values(const ArgCheck& check, const std::vector<int32_t>& leng
 
 }  // namespace
 
-std::vector<int32_t> check_contiguous_kv(const ArgCheck& check, const ContiguousKV& cache,
-                                         int64_t batch, int64_t hkv, int64_t d, DType dtype,
-                                         Device device, int64_t extra, int64_t min_length) {
+void check_contiguous_kv(const ArgCheck& check, const ContiguousKV& cache, int64_t batch, int64_t hkv, int64_t d,
+                         DType dtype, Device device, int64_t extra, int64_t min_length, bool check_values) {
   check.shape(cache.k, "cache.k", {batch, hkv, kAny, d}, "[B, Hkv, S_max, D]");
   check.same_shape(cache.v, "cache.v", cache.k, "cache.k");
   check.same_dtype(cache.k, "cache.k", dtype, "the dtype of the queries/new tokens");
@@ -46,14 +45,12 @@ std::vector<int32_t> check_contiguous_kv(const ArgCheck& check, const Contiguous
   check.usable(cache.k, "cache.k", device);
   check.usable(cache.v, "cache.v", device);
   check_lengths(check, cache.lengths, batch, device);
-  std::vector<int32_t> lengths = read_i32(cache.lengths);
-  check_length_values(check, lengths, cache.k.dim(2), extra, min_length);
-  return lengths;
+  if (!check_values) return;
+  check_length_values(check, read_i32(cache.lengths), cache.k.dim(2), extra, min_length);
 }
 
-std::vector<int32_t> check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch,
-                                    int64_t hkv, int64_t d, DType dtype, Device device,
-                                    int64_t extra, int64_t min_length) {
+void check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch, int64_t hkv, int64_t d, DType dtype,
+                    Device device, int64_t extra, int64_t min_length, bool check_values) {
   check.shape(cache.k_pages, "cache.k_pages", {kAny, kAny, hkv, d}, "[num_pages, page_size, Hkv, D]");
   check.same_shape(cache.v_pages, "cache.v_pages", cache.k_pages, "cache.k_pages");
   check.same_dtype(cache.k_pages, "cache.k_pages", dtype, "the dtype of the queries/new tokens");
@@ -66,7 +63,8 @@ std::vector<int32_t> check_paged_kv(const ArgCheck& check, const PagedKV& cache,
   check.dtype(cache.page_table, "cache.page_table", DType::i32);
   check.usable(cache.page_table, "cache.page_table", device);
   check_lengths(check, cache.lengths, batch, device);
-  std::vector<int32_t> lengths = read_i32(cache.lengths);
+  if (!check_values) return;
+  const std::vector<int32_t> lengths = read_i32(cache.lengths);
   const int64_t max_pages = cache.page_table.dim(1);
   check_length_values(check, lengths, max_pages * page_size, extra, min_length);
   const std::vector<int32_t> table = read_i32(cache.page_table);
@@ -80,7 +78,20 @@ std::vector<int32_t> check_paged_kv(const ArgCheck& check, const PagedKV& cache,
       }
     }
   }
-  return lengths;
+}
+
+void check_positions(const ArgCheck& check, const Tensor& positions, int64_t tokens, Device device,
+                     bool check_values, std::string_view tokens_of) {
+  check.dtype(positions, "positions", DType::i32);
+  check.usable(positions, "positions", device);
+  if (positions.numel() != tokens) {
+    check.fail("positions", fmt::format("{} positions, one per token{}", tokens, tokens_of), positions.describe());
+  }
+  if (!check_values) return;
+  const std::vector<int32_t> values = read_i32(positions);
+  for (size_t t = 0; t < values.size(); ++t) {
+    if (values[t] < 0) check.fail(fmt::format("positions[{}]", t), "a position >= 0", std::to_string(values[t]));
+  }
 }
 
 RopeParams check_rope(const ArgCheck& check, const RopeParams& params, int64_t head_dim) {

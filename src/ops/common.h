@@ -19,17 +19,19 @@ namespace decodelab::detail {
 // the GPU when it lives there, so that they can be validated before any launch.
 std::vector<int32_t> read_i32(const Tensor& t);
 
-// Validates a contiguous cache against [B, Hkv, *, D] and that every lengths[b] + extra fits.
-// Returns the lengths on the host.
-std::vector<int32_t> check_contiguous_kv(const ArgCheck& check, const ContiguousKV& cache,
-                                         int64_t batch, int64_t hkv, int64_t d, DType dtype,
-                                         Device device, int64_t extra, int64_t min_length);
+// Validates a contiguous cache against [B, Hkv, *, D] and, with check_values
+// (RunOptions::check_indices), that every lengths[b] + extra fits.
+void check_contiguous_kv(const ArgCheck& check, const ContiguousKV& cache, int64_t batch, int64_t hkv, int64_t d,
+                         DType dtype, Device device, int64_t extra, int64_t min_length, bool check_values);
 
-// Validates a paged cache against [*, *, Hkv, D], that lengths[b] + extra fits its page-table row
-// and that every page it covers is a valid page index. Returns the lengths on the host.
-std::vector<int32_t> check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch,
-                                    int64_t hkv, int64_t d, DType dtype, Device device,
-                                    int64_t extra, int64_t min_length);
+// Validates a paged cache against [*, *, Hkv, D] and, with check_values, that lengths[b] + extra
+// fits its page-table row and that every page it covers is a valid page index.
+void check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch, int64_t hkv, int64_t d, DType dtype,
+                    Device device, int64_t extra, int64_t min_length, bool check_values);
+
+// Validates positions: i32, one per token, on `device`, and with check_values each >= 0.
+void check_positions(const ArgCheck& check, const Tensor& positions, int64_t tokens, Device device,
+                     bool check_values, std::string_view tokens_of = "");
 
 // Resolves rotary_dim and checks the RoPE parameters against head_dim.
 RopeParams check_rope(const ArgCheck& check, const RopeParams& params, int64_t head_dim);

@@ -45,7 +45,7 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights, const Deco
     detail::check_weight(c, *e.w, e.name, e.cols, x.device);
     if (e.w->rows() != e.rows) c.fail(e.name, fmt::format("{} rows", e.rows), std::to_string(e.w->rows()));
   }
-  detail::check_paged_kv(c, cache, x.dim(0), k.num_kv_heads, k.head_dim, x.dtype, x.device, 1, 0);
+  detail::check_paged_kv(c, cache, x.dim(0), k.num_kv_heads, k.head_dim, x.dtype, x.device, 1, 0, run.check_indices);
   DecodeLayerConfig resolved = config;
   resolved.rope = detail::check_rope(c, config.rope, k.head_dim);
   dispatch(DecodeBlockArgs{x, weights, resolved, cache, out, run.stream}, run, x.device);

@@ -16,13 +16,13 @@ namespace decodelab::detail {
 namespace {
 
 // src [rows, width] into columns [offset, offset + width) of dst [rows, dst_width] (same dtype and
-// device), one strided copy.
-void copy_columns(const Tensor& dst, int64_t offset, const Tensor& src) {
+// device), one strided copy (in stream order on the GPU).
+void copy_columns(const Tensor& dst, int64_t offset, const Tensor& src, Stream stream) {
   const int64_t e = int64_t(dtype_size(src.dtype)), rows = src.dim(0), width = src.dim(1);
   char* to = static_cast<char*>(dst.data) + offset * e;
   const size_t pitch = size_t(dst.dim(dst.rank - 1) * e), row_bytes = size_t(width * e);
   if (src.device == Device::cuda) {
-    device_copy_2d(to, pitch, src.data, row_bytes, row_bytes, size_t(rows));
+    device_copy_2d(to, pitch, src.data, row_bytes, row_bytes, size_t(rows), stream.handle);
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -32,41 +32,64 @@ void copy_columns(const Tensor& dst, int64_t offset, const Tensor& src) {
 
 }  // namespace
 
+// Nothing in here waits for the device: the intermediates come from one scratch allocation in
+// stream order, the lengths that include the new token are computed where the lengths live, and
+// the pieces skip the index checks that decode_block already made (RunOptions::check_indices), so
+// a GPU step does not stop at every layer.
 void composed_decode_block(const DecodeBlockArgs& a) {
   const DecodeLayerConfig& c = a.config;
   const DecodeLayerWeights& w = a.weights;
-  const RunOptions run{"auto", a.stream};
+  RunOptions run{"auto", a.stream};
+  run.check_indices = false;
   const DType t = a.x.dtype;
   const Device device = a.x.device;
-  const int64_t batch = a.x.dim(0);
+  const int64_t batch = a.x.dim(0), e = int64_t(dtype_size(t));
   const int64_t q_width = c.num_heads * c.head_dim, kv_width = c.num_kv_heads * c.head_dim;
+  const int64_t qkv_width = q_width + 2 * kv_width;
 
-  Array normed(t, {batch, c.hidden}, device);
+  const size_t row = size_t(batch * e);
+  ScratchBuffer scratch(device == Device::cuda,
+                        ScratchBuffer::bytes_for({row * size_t(c.hidden), row * size_t(q_width), row * size_t(kv_width),
+                                                  row * size_t(kv_width), row * size_t(qkv_width), row * size_t(q_width),
+                                                  row * size_t(q_width), row * size_t(c.hidden), row * size_t(c.hidden),
+                                                  size_t(batch) * sizeof(int32_t)}),
+                        a.stream.handle);
+  const auto take = [&](std::initializer_list<int64_t> shape) {
+    int64_t n = 1;
+    for (const int64_t d : shape) n *= d;
+    return Tensor::contiguous(scratch.take(size_t(n * e)), t, shape, device);
+  };
+
+  const Tensor normed = take({batch, c.hidden});
   rms_norm(a.x, w.attn_norm, c.rms_eps, normed, run);
-  Array q_flat(t, {batch, q_width}, device), k_flat(t, {batch, kv_width}, device), v_flat(t, {batch, kv_width}, device);
+  const Tensor q_flat = take({batch, q_width}), k_flat = take({batch, kv_width}), v_flat = take({batch, kv_width});
   qkv_projection(normed, w.wq, w.wk, w.wv, q_flat, k_flat, v_flat, run);
   // Side by side per sequence, as the fused split/RoPE/append reads them.
-  Array qkv(t, {batch, 1, q_width + 2 * kv_width}, device);
-  copy_columns(qkv, 0, q_flat);
-  copy_columns(qkv, q_width, k_flat);
-  copy_columns(qkv, q_width + kv_width, v_flat);
-  Array q(t, {batch, 1, c.num_heads, c.head_dim}, device);
+  const Tensor qkv = take({batch, 1, qkv_width});
+  copy_columns(qkv, 0, q_flat, a.stream);
+  copy_columns(qkv, q_width, k_flat, a.stream);
+  copy_columns(qkv, q_width + kv_width, v_flat, a.stream);
+  const Tensor q = take({batch, 1, c.num_heads, c.head_dim});
   qkv_rope_append_paged(qkv, c.rope, a.cache, q, run);
 
   // Attention covers the new token too: the caller advances the lengths afterwards.
-  const std::vector<int32_t> lengths = read_i32(a.cache.lengths);
-  Array with_new_host(DType::i32, {batch});
-  for (int64_t b = 0; b < batch; ++b) with_new_host.ptr<int32_t>()[b] = lengths[size_t(b)] + 1;
-  const Array with_new = with_new_host.to(device);
   PagedKV with_new_token = a.cache;
-  with_new_token.lengths = with_new;
-  Array attn(t, {batch, 1, c.num_heads, c.head_dim}, device);
+  with_new_token.lengths =
+      Tensor::contiguous(scratch.take(size_t(batch) * sizeof(int32_t)), DType::i32, {batch}, device);
+  if (device == Device::cuda) {
+    device_add_i32(with_new_token.lengths.ptr<int32_t>(), a.cache.lengths.ptr<const int32_t>(), batch, 1, a.stream.handle);
+  } else {
+    for (int64_t b = 0; b < batch; ++b) {
+      with_new_token.lengths.ptr<int32_t>()[b] = a.cache.lengths.ptr<const int32_t>()[b] + 1;
+    }
+  }
+  const Tensor attn = take({batch, 1, c.num_heads, c.head_dim});
   decode_attention_paged(q, with_new_token, attn, {true, float(1.0 / std::sqrt(double(c.head_dim)))}, run);
 
-  Array h(t, {batch, c.hidden}, device);
-  output_projection(Tensor::contiguous(attn.data(), t, {batch, q_width}, device), w.wo, a.x, h, run);
+  const Tensor h = take({batch, c.hidden});
+  output_projection(Tensor::contiguous(attn.data, t, {batch, q_width}, device), w.wo, a.x, h, run);
   rms_norm(h, w.mlp_norm, c.rms_eps, normed, run);
-  Array mlp_out(t, {batch, c.hidden}, device);
+  const Tensor mlp_out = take({batch, c.hidden});
   mlp_block(normed, w.gate, w.up, w.down, mlp_out, run);
   residual_add(h, mlp_out, a.out, run);
 }

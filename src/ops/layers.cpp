@@ -74,16 +74,7 @@ void rope(const Tensor& x, const Tensor& positions, const RopeParams& params, co
   if (x.rank < 2) c.fail("x", "rank >= 2 [..., H, D]", x.describe());
   const int64_t d = x.dim(x.rank - 1);
   const int64_t tokens = x.numel() / (x.dim(x.rank - 2) * d);
-  c.dtype(positions, "positions", DType::i32);
-  c.usable(positions, "positions", x.device);
-  if (positions.numel() != tokens) {
-    c.fail("positions", fmt::format("{} positions, one per token of x {}", tokens, x.describe()),
-           positions.describe());
-  }
-  const std::vector<int32_t> values = detail::read_i32(positions);
-  for (size_t t = 0; t < values.size(); ++t) {
-    if (values[t] < 0) c.fail(fmt::format("positions[{}]", t), "a position >= 0", std::to_string(values[t]));
-  }
+  detail::check_positions(c, positions, tokens, x.device, run.check_indices, fmt::format(" of x {}", x.describe()));
   dispatch(RopeArgs{x, positions, out, detail::check_rope(c, params, d), run.stream}, run, x.device);
 }
 
