@@ -143,5 +143,40 @@ TEST(Sampling, GreedyTopKTopPAndSeeds) {
   EXPECT_THROW(sample_token(logits, {1.0f, 0, 0.0f}, rng), Error);
 }
 
+
+// A model made in memory (no checkpoint) is a model like any other: cpu against reference, with
+// dense weights and with quantized weights made straight in their format (f32 activations, so
+// that the f32 tolerance applies).
+TEST(LlamaStack, RandomModelCpuMatchesReference) {
+  LoadOptions f32;
+  expect_matches_reference(LlamaModel::random(tiny_config(), f32, 3), 1e-9, 2);
+  for (const QuantSpec& spec : {QuantSpec::mlx(4, 64), QuantSpec::q4_0(), QuantSpec::q8_0()}) {
+    LoadOptions options;
+    options.quantize = spec;
+    expect_matches_reference(LlamaModel::random(tiny_config(), options, 4), 1e-9, 2);
+  }
+}
+
+// skip() lengthens a sequence without computing it; the next step attends over the skipped (zero)
+// positions and still gives finite logits.
+TEST(LlamaStack, SkipLengthensTheSequence) {
+  const LlamaModel model = LlamaModel::random(tiny_config(), {}, 5);
+  LlamaDecoder::Config config;
+  config.max_tokens = 40;
+  config.page_size = 8;
+  LlamaDecoder decoder(model, config);
+  const int seq = decoder.add_sequence();
+  decoder.skip(seq, 21);
+  EXPECT_EQ(decoder.length(seq), 21);
+  Array logits(DType::f32, {1, model.config().vocab_size});
+  const int32_t token = 3;
+  decoder.step({&seq, 1}, {&token, 1}, logits);
+  EXPECT_EQ(decoder.length(seq), 22);
+  for (int64_t i = 0; i < logits.numel(); ++i) ASSERT_TRUE(std::isfinite(logits.ptr<float>()[i])) << i;
+  const std::string message = error_of([&] { decoder.skip(seq, 19); });  // 41 tokens need 6 pages of 8
+  EXPECT_NE(message.find("at most 5 pages per sequence"), std::string::npos) << message;
+  EXPECT_EQ(decoder.length(seq), 22);  // a failed skip changes nothing
+}
+
 }  // namespace
 }  // namespace decodelab

@@ -15,6 +15,10 @@
 #   BENCH_OPS="a b:T"  benchmark only these ops (default: the whole grid); "op:TEXT" only the cases
 #                      of op whose shape contains TEXT (no spaces, e.g. matvec:K=14336)
 #   SANITIZE_FILTER=F  gtest filter for the compute-sanitizer runs (default: every CUDA test)
+#   SANITIZE=0         skip the compute-sanitizer runs
+#   GENERATE="A;B"     after the benchmark, `decodelab generate --device cuda` once per
+#                      ;-separated argument list, e.g. "--synthetic llama3-8b --dtype f16
+#                      --quantize mlx.q4.g64 --context 1024" (logs generate-1.log, ...)
 set -uo pipefail
 out="${1:?usage: tools/gpu-check.sh OUT_DIR}"
 mkdir -p "$out"
@@ -59,6 +63,14 @@ if [ -n "${BENCH_OPS:-}" ]; then
 else
   step bench-cuda "$bin/decodelab" bench --device cuda --json "$out/bench-cuda.json"
 fi
+if [ -n "${GENERATE:-}" ]; then
+  IFS=';' read -ra runs <<<"$GENERATE"
+  for i in "${!runs[@]}"; do
+    read -ra args <<<"${runs[$i]}"
+    step "generate-$((i + 1))" "$bin/decodelab" generate --device cuda "${args[@]}"
+  done
+fi
+[ "${SANITIZE:-1}" = 0 ] && exit $status
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/decodelab_cuda_tests" \
   --gtest_filter="${SANITIZE_FILTER:-*}"
 step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/decodelab_cuda_tests" \

@@ -58,12 +58,20 @@ struct LoadOptions {
 // options.device. Every tensor of the checkpoint must be used and every expected one present:
 // the error names each missing, extra or misshapen tensor (Hugging Face names, e.g.
 // "model.layers.3.self_attn.k_proj.weight: expected [1024, 4096], got [4096, 4096]").
+namespace detail {
+class WeightSource;
+}
+
 class LlamaModel {
  public:
   // config.json and the safetensors weights of a checkpoint directory.
   static LlamaModel load(const std::filesystem::path& dir, const LoadOptions& options = {});
   static LlamaModel from_checkpoint(const ModelConfig& config, const Checkpoint& checkpoint,
                                     const LoadOptions& options = {});
+  // A model of this shape with random weights made in memory, already in the layout (and the
+  // quantized format) of `options`: no checkpoint is written or read, so a full-size model (an
+  // 8B one) is ready in seconds. For speed measurements; its tokens mean nothing.
+  static LlamaModel random(const ModelConfig& config, const LoadOptions& options, uint64_t seed);
 
   const ModelConfig& config() const { return config_; }
   const LoadOptions& options() const { return options_; }
@@ -76,6 +84,8 @@ class LlamaModel {
   int64_t weight_bytes_per_token() const;
 
  private:
+  static LlamaModel build(const ModelConfig& config, const LoadOptions& options, detail::WeightSource& source);
+
   ModelConfig config_;
   LoadOptions options_;
   DecodeLayerConfig layer_config_;
@@ -114,6 +124,9 @@ class LlamaDecoder {
   void step(std::span<const int> seqs, std::span<const int32_t> tokens, const Tensor& logits);
   // Feeds a prompt to one sequence (a decode step per token); logits of its last token.
   void prefill(int seq, std::span<const int32_t> prompt, const Tensor& logits);
+  // Lengthens a sequence by `tokens` positions that are not computed (their K and V are zeros):
+  // decode speed at a context length without paying for its prefill. For benchmarks only.
+  void skip(int seq, int64_t tokens);
 
  private:
   const LlamaModel& model_;

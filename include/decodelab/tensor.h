@@ -91,5 +91,7 @@ class Array {
 // Copies `src` into `dst`, which must have the same dtype and element count; either may be on
 // the host or the GPU.
 void copy_bytes(const Tensor& dst, const Tensor& src);
+// Sets every byte of a contiguous tensor to zero, on the host or the GPU.
+void zero_bytes(const Tensor& t);
 
 }  // namespace decodelab

@@ -15,6 +15,7 @@ enum class CopyKind { host_to_device, device_to_host, device_to_device };
 void* device_alloc(size_t bytes);
 void device_free(void* ptr) noexcept;
 void device_copy(void* dst, const void* src, size_t bytes, CopyKind kind);
+void device_zero(void* dst, size_t bytes);
 // rows of row_bytes from src (src_pitch apart) to dst (dst_pitch apart), both on the device, in
 // the order of `stream` (a cudaStream_t; null: the per-thread default stream), without waiting.
 void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows,

@@ -17,6 +17,7 @@ void device_add_i32(int32_t*, const int32_t*, int64_t, int32_t, void*) {
 }
 void* device_scratch_alloc(size_t, void*) { fail("scratch", "device", "cpu (this build has no CUDA)", "cuda"); }
 void device_scratch_free(void*, void*) noexcept {}
+void device_zero(void*, size_t) { fail("zero_bytes", "device", "cpu (this build has no CUDA)", "cuda"); }
 bool cuda_compiled() { return false; }
 std::vector<GpuDescription> cuda_devices() { return {}; }
 

@@ -107,6 +107,16 @@ Array Array::to(Device device) const {
   return out;
 }
 
+void zero_bytes(const Tensor& t) {
+  if (!t.is_contiguous()) fail("zero_bytes", "t", "a contiguous tensor", t.describe());
+  if (t.nbytes() == 0) return;
+  if (t.device == Device::cpu) {
+    std::memset(t.data, 0, t.nbytes());
+  } else {
+    detail::device_zero(t.data, t.nbytes());
+  }
+}
+
 void copy_bytes(const Tensor& dst, const Tensor& src) {
   if (dst.dtype != src.dtype || dst.numel() != src.numel()) {
     fail("copy_bytes", "dst", fmt::format("{} elements of {}", src.numel(), dtype_name(src.dtype)),

@@ -36,6 +36,8 @@ void device_copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
   check(cudaMemcpy(dst, src, bytes, cuda_kind), "cudaMemcpy", bytes);
 }
 
+void device_zero(void* dst, size_t bytes) { check(cudaMemset(dst, 0, bytes), "cudaMemset", bytes); }
+
 void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows,
                     void* stream) {
   check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice,

@@ -103,6 +103,12 @@ void LlamaDecoder::prefill(int seq, std::span<const int32_t> prompt, const Tenso
   for (const int32_t token : prompt) step({&seq, 1}, {&token, 1}, logits);
 }
 
+void LlamaDecoder::skip(int seq, int64_t tokens) {
+  if (tokens < 0) throw Error(fmt::format("LlamaDecoder::skip: tokens: expected >= 0, got {}", tokens));
+  for (PagedKVCache& cache : caches_) cache.reserve({&seq, 1}, tokens);
+  for (PagedKVCache& cache : caches_) cache.advance({&seq, 1}, tokens);
+}
+
 int32_t sample_token(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng) {
   if (logits.empty()) throw Error("sample_token: logits: expected at least one value, got none");
   if (!(o.temperature >= 0.0f) || o.top_k < 0 || !(o.top_p > 0.0f && o.top_p <= 1.0f)) {

@@ -45,32 +45,49 @@ std::vector<Expected> expected_tensors(const ModelConfig& c) {
 
 std::string shape_text(std::span<const int64_t> shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
-// Builds the model: every tensor converted on the host, checked, quantized if asked, then moved.
-class Loader {
- public:
-  Loader(const Checkpoint& checkpoint, const LoadOptions& options, std::vector<Array>& storage)
-      : checkpoint_(checkpoint), options_(options), storage_(storage) {}
+}  // namespace
 
-  // `name` in options.dtype on options.device.
-  Array dense(const Expected& e) { return host(e).to(options_.device); }
+// Where a model's tensors come from: a checkpoint (CheckpointSource) or random values
+// (RandomSource). dense() and weight() give a tensor in options.dtype on options.device, keeping
+// what they allocate in `storage`.
+class detail::WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual Array dense(const Expected& e) = 0;
+  virtual Weight weight(const Expected& e, std::vector<Array>& storage) = 0;
+};
+
+namespace {
+
+// Keeps `parts` (packed codes, scales, biases) on `device` in storage; the quantized weight over them.
+Weight store_quantized(QuantizedArray& q, Device device, std::vector<Array>& storage) {
+  Tensor views[3];
+  Array* parts[3] = {&q.packed, &q.scales, &q.biases};
+  for (int i = 0; i < 3; ++i) {
+    if (parts[i]->data() == nullptr) continue;
+    storage.push_back(parts[i]->to(device));
+    views[i] = storage.back().view();
+  }
+  return Weight::of(QuantizedWeight{q.weight.spec, q.weight.rows, q.weight.cols, views[0], views[1], views[2]});
+}
+
+// Every tensor converted on the host, checked, quantized if asked, then moved.
+class CheckpointSource : public detail::WeightSource {
+ public:
+  CheckpointSource(const Checkpoint& checkpoint, const LoadOptions& options) : checkpoint_(checkpoint), options_(options) {}
+
+  Array dense(const Expected& e) override { return host(e).to(options_.device); }
 
   // A projection: dense, or quantized on load.
-  Weight weight(const Expected& e) {
+  Weight weight(const Expected& e, std::vector<Array>& storage) override {
     Array values = host(e);
     if (!options_.quantize) {
-      storage_.push_back(values.to(options_.device));
-      return Weight::of(storage_.back().view());
+      storage.push_back(values.to(options_.device));
+      return Weight::of(storage.back().view());
     }
     QuantizedArray q = make_quantized(*options_.quantize, e.shape[0], e.shape[1], options_.dtype);
     quantize(values, q.weight, {"cpu"});
-    Tensor views[3];
-    Array* parts[3] = {&q.packed, &q.scales, &q.biases};
-    for (int i = 0; i < 3; ++i) {
-      if (parts[i]->data() == nullptr) continue;
-      storage_.push_back(parts[i]->to(options_.device));
-      views[i] = storage_.back().view();
-    }
-    return Weight::of(QuantizedWeight{q.weight.spec, e.shape[0], e.shape[1], views[0], views[1], views[2]});
+    return store_quantized(q, options_.device, storage);
   }
 
  private:
@@ -101,7 +118,63 @@ class Loader {
 
   const Checkpoint& checkpoint_;
   const LoadOptions& options_;
-  std::vector<Array>& storage_;
+};
+
+// Random tensors made straight in their final layout: norms of ones; dense values uniform in
+// +-0.04 (about the N(0, 0.02) of a fresh Hugging Face model); quantized weights as random codes
+// under scales and biases that decode to about the same range. xorshift64, one stream per tensor.
+class RandomSource : public detail::WeightSource {
+ public:
+  RandomSource(const LoadOptions& options, uint64_t seed) : options_(options), state_(seed * 0x9E3779B97F4A7C15ull + 1) {}
+
+  Array dense(const Expected& e) override {
+    Array out(options_.dtype, e.shape);
+    const bool norm = e.shape.size() == 1;
+    for (int64_t i = 0; i < out.numel(); ++i) reference::store(out, i, norm ? 1.0 : 0.04 * uniform());
+    return out.to(options_.device);
+  }
+
+  Weight weight(const Expected& e, std::vector<Array>& storage) override {
+    if (!options_.quantize) {
+      storage.push_back(dense(e));
+      return Weight::of(storage.back().view());
+    }
+    const QuantSpec& spec = *options_.quantize;
+    QuantizedArray q = make_quantized(spec, e.shape[0], e.shape[1], options_.dtype);
+    fill_bytes(q.packed);
+    const double step = 0.08 / double((1 << spec.bits) - 1);  // codes span +-0.04
+    if (spec.format == QuantFormat::mlx_affine) {
+      for (int64_t i = 0; i < q.scales.numel(); ++i) {
+        reference::store(q.scales, i, step);
+        reference::store(q.biases, i, -0.04);
+      }
+    } else {  // each GGUF block starts with its f16 scale d
+      const int64_t block = gguf_block_bytes(spec.format), blocks = q.packed.numel() / block;
+      const uint16_t d = f32_to_f16(float(spec.format == QuantFormat::gguf_q4_0 ? 0.04 / 8 : 0.04 / 128));
+      for (int64_t b = 0; b < blocks; ++b) std::memcpy(q.packed.ptr<uint8_t>() + b * block, &d, sizeof(d));
+    }
+    return store_quantized(q, options_.device, storage);
+  }
+
+ private:
+  uint64_t next() {
+    state_ ^= state_ << 13;
+    state_ ^= state_ >> 7;
+    state_ ^= state_ << 17;
+    return state_;
+  }
+  double uniform() { return double(next() >> 11) * 0x1.0p-52 - 1.0; }  // [-1, 1)
+  void fill_bytes(const Array& a) {
+    auto* bytes = static_cast<unsigned char*>(a.data());
+    const size_t n = a.nbytes();
+    for (size_t i = 0; i < n; i += 8) {
+      const uint64_t r = next();
+      std::memcpy(bytes + i, &r, std::min<size_t>(8, n - i));
+    }
+  }
+
+  const LoadOptions& options_;
+  uint64_t state_;
 };
 
 }  // namespace
@@ -112,6 +185,26 @@ LlamaModel LlamaModel::load(const std::filesystem::path& dir, const LoadOptions&
 
 LlamaModel LlamaModel::from_checkpoint(const ModelConfig& config, const Checkpoint& checkpoint,
                                        const LoadOptions& options) {
+  // Every tensor of the checkpoint must be one we use (rotary inv_freq buffers that old Llama
+  // checkpoints carry are recomputed, not weights).
+  std::set<std::string, std::less<>> names;
+  for (const Expected& e : expected_tensors(config)) names.insert(e.name);
+  for (const std::string& name : checkpoint.names()) {
+    if (!names.contains(name) && !name.ends_with("self_attn.rotary_emb.inv_freq")) {
+      throw Error(fmt::format("checkpoint: {}: not a tensor of a {} model with this config", name,
+                              model_type_name(config.model_type)));
+    }
+  }
+  CheckpointSource source(checkpoint, options);
+  return build(config, options, source);
+}
+
+LlamaModel LlamaModel::random(const ModelConfig& config, const LoadOptions& options, uint64_t seed) {
+  RandomSource source(options, seed);
+  return build(config, options, source);
+}
+
+LlamaModel LlamaModel::build(const ModelConfig& config, const LoadOptions& options, detail::WeightSource& source) {
   if (config.attention_bias) {
     throw Error("config: attention_bias: expected false (q/k/v biases, as Qwen2 has, are not in the decode stack yet), got true");
   }
@@ -119,17 +212,6 @@ LlamaModel LlamaModel::from_checkpoint(const ModelConfig& config, const Checkpoi
     throw Error(fmt::format("LlamaModel: options.dtype: expected f32, f16 or bf16, got {}", dtype_name(options.dtype)));
   }
   const std::vector<Expected> expected = expected_tensors(config);
-  // Every tensor of the checkpoint must be one we use (rotary inv_freq buffers that old Llama
-  // checkpoints carry are recomputed, not weights).
-  std::set<std::string, std::less<>> names;
-  for (const Expected& e : expected) names.insert(e.name);
-  for (const std::string& name : checkpoint.names()) {
-    if (!names.contains(name) && !name.ends_with("self_attn.rotary_emb.inv_freq")) {
-      throw Error(fmt::format("checkpoint: {}: not a tensor of a {} model with this config", name,
-                              model_type_name(config.model_type)));
-    }
-  }
-
   LlamaModel m;
   m.config_ = config;
   m.options_ = options;
@@ -143,28 +225,27 @@ LlamaModel LlamaModel::from_checkpoint(const ModelConfig& config, const Checkpoi
   lc.rope = RopeParams{float(config.rope_theta), RopeStyle::half_split, int(config.head_dim),
                        config.rope_scaling.has_value(), config.rope_scaling.value_or(Llama3Scaling{})};
 
-  Loader load(checkpoint, options, m.storage_);
   size_t at = 0;
-  m.embed_ = load.dense(expected[at++]);
-  m.final_norm_ = load.dense(expected[at++]);
+  m.embed_ = source.dense(expected[at++]);
+  m.final_norm_ = source.dense(expected[at++]);
   if (config.tie_word_embeddings) {
-    m.lm_head_ = load.weight(Expected{"model.embed_tokens.weight", {config.vocab_size, config.hidden_size}});
+    m.lm_head_ = source.weight(Expected{"model.embed_tokens.weight", {config.vocab_size, config.hidden_size}}, m.storage_);
   } else {
-    m.lm_head_ = load.weight(expected[at++]);
+    m.lm_head_ = source.weight(expected[at++], m.storage_);
   }
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     DecodeLayerWeights w;
-    m.storage_.push_back(load.dense(expected[at++]));
+    m.storage_.push_back(source.dense(expected[at++]));
     w.attn_norm = m.storage_.back().view();
-    w.wq = load.weight(expected[at++]);
-    w.wk = load.weight(expected[at++]);
-    w.wv = load.weight(expected[at++]);
-    w.wo = load.weight(expected[at++]);
-    m.storage_.push_back(load.dense(expected[at++]));
+    w.wq = source.weight(expected[at++], m.storage_);
+    w.wk = source.weight(expected[at++], m.storage_);
+    w.wv = source.weight(expected[at++], m.storage_);
+    w.wo = source.weight(expected[at++], m.storage_);
+    m.storage_.push_back(source.dense(expected[at++]));
     w.mlp_norm = m.storage_.back().view();
-    w.gate = load.weight(expected[at++]);
-    w.up = load.weight(expected[at++]);
-    w.down = load.weight(expected[at++]);
+    w.gate = source.weight(expected[at++], m.storage_);
+    w.up = source.weight(expected[at++], m.storage_);
+    w.down = source.weight(expected[at++], m.storage_);
     m.layers_.push_back(w);
   }
   return m;

@@ -28,6 +28,9 @@ PagedKVCache::PagedKVCache(const Config& config) : config_(config) {
   const int64_t shape[] = {config.num_pages, config.page_size, config.num_kv_heads, config.head_dim};
   k_pages_ = Array(config.dtype, shape, config.device);
   v_pages_ = Array(config.dtype, shape, config.device);
+  // Zeros, not garbage, in a position that was reserved but never written (LlamaDecoder::skip).
+  zero_bytes(k_pages_);
+  zero_bytes(v_pages_);
   // Pages are handed out lowest index first.
   for (int64_t p = config.num_pages - 1; p >= 0; --p) free_list_.push_back(int32_t(p));
   refcount_.assign(size_t(config.num_pages), 0);

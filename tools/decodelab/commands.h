@@ -25,6 +25,8 @@ int run_info();
 struct GenerateCommandOptions {
   std::string checkpoint;  // a Hugging Face checkpoint directory; with --toy, where to write one
   bool toy = false;
+  std::string synthetic;  // "llama3-8b": random weights of that shape made in memory
+  int64_t context = 0;    // positions skipped before the prompt (decode speed at a context length)
   std::vector<int32_t> tokens;  // the prompt
   int steps = 32;
   std::string device = "cpu";

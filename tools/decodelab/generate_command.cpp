@@ -32,6 +32,23 @@ ModelConfig toy_config() {
   return c;
 }
 
+// Llama 3 8B (Meta-Llama-3-8B's config.json).
+ModelConfig llama3_8b_config() {
+  ModelConfig c;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.num_hidden_layers = 32;
+  c.vocab_size = 128256;
+  c.max_position_embeddings = 8192;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000.0;
+  c.rope_scaling = Llama3Scaling{};
+  return c;
+}
+
 DType parse_dtype(const std::string& name) {
   for (DType t : {DType::f32, DType::f16, DType::bf16}) {
     if (dtype_name(t) == name) return t;
@@ -46,29 +63,35 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }  // namespace
 
 int run_generate(const GenerateCommandOptions& o) {
-  std::filesystem::path dir = o.checkpoint;
-  if (o.toy) {
-    if (dir.empty()) dir = std::filesystem::temp_directory_path() / "decodelab-toy";
-    write_random_llama(dir, toy_config(), DType::bf16, o.seed);
-    fmt::print("toy checkpoint: {}\n", dir.string());
-  } else if (dir.empty()) {
-    throw Error("generate: checkpoint: expected a checkpoint directory (or --toy), got none");
-  }
   LoadOptions load;
   load.device = o.device == "cuda" ? Device::cuda : Device::cpu;
   load.dtype = parse_dtype(o.dtype);
   if (!o.quantize.empty()) load.quantize = parse_quant_spec(o.quantize);
   load.check_finite = o.check_finite;
-  const LlamaModel model = LlamaModel::load(dir, load);
+  std::filesystem::path dir = o.checkpoint;
+  if (!o.synthetic.empty() && (o.toy || !dir.empty())) {
+    throw Error("generate: --synthetic: expected no checkpoint and no --toy beside it");
+  }
+  if (o.toy) {
+    if (dir.empty()) dir = std::filesystem::temp_directory_path() / "decodelab-toy";
+    write_random_llama(dir, toy_config(), DType::bf16, o.seed);
+    fmt::print("toy checkpoint: {}\n", dir.string());
+  } else if (dir.empty() && o.synthetic.empty()) {
+    throw Error("generate: checkpoint: expected a checkpoint directory (or --toy, or --synthetic), got none");
+  }
+  const auto t_load = std::chrono::steady_clock::now();
+  const LlamaModel model = o.synthetic.empty() ? LlamaModel::load(dir, load) : LlamaModel::random(llama3_8b_config(), load, o.seed);
+  if (!o.synthetic.empty()) fmt::print("synthetic {} (random weights, made in {:.1f} s)\n", o.synthetic, seconds_since(t_load));
   const ModelConfig& c = model.config();
   std::vector<int32_t> prompt = o.tokens;
   if (prompt.empty()) prompt = {1};
 
   LlamaDecoder::Config dc;
-  dc.max_tokens = int64_t(prompt.size()) + o.steps;
+  dc.max_tokens = o.context + int64_t(prompt.size()) + o.steps;
   dc.run.backend = o.backend;
   LlamaDecoder decoder(model, dc);
   const int seq = decoder.add_sequence();
+  decoder.skip(seq, o.context);
   Array logits(DType::f32, {1, c.vocab_size});
   const std::span<const float> row(logits.ptr<const float>(), size_t(c.vocab_size));
   std::mt19937_64 rng(o.seed);
@@ -87,7 +110,7 @@ int run_generate(const GenerateCommandOptions& o) {
 
   // The floor: a decode step reads every weight once and the K and V of its context in every layer.
   const BandwidthProbe limits = measure_limits(load.device);
-  const double mean_context = double(prompt.size()) + double(o.steps) / 2.0;
+  const double mean_context = double(o.context) + double(prompt.size()) + double(o.steps) / 2.0;
   const double kv_bytes = mean_context * double(c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim) *
                           double(dtype_size(load.dtype));
   const double bytes_per_token = double(model.weight_bytes_per_token()) + kv_bytes;
@@ -98,6 +121,7 @@ int run_generate(const GenerateCommandOptions& o) {
              c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size,
              model_type_name(c.model_type), dtype_name(load.dtype), load.quantize ? fmt::format(" {}", quant_spec_name(*load.quantize)) : "",
              o.device, o.backend);
+  if (o.context > 0) fmt::print("context: {} positions skipped before the prompt (zero K/V)\n", o.context);
   fmt::print("prompt: [{}]\n", fmt::join(prompt, ", "));
   fmt::print("generated: [{}]\n", fmt::join(generated, ", "));
   fmt::print("prefill: {} tokens in {:.3f} s ({:.1f} tokens/s, a decode step per token)\n", prompt.size(), prefill_s,

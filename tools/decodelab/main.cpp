@@ -37,6 +37,12 @@ int main(int argc, char** argv) {
   CLI::App* gen_cmd = app.add_subcommand("generate", "decode token ids with a Llama-family checkpoint (or a toy one)");
   gen_cmd->add_option("checkpoint", gen.checkpoint, "checkpoint directory (config.json, *.safetensors); with --toy, where to write it");
   gen_cmd->add_flag("--toy", gen.toy, "write a small random Llama checkpoint and use it");
+  gen_cmd->add_option("--synthetic", gen.synthetic,
+                      "random weights of a real model's shape made in memory, no checkpoint (speed only)")
+      ->check(CLI::IsMember({"llama3-8b"}));
+  gen_cmd->add_option("--context", gen.context,
+                      "start at this context length: positions skipped (zero K/V), not computed (speed only)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
   gen_cmd->add_option("--tokens", gen.tokens, "prompt token ids")->delimiter(',');
   gen_cmd->add_option("--steps", gen.steps, "tokens to generate")->check(CLI::Range(1, 1 << 20));
   gen_cmd->add_option("--device", gen.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
