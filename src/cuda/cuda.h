@@ -50,6 +50,16 @@ std::string matvec_supports(const MatvecArgs& a);
 std::string matvec_multi_supports(const MatvecMultiArgs& a);
 std::string output_projection_supports(const OutputProjectionArgs& a);
 std::string mlp_block_supports(const MlpBlockArgs& a);
+// matvec_mma.cu (cuda.mma): the same ops on the tensor cores, f16/bf16 x over dense weights of x's
+// dtype or quantized ones; the weights are rounded to x's dtype as they are dequantized.
+void matvec_mma(const MatvecArgs& a);
+void matvec_multi_mma(const MatvecMultiArgs& a);
+void output_projection_mma(const OutputProjectionArgs& a);
+void mlp_block_mma(const MlpBlockArgs& a);
+std::string matvec_mma_supports(const MatvecArgs& a);
+std::string matvec_multi_mma_supports(const MatvecMultiArgs& a);
+std::string output_projection_mma_supports(const OutputProjectionArgs& a);
+std::string mlp_block_mma_supports(const MlpBlockArgs& a);
 std::string decode_block_supports(const DecodeBlockArgs& a);
 
 }  // namespace decodelab::cuda

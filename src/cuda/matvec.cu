@@ -9,162 +9,17 @@
 // of several units are issued before any is used, to keep enough bytes in flight. x is small and
 // read through L1/L2. Accumulation is f32; one warp reduction per (row, input) at the end.
 //
-// Quantized codes become floats without an int->float conversion (a quarter-rate instruction on
-// Hopper): code q is moved under the mantissa of 1.0f, giving m = 1 + q / 2^bits exactly, and each
-// weight is one FMA, w = S * m + B', with S = 2^bits * scale and B' = bias - S (MLX), or for GGUF
-// S = 2^bits * d and B' = -(2^bits + 2^(bits-1)) d (w = d (q - 8) for Q4_0; Q8_0's signed codes are
-// first flipped to q + 128).
+// The weight formats, and how codes become floats, are in matvec_formats.cuh.
 #include <algorithm>
 
-#include "cuda/common.cuh"
 #include "cuda/cuda.h"
+#include "cuda/matvec_formats.cuh"
 
 namespace decodelab::cuda {
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxBatch = 16;
-
-// Code q of `bits` bits at bit `pos` of a word, as the float 1 + q / 2^bits.
-template <int kBits, int kPos>
-__device__ __forceinline__ float code_mantissa(uint32_t word) {
-  constexpr int kTop = 23 - kBits;  // the code's place in the mantissa
-  constexpr uint32_t kMask = ((1u << kBits) - 1) << kTop;
-  const uint32_t moved = kPos <= kTop ? word << (kTop - kPos) : word >> (kPos - kTop);
-  return __uint_as_float((moved & kMask) | 0x3F800000u);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Weight formats. Each has kUnit (inputs per lane per step), Raw (a unit as loaded), load() (issues
-// the unit's global loads), decode() (Raw to kUnit f32 weights in input order) and kUnroll (units
-// loaded ahead per lane: about 64 bytes in flight).
-
-template <class TW>
-struct DenseMatrix {
-  static constexpr int kUnit = kVec<TW>, kUnroll = 4;
-  struct Raw {
-    uint4 v;
-  };
-  const TW* w;
-  int64_t k;
-
-  __device__ Raw load(int64_t row, int64_t u) const {
-    return {__ldcs(reinterpret_cast<const uint4*>(w + row * k) + u)};
-  }
-  __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
-    const TW* e = reinterpret_cast<const TW*>(&raw.v);
-#pragma unroll
-    for (int i = 0; i < kUnit; ++i) out[i] = to_float(e[i]);
-  }
-};
-
-// MLX affine: 16 bytes of codes (32 4-bit or 16 8-bit), all in one group (groups are >= 32 inputs).
-template <int kBits, class TS>
-struct MlxMatrix {
-  static constexpr int kCodes = 32 / kBits;  // per word
-  static constexpr int kUnit = 4 * kCodes, kUnroll = 4;
-  struct Raw {
-    uint4 v;
-    TS scale, bias;
-  };
-  const uint4* packed;  // rows of k * kBits / 128 uint4
-  const TS* scales;
-  const TS* biases;
-  int64_t k;
-  int group_shift;  // log2 of the group size
-
-  __device__ Raw load(int64_t row, int64_t u) const {
-    const int64_t g = row * (k >> group_shift) + ((u * kUnit) >> group_shift);
-    return {__ldcs(packed + row * (k / kUnit) + u), __ldg(scales + g), __ldg(biases + g)};
-  }
-  __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
-    const float s = to_float(raw.scale) * float(1 << kBits), b = to_float(raw.bias) - s;
-    const uint32_t words[4] = {raw.v.x, raw.v.y, raw.v.z, raw.v.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      decode_word(words[j], s, b, out + j * kCodes, std::make_integer_sequence<int, kCodes>());
-    }
-  }
-  template <int... kI>
-  __device__ static void decode_word(uint32_t word, float s, float b, float* out, std::integer_sequence<int, kI...>) {
-    ((out[kI] = fmaf(s, code_mantissa<kBits, kI * kBits>(word), b)), ...);
-  }
-};
-
-// GGUF Q4_0 (18-byte blocks: f16 d, then byte j holds element j low and j + 16 high) and Q8_0
-// (34-byte blocks: f16 d, then 32 int8). Blocks are only 2-byte aligned, so a lane reads the 8-byte
-// words that cover its block and shifts the bytes into place in registers: 3 or 5 loads per block
-// instead of 9 or 17 two-byte ones.
-template <bool kQ8>
-struct GgufMatrix {
-  static constexpr int kUnit = 32;
-  static constexpr int kBits = kQ8 ? 8 : 4;
-  static constexpr int64_t kBlockBytes = kQ8 ? 34 : 18;
-  static constexpr int kLoadWords = int(kBlockBytes + 6 + 7) / 8;  // 8-byte words from the block's aligned start
-  static constexpr int kUnroll = kQ8 ? 2 : 4;
-  struct Raw {
-    uint64_t w[kLoadWords];
-    int shift;  // bits from the aligned start to the block
-  };
-  const uint8_t* packed;
-  const uint8_t* end;  // past the last block of the matrix: words reaching past it are read in halves
-  int64_t row_bytes;
-
-  __device__ Raw load(int64_t row, int64_t u) const {
-    const uint8_t* block = packed + row * row_bytes + u * kBlockBytes;
-    const uintptr_t at = reinterpret_cast<uintptr_t>(block);
-    const uint64_t* words = reinterpret_cast<const uint64_t*>(at & ~uintptr_t(7));
-    Raw raw;
-    raw.shift = int(at & 7) * 8;
-#pragma unroll
-    for (int i = 0; i < kLoadWords; ++i) {
-      const uint8_t* word = reinterpret_cast<const uint8_t*>(words + i);
-      if (word + 8 <= end) {
-        raw.w[i] = __ldcs(words + i);
-      } else {
-        raw.w[i] = 0;  // the last block of the matrix: no reads past its end
-        for (int h = 0; h < 4 && word + 2 * h < end; ++h) {
-          raw.w[i] |= uint64_t(__ldg(reinterpret_cast<const uint16_t*>(word) + h)) << (16 * h);
-        }
-      }
-    }
-    return raw;
-  }
-
-  __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
-    // The block's bytes from its start, as 32-bit words: bytes [0, 2) d, then the codes.
-    uint32_t bytes[kLoadWords * 2];
-#pragma unroll
-    for (int i = 0; i < kLoadWords; ++i) {
-      const uint64_t next = i + 1 < kLoadWords ? raw.w[i + 1] : 0;
-      const uint64_t v = raw.shift == 0 ? raw.w[i] : (raw.w[i] >> raw.shift) | (next << (64 - raw.shift));
-      bytes[2 * i] = uint32_t(v);
-      bytes[2 * i + 1] = uint32_t(v >> 32);
-    }
-    const float d = __half2float(__ushort_as_half(uint16_t(bytes[0])));
-    const float s = d * float(1 << kBits), b = -1.5f * s;
-#pragma unroll
-    for (int j = 0; j < (kQ8 ? 8 : 4); ++j) {
-      uint32_t codes = __funnelshift_r(bytes[j], bytes[j + 1], 16);  // bytes [2 + 4j, 6 + 4j)
-      if constexpr (kQ8) {
-        codes ^= 0x80808080u;  // int8 q to q + 128
-        out[4 * j + 0] = fmaf(s, code_mantissa<8, 0>(codes), b);
-        out[4 * j + 1] = fmaf(s, code_mantissa<8, 8>(codes), b);
-        out[4 * j + 2] = fmaf(s, code_mantissa<8, 16>(codes), b);
-        out[4 * j + 3] = fmaf(s, code_mantissa<8, 24>(codes), b);
-      } else {
-        out[4 * j + 0] = fmaf(s, code_mantissa<4, 0>(codes), b);
-        out[4 * j + 1] = fmaf(s, code_mantissa<4, 8>(codes), b);
-        out[4 * j + 2] = fmaf(s, code_mantissa<4, 16>(codes), b);
-        out[4 * j + 3] = fmaf(s, code_mantissa<4, 24>(codes), b);
-        out[16 + 4 * j + 0] = fmaf(s, code_mantissa<4, 4>(codes), b);
-        out[16 + 4 * j + 1] = fmaf(s, code_mantissa<4, 12>(codes), b);
-        out[16 + 4 * j + 2] = fmaf(s, code_mantissa<4, 20>(codes), b);
-        out[16 + 4 * j + 3] = fmaf(s, code_mantissa<4, 28>(codes), b);
-      }
-    }
-  }
-};
 
 // ------------------------------------------------------------------------------------------------
 // The kernel.
@@ -180,16 +35,6 @@ __device__ __forceinline__ void load_inputs(const TX* __restrict__ p, float (&ou
     for (int i = 0; i < kN; ++i) out[i] = to_float(p[i]);
   }
 }
-
-// Up to kMaxMultiOutputs matrices of one format over one x, their rows numbered one after another.
-template <class M, class TX>
-struct Jobs {
-  M m[kMaxMultiOutputs];
-  TX* y[kMaxMultiOutputs];
-  const TX* residual[kMaxMultiOutputs];  // added to y as it is stored; may alias y
-  int64_t first_row[kMaxMultiOutputs + 1];
-  int count;
-};
 
 // kParts = 1: a warp computes row `row` of the job that holds it. kParts = 2 (the MLP): a warp
 // computes row `row` of jobs 0 (gate) and 1 (up) and stores silu(gate) * up into job 0's y.
@@ -252,55 +97,12 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_kernel(Jobs<M, TX> jobs, c
     float sum[kParts];
 #pragma unroll
     for (int p = 0; p < kParts; ++p) sum[p] = group_sum<32>(acc[p][b]);
-    if (lane != 0) continue;
-    TX* y = jobs.y[job] + b * n + row;
-    if constexpr (kParts == 2) {
-      *y = from_float<TX>(sum[0] / (1.0f + expf(-sum[0])) * sum[1]);
-    } else {
-      const TX* residual = jobs.residual[job];
-      *y = from_float<TX>(residual != nullptr ? to_float(residual[b * n + row]) + sum[0] : sum[0]);
-    }
+    if (lane == 0) store_output<kParts>(jobs, job, n, b, row, sum);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host side: the format of each Weight, the launch and the batch's compile-time bound.
-
-template <class TW>
-DenseMatrix<TW> dense_matrix(const Weight& w) {
-  return {w.dense.ptr<const TW>(), w.cols()};
-}
-template <int kBits, class TS>
-MlxMatrix<kBits, TS> mlx_matrix(const Weight& w) {
-  const QuantizedWeight& q = w.quantized;
-  return {q.packed.ptr<const uint4>(), q.scales.ptr<const TS>(), q.biases.ptr<const TS>(), q.cols,
-          __builtin_ctz(unsigned(q.spec.group_size))};
-}
-template <bool kQ8>
-GgufMatrix<kQ8> gguf_matrix(const Weight& w) {
-  const QuantizedWeight& q = w.quantized;
-  const auto* packed = q.packed.ptr<const uint8_t>();
-  const int64_t bytes = int64_t(q.packed.nbytes());
-  return {packed, packed + bytes, bytes / q.rows};
-}
-
-// fn(make) where make(weight) builds the format's matrix for weights in `w`'s format: the one
-// place where formats and dtypes become types (supports() keeps to what is listed here).
-template <class TX, class Fn>
-void dispatch_format(const Weight& w, Fn&& fn) {
-  if (!w.is_quantized) {
-    dispatch_activation(w.dense.dtype, [&](auto tag) { fn([](const Weight& wi) { return dense_matrix<decltype(tag)>(wi); }); });
-    return;
-  }
-  switch (w.quantized.spec.format) {
-    case QuantFormat::mlx_affine:
-      // Scales and biases share x's dtype (supports() checks), as MLX keeps them in the weights'.
-      if (w.quantized.spec.bits == 4) return fn([](const Weight& wi) { return mlx_matrix<4, TX>(wi); });
-      return fn([](const Weight& wi) { return mlx_matrix<8, TX>(wi); });
-    case QuantFormat::gguf_q4_0: return fn([](const Weight& wi) { return gguf_matrix<false>(wi); });
-    case QuantFormat::gguf_q8_0: return fn([](const Weight& wi) { return gguf_matrix<true>(wi); });
-  }
-}
+// Host side: the launch and the batch's compile-time bound.
 
 template <int kBatch, int kParts, class M, class TX>
 void launch(const Jobs<M, TX>& jobs, const TX* x, int64_t k, int batch, cudaStream_t s, const char* op) {
@@ -312,18 +114,11 @@ void launch(const Jobs<M, TX>& jobs, const TX* x, int64_t k, int batch, cudaStre
 
 // rows of y[i] = w[i] x (+ residual[i]); kParts = 2: y[0] = silu(w[0] x) * (w[1] x).
 template <int kParts, class TX>
-void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual, Stream stream,
+void run_typed(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual, Stream stream,
          const char* op) {
   dispatch_format<TX>(w[0], [&](auto make) {
     using M = decltype(make(w[0]));
-    Jobs<M, TX> jobs{};
-    jobs.count = int(w.size());
-    for (int i = 0; i < jobs.count; ++i) {
-      jobs.m[i] = make(w[size_t(i)]);
-      jobs.y[i] = y[size_t(kParts == 2 ? 0 : i)].ptr<TX>();
-      jobs.residual[i] = residual != nullptr ? residual->ptr<const TX>() : nullptr;
-      jobs.first_row[i + 1] = jobs.first_row[i] + w[size_t(i)].rows();
-    }
+    const Jobs<M, TX> jobs = make_jobs<M, TX>(make, w, y, residual, kParts == 2);
     const int batch = int(x.dim(0));
     const int64_t k = x.dim(1);
     const cudaStream_t s = stream_of(stream);
@@ -333,36 +128,20 @@ void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, 
   });
 }
 
-template <int kParts = 1>
-void run_any(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual, Stream stream,
-             const char* op) {
-  dispatch_activation(x.dtype, [&](auto tag) { run<kParts, decltype(tag)>(x, w, y, residual, stream, op); });
-}
+// The kernel family of the matvec ops (matvec_formats.cuh): any activation dtype.
+struct CudaCoreMatvec {
+  template <int kParts>
+  static void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
+                  Stream stream, const char* op) {
+    dispatch_activation(x.dtype, [&](auto tag) { run_typed<kParts, decltype(tag)>(x, w, y, residual, stream, op); });
+  }
+};
 
 }  // namespace
 
-void matvec(const MatvecArgs& a) { run_any(a.x, {&a.w, 1}, {&a.y, 1}, nullptr, a.stream, "matvec"); }
-
-void matvec_multi(const MatvecMultiArgs& a) {
-  run_any(a.x, {a.w.data(), size_t(a.count)}, {a.y.data(), size_t(a.count)}, nullptr, a.stream, "matvec_multi");
-}
-
-void output_projection(const OutputProjectionArgs& a) {
-  run_any(a.attn, {&a.wo, 1}, {&a.out, 1}, &a.residual, a.stream, "output_projection");
-}
-
-// The activation is stored between the two matvecs in the output dtype, as the op defines it, in
-// stream-ordered scratch memory.
-void mlp_block(const MlpBlockArgs& a) {
-  const cudaStream_t s = stream_of(a.stream);
-  const int64_t batch = a.x.dim(0), inter = a.gate.rows();
-  void* scratch = nullptr;
-  check_launch(scratch_alloc(&scratch, size_t(batch * inter) * dtype_size(a.out.dtype), s), "mlp_block");
-  const Tensor act = Tensor::contiguous(scratch, a.out.dtype, {batch, inter}, Device::cuda);
-  const Weight gate_up[2] = {a.gate, a.up};
-  run_any<2>(a.x, gate_up, {&act, 1}, nullptr, a.stream, "mlp_block");
-  run_any(act, {&a.down, 1}, {&a.out, 1}, nullptr, a.stream, "mlp_block");
-  check_launch(scratch_free(scratch, s), "mlp_block");
-}
+void matvec(const MatvecArgs& a) { run_matvec<CudaCoreMatvec>(a); }
+void matvec_multi(const MatvecMultiArgs& a) { run_matvec_multi<CudaCoreMatvec>(a); }
+void output_projection(const OutputProjectionArgs& a) { run_output_projection<CudaCoreMatvec>(a); }
+void mlp_block(const MlpBlockArgs& a) { run_mlp_block<CudaCoreMatvec>(a); }
 
 }  // namespace decodelab::cuda

@@ -45,6 +45,17 @@ std::string matvec_weight_supports(const Weight& w, const Tensor& x) {
   return {};
 }
 
+// The tensor-core kernel's extra condition: 16-bit operands, x's dtype (dense weights too).
+std::string mma_operands_supports(const Weight& w, const Tensor& x) {
+  if (x.dtype != DType::f16 && x.dtype != DType::bf16) {
+    return fmt::format("f16 or bf16 activations (tensor-core operands), got {}", dtype_name(x.dtype));
+  }
+  if (!w.is_quantized && w.dense.dtype != x.dtype) {
+    return fmt::format("dense weights in x's dtype {}, got {}", dtype_name(x.dtype), dtype_name(w.dense.dtype));
+  }
+  return {};
+}
+
 // Weights that one launch can read together: one format, one dtype.
 bool same_format(const Weight& a, const Weight& b) {
   if (a.is_quantized != b.is_quantized) return false;
@@ -108,6 +119,31 @@ std::string mlp_block_supports(const MlpBlockArgs& a) {
   }
   if (a.gate.rows() * int64_t(dtype_size(a.out.dtype)) % 16 != 0) return "intermediate size * dtype size a multiple of 16";
   return {};
+}
+
+// cuda.mma: the CUDA-core kernel's conditions, plus 16-bit operands for every weight.
+std::string matvec_mma_supports(const MatvecArgs& a) {
+  if (std::string why = mma_operands_supports(a.w, a.x); !why.empty()) return why;
+  return matvec_supports(a);
+}
+
+std::string matvec_multi_mma_supports(const MatvecMultiArgs& a) {
+  for (int i = 0; i < a.count; ++i) {
+    if (std::string why = mma_operands_supports(a.w[size_t(i)], a.x); !why.empty()) return why;
+  }
+  return matvec_multi_supports(a);
+}
+
+std::string output_projection_mma_supports(const OutputProjectionArgs& a) {
+  if (std::string why = mma_operands_supports(a.wo, a.attn); !why.empty()) return why;
+  return output_projection_supports(a);
+}
+
+std::string mlp_block_mma_supports(const MlpBlockArgs& a) {
+  for (const Weight* w : {&a.gate, &a.up, &a.down}) {
+    if (std::string why = mma_operands_supports(*w, a.x); !why.empty()) return why;
+  }
+  return mlp_block_supports(a);
 }
 
 }  // namespace decodelab::cuda

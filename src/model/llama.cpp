@@ -148,10 +148,16 @@ class RandomSource : public detail::WeightSource {
         reference::store(q.scales, i, step);
         reference::store(q.biases, i, -0.04);
       }
-    } else {  // each GGUF block starts with its f16 scale d
+    } else {
+      // Each GGUF block starts with its f16 scale d, of random sign as a quantizer's would be: Q4_0's
+      // codes q - 8 in [-8, 7] average -0.5, and one sign for all would bias every output by the
+      // same amount, which 32 layers of residuals grow past f16's range.
       const int64_t block = gguf_block_bytes(spec.format), blocks = q.packed.numel() / block;
-      const uint16_t d = f32_to_f16(float(spec.format == QuantFormat::gguf_q4_0 ? 0.04 / 8 : 0.04 / 128));
-      for (int64_t b = 0; b < blocks; ++b) std::memcpy(q.packed.ptr<uint8_t>() + b * block, &d, sizeof(d));
+      const float d = float(spec.format == QuantFormat::gguf_q4_0 ? 0.04 / 8 : 0.04 / 128);
+      const uint16_t d_bits[2] = {f32_to_f16(d), f32_to_f16(-d)};
+      for (int64_t b = 0; b < blocks; ++b) {
+        std::memcpy(q.packed.ptr<uint8_t>() + b * block, &d_bits[next() & 1], sizeof(uint16_t));
+      }
     }
     return store_quantized(q, options_.device, storage);
   }
