@@ -8,6 +8,7 @@
 
 #include "decodelab/error.h"
 #include "decodelab/router.h"
+#include "error_of.h"
 #include "router/registry.h"
 
 namespace decodelab {
@@ -46,6 +47,23 @@ TEST(Router, AutoPicksTheStableCpuKernelAndRefusesUnknownNames) {
   } catch (const Error& e) {
     EXPECT_EQ(std::string(e.what()), "rms_norm: backend: expected auto or one of: " + names + ", got cuda.splitk");
   }
+}
+
+// Per-op choices: the op they name takes its backend from them, every other op from `backend`, and
+// names that no kernel list has are refused before anything runs.
+TEST(Router, PerOpBackendsOverrideTheDefault) {
+  const OpBackend choices[] = {{"rms_norm", "reference"}, {"matvec", "auto"}};
+  RunOptions run{"cpu"};
+  run.per_op = choices;
+  EXPECT_EQ(backend_for(run, "rms_norm"), "reference");
+  EXPECT_EQ(backend_for(run, "swiglu"), "cpu");
+  EXPECT_EQ(error_of([&] { check_op_backends(choices); }), "");
+  const OpBackend bad_op[] = {{"rms_nrom", "cpu"}};
+  EXPECT_ERROR(check_op_backends(bad_op), "per_op: op: expected a registered op (decodelab info lists them), got rms_nrom");
+  const OpBackend bad_backend[] = {{"rms_norm", "cpu.nonexistent"}};
+  const std::string message = error_of([&] { check_op_backends(bad_backend); });
+  EXPECT_TRUE(message.starts_with("per_op: backend for rms_norm: expected auto, reference, cpu")) << message;
+  EXPECT_TRUE(message.ends_with(", got cpu.nonexistent")) << message;
 }
 
 // A kernel that refuses a call is skipped by auto, and named explicitly it explains why.

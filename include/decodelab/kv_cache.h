@@ -85,6 +85,10 @@ class PagedKVCache {
   // The kernel view of `seqs` in that order, with their current lengths. Valid until the next
   // call that changes the cache.
   PagedKV view(std::span<const int> seqs);
+  // The same page table and lengths written into the caller's host tensors instead: page_table
+  // [>= len(seqs), max_pages_per_sequence] and lengths [>= len(seqs)], int32, first rows (for a
+  // caller that keeps them at fixed addresses, as a CUDA graph needs).
+  void write_view(std::span<const int> seqs, const Tensor& page_table, const Tensor& lengths) const;
   // Records that `new_tokens` more tokens were written to each of `seqs` (after reserve).
   void advance(std::span<const int> seqs, int64_t new_tokens);
 

@@ -5,9 +5,12 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <random>
 #include <span>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "decodelab/attention.h"
@@ -60,6 +63,7 @@ struct LoadOptions {
 // "model.layers.3.self_attn.k_proj.weight: expected [1024, 4096], got [4096, 4096]").
 namespace detail {
 class WeightSource;
+class DeviceGraph;
 }
 
 class LlamaModel {
@@ -109,11 +113,19 @@ class LlamaDecoder {
     int64_t max_sequences = 1;
     int64_t max_tokens = 4096;  // per sequence
     int64_t page_size = 16;
-    // The backend of every op of the stack ("auto", "reference", ...). The decoder turns its
-    // check_indices off: its own caches keep page tables and lengths valid.
+    // The backend of every op of the stack ("auto", "reference", ...), and per-op choices over it
+    // (run.per_op, checked by check_op_backends; the decoder keeps copies of the names). The
+    // decoder turns check_indices off: its own caches keep page tables and lengths valid.
     RunOptions run{};
+    // On the GPU, the layers, the final norm and the LM head of a step are one CUDA graph per
+    // batch size, captured on the first step of that size and replayed after (on the per-thread
+    // default stream; run.stream must be null). Off: every op is launched on its own.
+    bool cuda_graphs = true;
   };
   LlamaDecoder(const LlamaModel& model, const Config& config);
+  ~LlamaDecoder();
+  LlamaDecoder(const LlamaDecoder&) = delete;
+  LlamaDecoder& operator=(const LlamaDecoder&) = delete;
 
   int add_sequence();
   void free(int seq);
@@ -129,10 +141,21 @@ class LlamaDecoder {
   void skip(int seq, int64_t tokens);
 
  private:
+  // The layers, final norm and LM head of a step over the first `batch` rows of the buffers below.
+  void run_layers(int64_t batch);
+
   const LlamaModel& model_;
   Config config_;
   std::vector<PagedKVCache> caches_;  // one per layer, driven in lockstep
   Array x_, normed_, logits_;         // a step's activations, max_sequences rows
+  // The step's page table and lengths (all layers share them) at fixed addresses: filled on the
+  // host, copied to the model's device.
+  Array host_page_table_, host_lengths_, page_table_, lengths_;
+  std::vector<std::unique_ptr<detail::DeviceGraph>> graphs_;  // per batch size - 1, when captured
+  // The names that config_.run views.
+  std::string backend_;
+  std::vector<std::pair<std::string, std::string>> per_op_names_;
+  std::vector<OpBackend> per_op_;
 };
 
 // Token sampling over one row of logits: greedy when temperature is 0, else softmax at

@@ -10,6 +10,7 @@
 // A backend that cannot take a call says why, in the error.
 #pragma once
 
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -17,6 +18,14 @@
 #include "decodelab/tensor.h"
 
 namespace decodelab {
+
+// One op's backend in a call that runs several ops (decode_block, a LlamaDecoder step): `backend`
+// for the op named `op` (an Args name such as "matvec_multi" or "decode_attention_paged"), in
+// place of RunOptions::backend.
+struct OpBackend {
+  std::string_view op;
+  std::string_view backend;
+};
 
 struct RunOptions {
   std::string_view backend = "auto";
@@ -27,7 +36,14 @@ struct RunOptions {
   // valid as it builds them) may turn it off; shapes and dtypes are checked either way, and an
   // out-of-range index then is the caller's undefined behaviour.
   bool check_indices = true;
+  // Per-op choices over `backend`, passed on to the ops that a composed op runs (the pieces of
+  // decode_block); the caller keeps the span alive for the call.
+  std::span<const OpBackend> per_op{};
 };
+
+// Throws an Error naming any entry whose op is not a registered op or whose backend that op does
+// not have (list_backends() has both).
+void check_op_backends(std::span<const OpBackend> per_op);
 
 enum class Status { stable, experimental };
 

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -47,6 +48,24 @@ class ScratchBuffer {
   void* stream_;
   char* data_ = nullptr;
   size_t size_ = 0, used_ = 0;
+};
+
+// The work that `record` puts on the per-thread default stream, captured once as a CUDA graph
+// (nothing runs while it is captured) and replayed by launch() on that stream without waiting:
+// one launch for a whole decode step. What it records must not synchronize or read device memory
+// on the host; its pointers are fixed at capture, so inputs go where the capture found them.
+class DeviceGraph {
+ public:
+  DeviceGraph() = default;
+  ~DeviceGraph();
+  DeviceGraph(const DeviceGraph&) = delete;
+  DeviceGraph& operator=(const DeviceGraph&) = delete;
+  void capture(const std::function<void()>& record);
+  void launch() const;
+  bool empty() const { return exec_ == nullptr; }
+
+ private:
+  void* exec_ = nullptr;  // cudaGraphExec_t
 };
 
 struct GpuDescription {

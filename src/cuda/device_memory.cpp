@@ -38,6 +38,35 @@ void device_copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
 
 void device_zero(void* dst, size_t bytes) { check(cudaMemset(dst, 0, bytes), "cudaMemset", bytes); }
 
+DeviceGraph::~DeviceGraph() {
+  if (exec_ != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+}
+
+void DeviceGraph::capture(const std::function<void()>& record) {
+  // Thread-local mode: other threads' CUDA calls are not part of this capture and may go on.
+  check(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture", 0);
+  cudaGraph_t graph = nullptr;
+  try {
+    record();
+  } catch (...) {
+    cudaStreamEndCapture(cudaStreamPerThread, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();  // the failed capture's error; the exception says what went wrong
+    throw;
+  }
+  check(cudaStreamEndCapture(cudaStreamPerThread, &graph), "cudaStreamEndCapture", 0);
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check(made, "cudaGraphInstantiate", 0);
+  if (exec_ != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+  exec_ = exec;
+}
+
+void DeviceGraph::launch() const {
+  check(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), cudaStreamPerThread), "cudaGraphLaunch", 0);
+}
+
 void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows,
                     void* stream) {
   check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice,

@@ -29,6 +29,12 @@ namespace {
 #ifndef DECODELAB_MMA_PREFETCH
 #define DECODELAB_MMA_PREFETCH 0
 #endif
+#ifndef DECODELAB_MMA_CHAINS
+#define DECODELAB_MMA_CHAINS 4
+#endif
+#ifndef DECODELAB_MMA_MINBLOCKS
+#define DECODELAB_MMA_MINBLOCKS 1
+#endif
 #ifndef DECODELAB_MMA_UNROLL_DIV
 #define DECODELAB_MMA_UNROLL_DIV 1
 #endif
@@ -65,7 +71,7 @@ __device__ __forceinline__ void load_x_pairs(const T* __restrict__ row, int64_t 
 // kParts = 1: the tile's rows of the job that holds it. kParts = 2 (the MLP): the same rows of
 // jobs 0 (gate) and 1 (up), silu(gate) * up stored into job 0's y. kNTiles: 8 inputs of the batch each.
 template <class M, class T, int kNTiles, int kParts>
-__global__ void __launch_bounds__(kWarps * 32) matvec_mma_kernel(Jobs<M, T> jobs, const T* __restrict__ x, int64_t k,
+__global__ void __launch_bounds__(kWarps * 32, DECODELAB_MMA_MINBLOCKS) matvec_mma_kernel(Jobs<M, T> jobs, const T* __restrict__ x, int64_t k,
                                                                  int batch) {
   constexpr int kUnit = M::kUnit, kPairs = kUnit / 2, kUnroll = M::kUnroll > kParts * DECODELAB_MMA_UNROLL_DIV ? M::kUnroll / (kParts * DECODELAB_MMA_UNROLL_DIV) : 1;
   __shared__ float partial[kWarps][kParts * kNTiles * 4][32];
@@ -84,7 +90,10 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_mma_kernel(Jobs<M, T> jobs
   const int64_t rows[2] = {row0 + g < n ? row0 + g : n - 1, row0 + g + 8 < n ? row0 + g + 8 : n - 1};
   const int64_t units = k / kUnit, chunks = (units + 3) / 4;
 
-  float acc[kParts][kNTiles][4] = {};
+  // kChains independent accumulators per output tile: consecutive mma of a unit go to different
+  // ones, so they need not wait for each other's results (an mma takes tens of cycles).
+  constexpr int kChains = DECODELAB_MMA_CHAINS;
+  float acc[kChains][kParts][kNTiles][4] = {};
   using Raw = typename M::Raw[kUnroll][kParts][2];
   // This lane's units of chunks c0, c0 + kWarps, ... (kUnroll of them), for rows g and g + 8.
   const auto load = [&](Raw& raw, int64_t c0) {
@@ -130,7 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_mma_kernel(Jobs<M, T> jobs
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
             const uint32_t col[2] = {b[nt][2 * s], b[nt][2 * s + 1]};
-            mma_16816(acc[p][nt], frag, col, T{});
+            mma_16816(acc[(i * (kUnit / 4) + s) % kChains][p][nt], frag, col, T{});
           }
         }
       }
@@ -168,7 +177,12 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_mma_kernel(Jobs<M, T> jobs
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) partial[warp][(p * kNTiles + nt) * 4 + j][lane] = acc[p][nt][j];
+      for (int j = 0; j < 4; ++j) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int chain = 0; chain < kChains; ++chain) sum += acc[chain][p][nt][j];
+        partial[warp][(p * kNTiles + nt) * 4 + j][lane] = sum;
+      }
     }
   }
   __syncthreads();

@@ -6,7 +6,9 @@
 #include <cmath>
 #include <numeric>
 
+#include "core/device_memory.h"
 #include "decodelab/error.h"
+#include "decodelab/router.h"
 #include "decodelab/model.h"
 #include "reference/elements.h"
 
@@ -35,10 +37,28 @@ LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : mode
   x_ = Array(t, {rows, hidden}, cache.device);
   normed_ = Array(t, {rows, hidden}, cache.device);
   logits_ = Array(t, {rows, model.config().vocab_size}, cache.device);
+  host_page_table_ = Array(DType::i32, {rows, cache.max_pages_per_sequence});
+  host_lengths_ = Array(DType::i32, {rows});
+  page_table_ = Array(DType::i32, {rows, cache.max_pages_per_sequence}, cache.device);
+  lengths_ = Array(DType::i32, {rows}, cache.device);
   // The caches' pages and lengths are valid by construction (PagedKVCache checks them as it
   // assigns them), so the ops need not copy them back to the host to check them every layer.
   config_.run.check_indices = false;
+  check_op_backends(config.run.per_op);
+  backend_ = std::string(config.run.backend);
+  for (const OpBackend& choice : config.run.per_op) per_op_names_.emplace_back(choice.op, choice.backend);
+  for (const auto& [op, backend] : per_op_names_) per_op_.push_back({op, backend});
+  config_.run.backend = backend_;
+  config_.run.per_op = per_op_;
+  if (config.cuda_graphs && cache.device == Device::cuda) {
+    if (config.run.stream.handle != nullptr) {
+      throw Error("LlamaDecoder: config.run.stream: expected null (the per-thread default stream) with cuda_graphs, got a stream");
+    }
+    graphs_.resize(size_t(rows));
+  }
 }
+
+LlamaDecoder::~LlamaDecoder() = default;
 
 // The layers' caches take the same calls in the same order, so their sequence ids and page
 // assignments agree: one id names a sequence in all of them.
@@ -80,22 +100,49 @@ void LlamaDecoder::step(std::span<const int> seqs, std::span<const int32_t> toke
                Tensor::contiguous(static_cast<char*>(model_.embedding().data) + token * row_bytes, t, {hidden}, device));
   }
   // Room for the new token in every layer first: out of pages changes nothing. The layers' caches
-  // hold the same pages for the same sequences, so one view's page table and lengths serve all.
+  // hold the same pages for the same sequences, so one page table and one set of lengths serve all.
   for (PagedKVCache& cache : caches_) cache.reserve(seqs, 1);
-  PagedKV kv = caches_[0].view(seqs);
+  caches_[0].write_view(seqs, host_page_table_, host_lengths_);
+  const int64_t width = page_table_.view().dim(1);
+  copy_bytes(Tensor::contiguous(page_table_.data(), DType::i32, {batch, width}, device),
+             Tensor::contiguous(host_page_table_.data(), DType::i32, {batch, width}));
+  copy_bytes(Tensor::contiguous(lengths_.data(), DType::i32, {batch}, device),
+             Tensor::contiguous(host_lengths_.data(), DType::i32, {batch}));
+  if (graphs_.empty()) {
+    run_layers(batch);
+  } else {
+    std::unique_ptr<detail::DeviceGraph>& graph = graphs_[size_t(batch - 1)];
+    if (!graph) {
+      auto captured = std::make_unique<detail::DeviceGraph>();
+      captured->capture([&] { run_layers(batch); });
+      graph = std::move(captured);
+    }
+    graph->launch();
+  }
+  for (PagedKVCache& cache : caches_) cache.advance(seqs, 1);
+  const Tensor out = Tensor::contiguous(logits_.data(), t, {batch, vocab}, device);
+  Array host(t, {batch, vocab});
+  copy_bytes(host.view(), out);
+  for (int64_t i = 0; i < batch * vocab; ++i) logits.ptr<float>()[i] = float(reference::load(host, i));
+}
+
+void LlamaDecoder::run_layers(int64_t batch) {
+  const ModelConfig& mc = model_.config();
+  const DType t = model_.options().dtype;
+  const Device device = model_.options().device;
+  const Tensor x = Tensor::contiguous(x_.data(), t, {batch, mc.hidden_size}, device);
+  PagedKV kv;
+  kv.page_table = Tensor::contiguous(page_table_.data(), DType::i32, {batch, page_table_.view().dim(1)}, device);
+  kv.lengths = Tensor::contiguous(lengths_.data(), DType::i32, {batch}, device);
   for (size_t l = 0; l < caches_.size(); ++l) {
     kv.k_pages = caches_[l].k_pages();
     kv.v_pages = caches_[l].v_pages();
     decode_block(x, model_.layers()[l], model_.layer_config(), kv, x, config_.run);
   }
-  for (PagedKVCache& cache : caches_) cache.advance(seqs, 1);
-  const Tensor normed = Tensor::contiguous(normed_.data(), t, {batch, hidden}, device);
-  const Tensor out = Tensor::contiguous(logits_.data(), t, {batch, vocab}, device);
+  const Tensor normed = Tensor::contiguous(normed_.data(), t, {batch, mc.hidden_size}, device);
+  const Tensor out = Tensor::contiguous(logits_.data(), t, {batch, mc.vocab_size}, device);
   rms_norm(x, model_.final_norm(), model_.layer_config().rms_eps, normed, config_.run);
   matvec(normed, model_.lm_head(), out, config_.run);
-  Array host(t, {batch, vocab});
-  copy_bytes(host.view(), out);
-  for (int64_t i = 0; i < batch * vocab; ++i) logits.ptr<float>()[i] = float(reference::load(host, i));
 }
 
 void LlamaDecoder::prefill(int seq, std::span<const int32_t> prompt, const Tensor& logits) {

@@ -170,6 +170,7 @@ struct DecodeBlockArgs {
   PagedKV cache;
   Tensor out;
   Stream stream;
+  std::span<const OpBackend> per_op;  // the backends of its pieces (RunOptions::per_op)
 };
 
 }  // namespace decodelab

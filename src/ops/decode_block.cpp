@@ -48,7 +48,7 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights, const Deco
   detail::check_paged_kv(c, cache, x.dim(0), k.num_kv_heads, k.head_dim, x.dtype, x.device, 1, 0, run.check_indices);
   DecodeLayerConfig resolved = config;
   resolved.rope = detail::check_rope(c, config.rope, k.head_dim);
-  dispatch(DecodeBlockArgs{x, weights, resolved, cache, out, run.stream}, run, x.device);
+  dispatch(DecodeBlockArgs{x, weights, resolved, cache, out, run.stream, run.per_op}, run, x.device);
 }
 
 }  // namespace decodelab

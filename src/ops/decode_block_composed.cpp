@@ -1,5 +1,5 @@
 // The decode block as a sequence of the best stable kernels of its device ("auto" on the CPU or on
-// the GPU), with intermediates in the activation dtype on that device. Each piece is verified on
+// the GPU, or the caller's per-op choices), with intermediates in the activation dtype on that device. Each piece is verified on
 // its own; this composition is verified against the reference block as a whole. Both the cpu and
 // the cuda backend list it (src/cpu/layers_kernels.inc, src/cuda/kernels.inc).
 #include <cmath>
@@ -41,6 +41,7 @@ void composed_decode_block(const DecodeBlockArgs& a) {
   const DecodeLayerWeights& w = a.weights;
   RunOptions run{"auto", a.stream};
   run.check_indices = false;
+  run.per_op = a.per_op;
   const DType t = a.x.dtype;
   const Device device = a.x.device;
   const int64_t batch = a.x.dim(0), e = int64_t(dtype_size(t));

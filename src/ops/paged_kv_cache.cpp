@@ -137,18 +137,30 @@ void PagedKVCache::reserve(std::span<const int> seqs, int64_t new_tokens) {
   }
 }
 
-PagedKV PagedKVCache::view(std::span<const int> seqs) {
-  const int64_t batch = int64_t(seqs.size());
-  if (batch < 1) ArgCheck("PagedKVCache::view").fail("seqs", "at least one sequence", "none");
-  const int64_t width = config_.max_pages_per_sequence;
-  Array table(DType::i32, {batch, width}), lengths(DType::i32, {batch});
+void PagedKVCache::write_view(std::span<const int> seqs, const Tensor& page_table, const Tensor& lengths) const {
+  const ArgCheck c("PagedKVCache::write_view");
+  const int64_t batch = int64_t(seqs.size()), width = config_.max_pages_per_sequence;
+  if (batch < 1) c.fail("seqs", "at least one sequence", "none");
+  if (page_table.dtype != DType::i32 || page_table.device != Device::cpu || page_table.rank != 2 ||
+      page_table.dim(0) < batch || page_table.dim(1) != width || !page_table.is_contiguous()) {
+    c.fail("page_table", fmt::format("[>= {}, {}] i32 on the host", batch, width), page_table.describe());
+  }
+  if (lengths.dtype != DType::i32 || lengths.device != Device::cpu || lengths.rank != 1 || lengths.dim(0) < batch) {
+    c.fail("lengths", fmt::format("[>= {}] i32 on the host", batch), lengths.describe());
+  }
   for (int64_t b = 0; b < batch; ++b) {
-    const Sequence& s = sequence(seqs[size_t(b)], "PagedKVCache::view");
-    int32_t* row = table.ptr<int32_t>() + b * width;
+    const Sequence& s = sequence(seqs[size_t(b)], "PagedKVCache::write_view");
+    int32_t* row = page_table.ptr<int32_t>() + b * width;
     std::fill(row, row + width, 0);
     std::copy(s.pages.begin(), s.pages.end(), row);
     lengths.ptr<int32_t>()[b] = int32_t(s.length);
   }
+}
+
+PagedKV PagedKVCache::view(std::span<const int> seqs) {
+  const int64_t batch = std::max<int64_t>(int64_t(seqs.size()), 1);
+  Array table(DType::i32, {batch, config_.max_pages_per_sequence}), lengths(DType::i32, {batch});
+  write_view(seqs, table, lengths);
   view_page_table_ = table.to(config_.device);
   view_lengths_ = lengths.to(config_.device);
   return PagedKV{k_pages_.view(), v_pages_.view(), view_page_table_.view(), view_lengths_.view()};

@@ -100,6 +100,29 @@ const Kernel<Args>& select_kernel(const Args& args, std::string_view backend, De
 #include "router/ops.inc"
 #undef DECODELAB_OP
 
+std::string_view backend_for(const RunOptions& run, std::string_view op) {
+  for (const OpBackend& choice : run.per_op) {
+    if (choice.op == op) return choice.backend;
+  }
+  return run.backend;
+}
+
+void check_op_backends(std::span<const OpBackend> per_op) {
+  const std::vector<BackendInfo> all = list_backends();
+  for (const OpBackend& choice : per_op) {
+    bool known_op = false, known_backend = choice.backend == "auto";
+    std::string backends = "auto";
+    for (const BackendInfo& b : all) {
+      if (b.op != choice.op) continue;
+      known_op = true;
+      known_backend = known_backend || b.backend == choice.backend;
+      backends += fmt::format(", {}", b.backend);
+    }
+    if (!known_op) fail("per_op", "op", "a registered op (decodelab info lists them)", choice.op);
+    if (!known_backend) fail("per_op", fmt::format("backend for {}", choice.op), backends, choice.backend);
+  }
+}
+
 std::string_view status_name(Status s) { return s == Status::stable ? "stable" : "experimental"; }
 
 std::vector<BackendInfo> list_backends() {

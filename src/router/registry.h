@@ -31,9 +31,12 @@ std::span<const Kernel<Args>> kernels();
 template <class Args>
 const Kernel<Args>& select_kernel(const Args& args, std::string_view backend, Device device);
 
+// The backend that `run` names for op `op`: its per-op choice, else run.backend.
+std::string_view backend_for(const RunOptions& run, std::string_view op);
+
 template <class Args>
 void dispatch(const Args& args, const RunOptions& run, Device device) {
-  select_kernel(args, run.backend, device).run(args);
+  select_kernel(args, backend_for(run, Args::kOp), device).run(args);
 }
 
 }  // namespace decodelab

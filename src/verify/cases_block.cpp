@@ -61,7 +61,7 @@ void add_block_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
           for (int i = 0; i < 7; ++i) *slots[i] = weight_at(in, 3 + 3 * i, kind, dims[i].first, dims[i].second);
           w.attn_norm = in[1];
           w.mlp_norm = in[2];
-          return DecodeBlockArgs{in[0], w, c, PagedKV{out[1], out[2], in[26], in[27]}, out[0], {}};
+          return DecodeBlockArgs{in[0], w, c, PagedKV{out[1], out[2], in[26], in[27]}, out[0], {}, {}};
         });
   }
 }

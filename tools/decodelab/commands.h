@@ -33,6 +33,7 @@ struct GenerateCommandOptions {
   std::string dtype = "f32";
   std::string quantize;  // "", mlx.q4.g64, gguf.q4_0, ...
   std::string backend = "auto";
+  std::vector<std::string> op_backends;  // "OP=BACKEND": per-op choices over `backend`
   float temperature = 0.0f;
   int top_k = 0;
   float top_p = 1.0f;

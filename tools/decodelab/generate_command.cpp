@@ -89,6 +89,15 @@ int run_generate(const GenerateCommandOptions& o) {
   LlamaDecoder::Config dc;
   dc.max_tokens = o.context + int64_t(prompt.size()) + o.steps;
   dc.run.backend = o.backend;
+  std::vector<OpBackend> per_op;
+  for (const std::string& choice : o.op_backends) {
+    const size_t eq = choice.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == choice.size()) {
+      throw Error(fmt::format("generate: --op-backend: expected OP=BACKEND, got '{}'", choice));
+    }
+    per_op.push_back({std::string_view(choice).substr(0, eq), std::string_view(choice).substr(eq + 1)});
+  }
+  dc.run.per_op = per_op;
   LlamaDecoder decoder(model, dc);
   const int seq = decoder.add_sequence();
   decoder.skip(seq, o.context);
@@ -121,6 +130,7 @@ int run_generate(const GenerateCommandOptions& o) {
              c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size,
              model_type_name(c.model_type), dtype_name(load.dtype), load.quantize ? fmt::format(" {}", quant_spec_name(*load.quantize)) : "",
              o.device, o.backend);
+  for (const std::string& choice : o.op_backends) fmt::print("op backend: {}\n", choice);
   if (o.context > 0) fmt::print("context: {} positions skipped before the prompt (zero K/V)\n", o.context);
   fmt::print("prompt: [{}]\n", fmt::join(prompt, ", "));
   fmt::print("generated: [{}]\n", fmt::join(generated, ", "));

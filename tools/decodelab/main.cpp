@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--dtype", gen.dtype, "activations and dense weights: f32, f16 or bf16");
   gen_cmd->add_option("--quantize", gen.quantize, "quantize on load: mlx.q4.g64, mlx.q8.g64, gguf.q4_0, gguf.q8_0, ...");
   gen_cmd->add_option("--backend", gen.backend, "backend of every op (auto, reference, cpu, cuda, ...)");
+  gen_cmd->add_option("--op-backend", gen.op_backends, "OP=BACKEND: this op's backend instead (repeatable), e.g. matvec_multi=cuda.mma");
   gen_cmd->add_option("--temperature", gen.temperature, "0: greedy");
   gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0: all)");
   gen_cmd->add_option("--top-p", gen.top_p, "keep the smallest set of this probability (1: all)");
