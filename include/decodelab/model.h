@@ -118,8 +118,9 @@ class LlamaDecoder {
     // decoder turns check_indices off: its own caches keep page tables and lengths valid.
     RunOptions run{};
     // On the GPU, the layers, the final norm and the LM head of a step are one CUDA graph per
-    // batch size, captured on the first step of that size and replayed after (on the per-thread
-    // default stream; run.stream must be null). Off: every op is launched on its own.
+    // batch size: the first step of a size runs eagerly, the second is captured, later ones
+    // replay it (on the per-thread default stream; run.stream must be null). Off: every op is
+    // launched on its own.
     bool cuda_graphs = true;
   };
   LlamaDecoder(const LlamaModel& model, const Config& config);
@@ -151,7 +152,7 @@ class LlamaDecoder {
   // The step's page table and lengths (all layers share them) at fixed addresses: filled on the
   // host, copied to the model's device.
   Array host_page_table_, host_lengths_, page_table_, lengths_;
-  std::vector<std::unique_ptr<detail::DeviceGraph>> graphs_;  // per batch size - 1, when captured
+  std::vector<std::unique_ptr<detail::DeviceGraph>> graphs_;  // per batch size - 1, once it ran eagerly
   // The names that config_.run views.
   std::string backend_;
   std::vector<std::pair<std::string, std::string>> per_op_names_;

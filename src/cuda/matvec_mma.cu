@@ -23,22 +23,10 @@
 namespace decodelab::cuda {
 namespace {
 
-#ifndef DECODELAB_MMA_WARPS
-#define DECODELAB_MMA_WARPS 8
-#endif
-#ifndef DECODELAB_MMA_PREFETCH
-#define DECODELAB_MMA_PREFETCH 0
-#endif
-#ifndef DECODELAB_MMA_CHAINS
-#define DECODELAB_MMA_CHAINS 4
-#endif
-#ifndef DECODELAB_MMA_MINBLOCKS
-#define DECODELAB_MMA_MINBLOCKS 1
-#endif
-#ifndef DECODELAB_MMA_UNROLL_DIV
-#define DECODELAB_MMA_UNROLL_DIV 1
-#endif
-constexpr int kWarps = DECODELAB_MMA_WARPS;  // per 16-row tile: enough loads in flight for N = 4096 on 132 SMs
+constexpr int kWarps = 8;  // per 16-row tile: enough loads in flight for N = 4096 on 132 SMs
+// Two blocks per SM (at most 128 registers a thread): one block of 8 warps cannot hide the load
+// latency (measured on the H200: MLX q4 at 4096 x 14336 took 27 us at one block, 20 us at two).
+constexpr int kMinBlocks = 2;
 constexpr int kTileRows = 16;
 
 // Unit u of one input row of x as the pairs of format M (M::pair_input), zeros when `live` is false.
@@ -71,9 +59,9 @@ __device__ __forceinline__ void load_x_pairs(const T* __restrict__ row, int64_t 
 // kParts = 1: the tile's rows of the job that holds it. kParts = 2 (the MLP): the same rows of
 // jobs 0 (gate) and 1 (up), silu(gate) * up stored into job 0's y. kNTiles: 8 inputs of the batch each.
 template <class M, class T, int kNTiles, int kParts>
-__global__ void __launch_bounds__(kWarps * 32, DECODELAB_MMA_MINBLOCKS) matvec_mma_kernel(Jobs<M, T> jobs, const T* __restrict__ x, int64_t k,
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_mma_kernel(Jobs<M, T> jobs, const T* __restrict__ x, int64_t k,
                                                                  int batch) {
-  constexpr int kUnit = M::kUnit, kPairs = kUnit / 2, kUnroll = M::kUnroll > kParts * DECODELAB_MMA_UNROLL_DIV ? M::kUnroll / (kParts * DECODELAB_MMA_UNROLL_DIV) : 1;
+  constexpr int kUnit = M::kUnit, kPairs = kUnit / 2, kUnroll = M::kUnroll > kParts ? M::kUnroll / kParts : 1;
   __shared__ float partial[kWarps][kParts * kNTiles * 4][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
 
@@ -92,7 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32, DECODELAB_MMA_MINBLOCKS) matvec_m
 
   // kChains independent accumulators per output tile: consecutive mma of a unit go to different
   // ones, so they need not wait for each other's results (an mma takes tens of cycles).
-  constexpr int kChains = DECODELAB_MMA_CHAINS;
+  constexpr int kChains = 4;
   float acc[kChains][kParts][kNTiles][4] = {};
   using Raw = typename M::Raw[kUnroll][kParts][2];
   // This lane's units of chunks c0, c0 + kWarps, ... (kUnroll of them), for rows g and g + 8.
@@ -146,29 +134,13 @@ __global__ void __launch_bounds__(kWarps * 32, DECODELAB_MMA_MINBLOCKS) matvec_m
     }
   };
   constexpr int64_t kStride = kWarps * kUnroll;
-#if DECODELAB_MMA_PREFETCH
-  // Two register stages: the next chunks' loads are in flight while these are multiplied.
-  Raw cur, next;
-  if (warp < chunks) load(cur, warp);
-  for (int64_t c0 = warp; c0 < chunks; c0 += kStride) {
-    const bool more = c0 + kStride < chunks;
-    if (more) load(next, c0 + kStride);
-    multiply(cur, c0);
-    if (more) {
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-#pragma unroll
-        for (int p = 0; p < kParts; ++p) cur[i][p][0] = next[i][p][0], cur[i][p][1] = next[i][p][1];
-      }
-    }
-  }
-#else
+  // (A register double buffer, the next chunks' loads issued before these are multiplied, measured
+  // no faster on the H200 and costs registers.)
   for (int64_t c0 = warp; c0 < chunks; c0 += kStride) {
     Raw raw;
     load(raw, c0);
     multiply(raw, c0);
   }
-#endif
 
   // The warps' partial tiles added in shared memory; warp 0 stores. Accumulator j of lane (g, t)
   // is row g (+ 8 for j >= 2), input 2t + (j & 1) of its n-tile.

@@ -108,16 +108,15 @@ void LlamaDecoder::step(std::span<const int> seqs, std::span<const int32_t> toke
              Tensor::contiguous(host_page_table_.data(), DType::i32, {batch, width}));
   copy_bytes(Tensor::contiguous(lengths_.data(), DType::i32, {batch}, device),
              Tensor::contiguous(host_lengths_.data(), DType::i32, {batch}));
-  if (graphs_.empty()) {
+  // The first step of a batch size runs eagerly: it sets up what may not be set up while a stream
+  // is captured (memory pools, kernel attributes). The second captures, and later ones replay.
+  std::unique_ptr<detail::DeviceGraph>* graph = graphs_.empty() ? nullptr : &graphs_[size_t(batch - 1)];
+  if (graph == nullptr || !*graph) {
     run_layers(batch);
+    if (graph != nullptr) *graph = std::make_unique<detail::DeviceGraph>();
   } else {
-    std::unique_ptr<detail::DeviceGraph>& graph = graphs_[size_t(batch - 1)];
-    if (!graph) {
-      auto captured = std::make_unique<detail::DeviceGraph>();
-      captured->capture([&] { run_layers(batch); });
-      graph = std::move(captured);
-    }
-    graph->launch();
+    if ((*graph)->empty()) (*graph)->capture([&] { run_layers(batch); });
+    (*graph)->launch();
   }
   for (PagedKVCache& cache : caches_) cache.advance(seqs, 1);
   const Tensor out = Tensor::contiguous(logits_.data(), t, {batch, vocab}, device);
