@@ -41,7 +41,8 @@ std::string decode_attention_supports(const DecodeAttentionArgs& a);
 std::string decode_attention_paged_supports(const DecodeAttentionPagedArgs& a);
 
 // matvec.cu: dense (f32, f16, bf16) and quantized (MLX affine 4/8-bit, GGUF Q4_0/Q8_0) weights,
-// batch 1..16, and the ops built on the same kernel.
+// batch 1..16, and the ops built on the same kernel; the stable cuda backend, which hands some
+// calls to matvec_mma.cu (prefers_tensor_cores).
 void matvec(const MatvecArgs& a);
 void matvec_multi(const MatvecMultiArgs& a);
 void output_projection(const OutputProjectionArgs& a);
@@ -60,6 +61,10 @@ std::string matvec_mma_supports(const MatvecArgs& a);
 std::string matvec_multi_mma_supports(const MatvecMultiArgs& a);
 std::string output_projection_mma_supports(const OutputProjectionArgs& a);
 std::string mlp_block_mma_supports(const MlpBlockArgs& a);
+// Where the stable cuda matvecs hand a call they could both run to the tensor cores: every batch of
+// 2 or more, and 4-bit weights at batch 1 (docs/perf/NOTES.md, H200); the CUDA-core kernel keeps
+// dense and 8-bit weights at batch 1, where it measured faster.
+bool prefers_tensor_cores(const Weight& w, const Tensor& x);
 std::string decode_block_supports(const DecodeBlockArgs& a);
 
 }  // namespace decodelab::cuda

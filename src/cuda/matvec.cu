@@ -1,4 +1,4 @@
-// CUDA decode matvecs: y[b] = W x[b] for batch 1..16 with W dense (f32, f16, bf16) or quantized
+// CUDA decode matvecs on the CUDA cores: y[b] = W x[b] for batch 1..16 with W dense (f32, f16, bf16) or quantized
 // (MLX affine 4/8-bit, GGUF Q4_0/Q8_0), and on the same kernel matvec_multi (several W over one x
 // in one launch), output_projection (a residual added as y is stored) and mlp_block (gate and up
 // rows of one index in one warp, SwiGLU applied as they are stored, then the down matvec).
@@ -139,9 +139,23 @@ struct CudaCoreMatvec {
 
 }  // namespace
 
-void matvec(const MatvecArgs& a) { run_matvec<CudaCoreMatvec>(a); }
-void matvec_multi(const MatvecMultiArgs& a) { run_matvec_multi<CudaCoreMatvec>(a); }
-void output_projection(const OutputProjectionArgs& a) { run_output_projection<CudaCoreMatvec>(a); }
-void mlp_block(const MlpBlockArgs& a) { run_mlp_block<CudaCoreMatvec>(a); }
+// The stable cuda ops: the tensor-core kernel (matvec_mma.cu) where it takes the call and measured
+// faster (prefers_tensor_cores), this file's kernel otherwise.
+void matvec(const MatvecArgs& a) {
+  if (prefers_tensor_cores(a.w, a.x) && matvec_mma_supports(a).empty()) return matvec_mma(a);
+  run_matvec<CudaCoreMatvec>(a);
+}
+void matvec_multi(const MatvecMultiArgs& a) {
+  if (prefers_tensor_cores(a.w[0], a.x) && matvec_multi_mma_supports(a).empty()) return matvec_multi_mma(a);
+  run_matvec_multi<CudaCoreMatvec>(a);
+}
+void output_projection(const OutputProjectionArgs& a) {
+  if (prefers_tensor_cores(a.wo, a.attn) && output_projection_mma_supports(a).empty()) return output_projection_mma(a);
+  run_output_projection<CudaCoreMatvec>(a);
+}
+void mlp_block(const MlpBlockArgs& a) {
+  if (prefers_tensor_cores(a.gate, a.x) && mlp_block_mma_supports(a).empty()) return mlp_block_mma(a);
+  run_mlp_block<CudaCoreMatvec>(a);
+}
 
 }  // namespace decodelab::cuda

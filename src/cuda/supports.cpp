@@ -146,4 +146,8 @@ std::string mlp_block_mma_supports(const MlpBlockArgs& a) {
   return mlp_block_supports(a);
 }
 
+bool prefers_tensor_cores(const Weight& w, const Tensor& x) {
+  return x.dim(0) >= 2 || (w.is_quantized && w.quantized.spec.bits == 4);
+}
+
 }  // namespace decodelab::cuda
