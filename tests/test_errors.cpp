@@ -148,6 +148,20 @@ TEST(Errors, MlpAndDecodeBlock) {
   Array table = i32_array({1, 2}, {0, 1}), lengths = i32_array({1}, {3});
   EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
                "decode_block: weights.down: expected K = 64 input columns, got 32 columns");
+  // Qwen2's biases: checked where given, each against its projection's width.
+  Array down(DType::f32, {32, 64}), bq(DType::f32, {32}), bk16(DType::f16, {16}), bv32(DType::f32, {32});
+  w.down = Weight::of(down);
+  w.bq = bq;
+  w.bv = bv32;
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.bv: expected shape [16] [num_kv_heads * head_dim], got [32] f32");
+  w.bk = bk16;
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.bk: expected dtype f32 (the dtype of x), got [16] f16");
+  w.bk = Tensor{};  // absent
+  w.bv = Tensor::contiguous(nullptr, DType::f32, {16});  // shaped but without data: not taken as absent
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.bv: expected a tensor with data, got a null data pointer");
 }
 
 TEST(Errors, RmsNormResidualAndPrefill) {
