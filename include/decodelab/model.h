@@ -57,7 +57,7 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights,
                   const RunOptions& run = {});
 
 // ---------------------------------------------------------------------------------------------
-// A Llama-family model (Llama 2/3, Mistral; Qwen2's q/k/v biases are not supported yet).
+// A Llama-family model (Llama 2/3, Mistral, Qwen2 with its q/k/v projection biases).
 
 struct LoadOptions {
   Device device = Device::cpu;
@@ -108,8 +108,9 @@ class LlamaModel {
   Weight lm_head_;
 };
 
-// Writes a random Llama model of `config` (weights N(0, 0.02), norms near 1, in `dtype`) as
-// config.json and model.safetensors into `dir`: the toy checkpoint of `decodelab generate --toy`.
+// Writes a random Llama model of `config` (weights and q/k/v biases N(0, 0.02), norms near 1, in
+// `dtype`) as config.json and model.safetensors into `dir`: the toy checkpoint of
+// `decodelab generate --toy`.
 void write_random_llama(const std::filesystem::path& dir, const ModelConfig& config, DType dtype,
                         uint64_t seed);
 
