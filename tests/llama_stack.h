@@ -1,5 +1,5 @@
-// Helpers of the decode-stack tests (tests/test_llama.cpp, tests/cuda/test_cuda_llama.cpp): a tiny
-// Llama config, a fresh directory for its checkpoint, and a greedy run of a stack compared with
+// Helpers of the decode-stack tests (tests/test_llama.cpp, tests/cuda/test_cuda_llama.cpp): tiny
+// Llama and Qwen2 configs, a fresh directory for its checkpoint, and a greedy run of a stack compared with
 // another's (logits NMSE per step, identical tokens).
 #pragma once
 
@@ -29,6 +29,20 @@ inline ModelConfig tiny_config() {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 500000.0;
   c.rope_scaling = Llama3Scaling{};
+  return c;
+}
+
+// A tiny Qwen2: q/k/v projection biases, no Llama 3 frequency scaling, Qwen2's theta, and
+// head_dim = hidden_size / num_attention_heads as every Qwen2 has it.
+inline ModelConfig tiny_qwen2_config() {
+  ModelConfig c = tiny_config();
+  c.hidden_size = 256;
+  c.intermediate_size = 512;
+  c.model_type = ModelType::qwen2;
+  c.attention_bias = true;
+  c.rope_scaling.reset();
+  c.rope_theta = 1000000.0;
+  c.rms_norm_eps = 1e-6;
   return c;
 }
 

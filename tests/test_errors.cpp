@@ -44,6 +44,15 @@ TEST(Errors, ResidualAndSwiglu) {
   EXPECT_ERROR(swiglu(i, a, out), "swiglu: gate: expected dtype f32, f16 or bf16, got [2, 8] i32");
 }
 
+TEST(Errors, BiasAdd) {
+  Array x(DType::bf16, {2, 8}), out(DType::bf16, {2, 8}), b(DType::bf16, {8});
+  EXPECT_EQ(error_of([&] { bias_add(x, b, x); }), "");  // in place
+  Array b7(DType::bf16, {7}), b32(DType::f32, {8}), out9(DType::bf16, {2, 9});
+  EXPECT_ERROR(bias_add(x, b7, out), "bias_add: bias: expected shape [8] [N], got [7] bf16");
+  EXPECT_ERROR(bias_add(x, b32, out), "bias_add: bias: expected dtype bf16 (the dtype of x), got [8] f32");
+  EXPECT_ERROR(bias_add(x, b, out9), "bias_add: out: expected the shape of x [2, 8] bf16, got [2, 9] bf16");
+}
+
 TEST(Errors, Rope) {
   Array x(DType::f32, {3, 2, 64}), out(DType::f32, {3, 2, 64});
   Array two = i32_array({2}, {0, 1}), negative = i32_array({3}, {0, -4, 2}), good = i32_array({3}, {0, 1, 2});
@@ -139,6 +148,20 @@ TEST(Errors, MlpAndDecodeBlock) {
   Array table = i32_array({1, 2}, {0, 1}), lengths = i32_array({1}, {3});
   EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
                "decode_block: weights.down: expected K = 64 input columns, got 32 columns");
+  // Qwen2's biases: checked where given, each against its projection's width.
+  Array down(DType::f32, {32, 64}), bq(DType::f32, {32}), bk16(DType::f16, {16}), bv32(DType::f32, {32});
+  w.down = Weight::of(down);
+  w.bq = bq;
+  w.bv = bv32;
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.bv: expected shape [16] [num_kv_heads * head_dim], got [32] f32");
+  w.bk = bk16;
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.bk: expected dtype f32 (the dtype of x), got [16] f16");
+  w.bk = Tensor{};  // absent
+  w.bv = Tensor::contiguous(nullptr, DType::f32, {16});  // shaped but without data: not taken as absent
+  EXPECT_ERROR(decode_block(x, w, c, {pages, pages, table, lengths}, out),
+               "decode_block: weights.bv: expected a tensor with data, got a null data pointer");
 }
 
 TEST(Errors, RmsNormResidualAndPrefill) {

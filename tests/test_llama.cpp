@@ -51,12 +51,12 @@ TEST(LlamaStack, TiedEmbeddingsNeedNoLmHead) {
   expect_matches_reference(model, 1e-9, 2);
 }
 
-// A checkpoint of tiny_config() with some tensors replaced or dropped.
+// A checkpoint of `config` with some tensors replaced or dropped.
 std::filesystem::path edited_checkpoint(const std::string& name, const std::map<std::string, std::vector<int64_t>>& reshape,
                                         const std::vector<std::string>& drop, const std::string& extra = "",
-                                        bool nan = false) {
+                                        bool nan = false, const ModelConfig& config = tiny_config()) {
   const auto src = fresh_dir(name + "-src");
-  write_random_llama(src, tiny_config(), DType::f32, 1);
+  write_random_llama(src, config, DType::f32, 1);
   const Checkpoint original(src);
   std::vector<Array> arrays;
   std::vector<NamedTensor> named;
@@ -98,6 +98,31 @@ TEST(LlamaStack, CheckpointErrorsNameTheTensor) {
   const auto nan_dir = edited_checkpoint("nan", {}, {}, "", true);
   expect_load_error(nan_dir, "expected finite weights", finite);
   EXPECT_NO_THROW(LlamaModel::load(nan_dir));  // flagged only on request
+}
+
+// Qwen2: the q/k/v biases are expected, loaded and added; a missing or misshapen one is named.
+TEST(LlamaStack, Qwen2BiasesCpuMatchesReferenceF32) {
+  const auto dir = fresh_dir("qwen2-f32");
+  write_random_llama(dir, tiny_qwen2_config(), DType::f32, 11);
+  EXPECT_TRUE(Checkpoint(dir).contains("model.layers.1.self_attn.k_proj.bias"));
+  const LlamaModel model = LlamaModel::load(dir);
+  for (const DecodeLayerWeights& w : model.layers()) {
+    EXPECT_EQ(w.bq.numel(), 256);
+    EXPECT_EQ(w.bk.numel(), 128);
+    EXPECT_EQ(w.bv.numel(), 128);
+  }
+  expect_matches_reference(model, 1e-9);
+}
+
+TEST(LlamaStack, Qwen2CheckpointErrorsNameTheBias) {
+  const ModelConfig qwen2 = tiny_qwen2_config();
+  expect_load_error(edited_checkpoint("qwen2-missing", {}, {"model.layers.1.self_attn.v_proj.bias"}, "", false, qwen2),
+                    "model.layers.1.self_attn.v_proj.bias: missing (expected [128])");
+  expect_load_error(edited_checkpoint("qwen2-shape", {{"model.layers.0.self_attn.q_proj.bias", {128}}}, {}, "", false, qwen2),
+                    "model.layers.0.self_attn.q_proj.bias: expected [256], got [128]");
+  // Biases besides q/k/v are not Qwen2's either.
+  expect_load_error(edited_checkpoint("qwen2-extra", {}, {}, "model.layers.0.self_attn.o_proj.bias", false, qwen2),
+                    "model.layers.0.self_attn.o_proj.bias: not a tensor of a qwen2 model");
 }
 
 TEST(LlamaStack, BadTokensAndCapacityAreErrors) {
@@ -155,6 +180,29 @@ TEST(LlamaStack, RandomModelCpuMatchesReference) {
     options.quantize = spec;
     expect_matches_reference(LlamaModel::random(tiny_config(), options, 4), 1e-9, 2);
   }
+}
+
+// Qwen2's biases are made too: random values, not the ones of a norm, which is also 1-D.
+TEST(LlamaStack, RandomQwen2ModelHasRandomBiases) {
+  const LlamaModel model = LlamaModel::random(tiny_qwen2_config(), {}, 6);
+  std::set<float> values;
+  for (const DecodeLayerWeights& w : model.layers()) {
+    for (const Tensor* bias : {&w.bq, &w.bk, &w.bv}) {
+      ASSERT_TRUE(has_bias(*bias));
+      for (int64_t i = 0; i < bias->numel(); ++i) {
+        const float v = bias->ptr<const float>()[i];
+        EXPECT_LE(std::fabs(v), 0.04f);
+        values.insert(v);
+      }
+    }
+  }
+  EXPECT_GT(values.size(), 500u);  // of 1024
+  ModelConfig without_biases = tiny_qwen2_config();
+  without_biases.model_type = ModelType::llama;
+  without_biases.attention_bias = false;
+  EXPECT_EQ(model.weight_bytes_per_token(), LlamaModel::random(without_biases, {}, 6).weight_bytes_per_token() +
+                                                2 * (256 + 128 + 128) * int64_t(sizeof(float)));
+  expect_matches_reference(model, 1e-9, 2);
 }
 
 // skip() lengthens a sequence without computing it; the next step attends over the skipped (zero)

@@ -1,4 +1,4 @@
-// Decode-layer pieces: RMSNorm, residuals, RoPE, SwiGLU.
+// Decode-layer pieces: RMSNorm, residuals, projection biases, RoPE, SwiGLU.
 //
 // Activations are row-major f32, f16 or bf16 with the last dimension contiguous; every tensor of
 // one call has the same dtype. Arithmetic is f32 in optimized backends and double in the
@@ -17,6 +17,11 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& ou
 
 // out = a + b, all of one shape. out may alias a or b.
 void residual_add(const Tensor& a, const Tensor& b, const Tensor& out, const RunOptions& run = {});
+
+// out[r, :] = x[r, :] + bias, over rows of x = [..., N]: the biases of a projection's outputs
+// (Qwen2's q/k/v projections; in the decode block x is [B, N]). bias: [N] in x's dtype. out: the
+// shape of x; may alias x.
+void bias_add(const Tensor& x, const Tensor& bias, const Tensor& out, const RunOptions& run = {});
 
 // The pre-norm step of a decoder layer: residual <- x + residual; out = rms_norm(residual).
 // x, residual, out: [..., hidden]; residual is read and written.

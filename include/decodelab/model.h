@@ -36,11 +36,20 @@ struct DecodeLayerWeights {
   Tensor mlp_norm;   // [hidden]
   Weight wq, wk, wv, wo;
   Weight gate, up, down;
+  // The q/k/v projections' output biases (Qwen2): [num_heads * head_dim], [num_kv_heads * head_dim]
+  // twice, in x's dtype. A default Tensor (no data, rank 0) for a model without them; each one
+  // independently (see has_bias).
+  Tensor bq, bk, bv;
 };
 
+// Whether an optional bias is given. Anything but a default Tensor counts, so that a shaped bias
+// with null data is an error rather than silently skipped.
+inline bool has_bias(const Tensor& bias) { return bias.data != nullptr || bias.rank != 0; }
+
 // One decode step of one layer for B sequences, one new token each (x, out = [B, hidden]):
-//   h = x + Wo attention(rope(Wq n), cache + rope(Wk n), Wv n),  n = rms_norm(x)
+//   h = x + Wo attention(rope(Wq n + bq), cache + rope(Wk n + bk), Wv n + bv),  n = rms_norm(x)
 //   out = h + mlp(rms_norm(h))
+// (each bias term only where the weights have it).
 // The new token's K and V are written at lengths[b] (its position) and attention covers
 // lengths[b] + 1 tokens; the caller advances the lengths afterwards. out may alias x.
 void decode_block(const Tensor& x, const DecodeLayerWeights& weights,
@@ -48,7 +57,7 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights,
                   const RunOptions& run = {});
 
 // ---------------------------------------------------------------------------------------------
-// A Llama-family model (Llama 2/3, Mistral; Qwen2's q/k/v biases are not supported yet).
+// A Llama-family model (Llama 2/3, Mistral, Qwen2 with its q/k/v projection biases).
 
 struct LoadOptions {
   Device device = Device::cpu;
@@ -99,8 +108,9 @@ class LlamaModel {
   Weight lm_head_;
 };
 
-// Writes a random Llama model of `config` (weights N(0, 0.02), norms near 1, in `dtype`) as
-// config.json and model.safetensors into `dir`: the toy checkpoint of `decodelab generate --toy`.
+// Writes a random Llama model of `config` (weights and q/k/v biases N(0, 0.02), norms near 1, in
+// `dtype`) as config.json and model.safetensors into `dir`: the toy checkpoint of
+// `decodelab generate --toy`.
 void write_random_llama(const std::filesystem::path& dir, const ModelConfig& config, DType dtype,
                         uint64_t seed);
 

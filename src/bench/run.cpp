@@ -314,6 +314,18 @@ void add_layers(std::vector<BenchCase>& cases, const BenchOptions& o) {
           return d;
         },
         [](auto in, auto out) { return SwigluArgs{in[0], in[1], out[0], {}}; });
+    // Qwen2's q projection bias, added in place as the decode block does: read and write the rows,
+    // read the bias once.
+    add_bench<BiasAddArgs>(
+        cases, o, t, fmt::format("[{}, {}] in place", tokens, kHq * kD), (2 * tokens + 1) * kHq * kD * e, 0, false,
+        [=] {
+          CaseData d;
+          d.inputs.push_back(uniform(t, {tokens, kHq * kD}, 1));
+          d.inputs.push_back(uniform(t, {kHq * kD}, 2));
+          d.outputs.push_back({t, {tokens, kHq * kD}, 0});
+          return d;
+        },
+        [](auto in, auto out) { return BiasAddArgs{out[0], in[1], out[0], {}}; });
     add_bench<RopeArgs>(
         cases, o, t, fmt::format("[{}, {}, {}] llama3", tokens, kHq, kD), 2 * tokens * kHq * kD * e, 0, false,
         [=] {

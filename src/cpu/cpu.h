@@ -14,6 +14,7 @@ namespace decodelab::cpu {
 // layers.cpp
 void rms_norm(const RmsNormArgs& a);
 void residual_add(const ResidualAddArgs& a);
+void bias_add(const BiasAddArgs& a);
 void rms_norm_residual(const RmsNormResidualArgs& a);
 void swiglu(const SwigluArgs& a);
 void rope(const RopeArgs& a);

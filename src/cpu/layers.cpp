@@ -1,5 +1,6 @@
-// CPU RMSNorm, residual add, RMSNorm + residual, SwiGLU and RoPE: one pass over the activations,
-// f32 arithmetic in SIMD registers, rows spread over the thread pool when there are enough.
+// CPU RMSNorm, residual add, bias add, RMSNorm + residual, SwiGLU and RoPE: one pass over the
+// activations, f32 arithmetic in SIMD registers, rows spread over the thread pool when there are
+// enough.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/layers.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -82,18 +83,38 @@ void RmsNorm(const RmsNormArgs& a) {
   });
 }
 
+// out[i] = a[i] + b[i] for i < n, rounded once. Not HWY_RESTRICT: out may alias a or b, and each
+// element is read before it is written.
+template <class T>
+void AddRow(const T* a, const T* b, T* out, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) StoreF32(df, hn::Add(LoadF32(df, a + i), LoadF32(df, b + i)), out + i);
+  for (; i < n; ++i) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+}
+
 void ResidualAdd(const ResidualAddArgs& args) {
   dispatch_activation(args.a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* a = args.a.ptr<const T>();
     const T* b = args.b.ptr<const T>();
     T* out = args.out.ptr<T>();
-    for_elements(args.out.numel(), [&](int64_t begin, int64_t end) {
-      const hn::ScalableTag<float> df;
-      const int64_t N = int64_t(hn::Lanes(df));
-      int64_t i = begin;
-      for (; i + N <= end; i += N) StoreF32(df, hn::Add(LoadF32(df, a + i), LoadF32(df, b + i)), out + i);
-      for (; i < end; ++i) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+    for_elements(args.out.numel(),
+                 [&](int64_t begin, int64_t end) { AddRow(a + begin, b + begin, out + begin, end - begin); });
+  });
+}
+
+// The same add per row, against the one bias row (it stays in L1 across rows).
+void BiasAdd(const BiasAddArgs& args) {
+  dispatch_activation(args.x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t n = args.bias.numel(), rows = args.x.numel() / n;
+    const T* x = args.x.ptr<const T>();
+    const T* bias = args.bias.ptr<const T>();
+    T* out = args.out.ptr<T>();
+    for_rows(rows, n, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) AddRow(x + r * n, bias, out + r * n, n);
     });
   });
 }
@@ -179,12 +200,14 @@ namespace decodelab::cpu {
 
 HWY_EXPORT(RmsNorm);
 HWY_EXPORT(ResidualAdd);
+HWY_EXPORT(BiasAdd);
 HWY_EXPORT(RmsNormResidual);
 HWY_EXPORT(Swiglu);
 HWY_EXPORT(Rope);
 
 void rms_norm(const RmsNormArgs& a) { HWY_DYNAMIC_DISPATCH(RmsNorm)(a); }
 void residual_add(const ResidualAddArgs& a) { HWY_DYNAMIC_DISPATCH(ResidualAdd)(a); }
+void bias_add(const BiasAddArgs& a) { HWY_DYNAMIC_DISPATCH(BiasAdd)(a); }
 void rms_norm_residual(const RmsNormResidualArgs& a) { HWY_DYNAMIC_DISPATCH(RmsNormResidual)(a); }
 void swiglu(const SwigluArgs& a) { HWY_DYNAMIC_DISPATCH(Swiglu)(a); }
 void rope(const RopeArgs& a) { HWY_DYNAMIC_DISPATCH(Rope)(a); }

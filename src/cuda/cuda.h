@@ -12,6 +12,7 @@ namespace decodelab::cuda {
 void rms_norm(const RmsNormArgs& a);
 void rms_norm_residual(const RmsNormResidualArgs& a);
 void residual_add(const ResidualAddArgs& a);
+void bias_add(const BiasAddArgs& a);
 void swiglu(const SwigluArgs& a);
 
 // cache.cu: KV appends (contiguous, paged), the QKV split family and RoPE; head_dim <= 256.

@@ -1,6 +1,6 @@
-// CUDA RMSNorm, RMSNorm + residual, residual add and SwiGLU. One pass over the activations:
-// a block per row for the norms (its sum of squares reduced in shared memory), a grid-stride loop
-// for the elementwise ops; f32 arithmetic, 16-byte accesses where the row allows.
+// CUDA RMSNorm, RMSNorm + residual, residual add, bias add and SwiGLU. One pass over the
+// activations: a block per row for the norms (its sum of squares reduced in shared memory), a
+// grid-stride loop for the elementwise ops; f32 arithmetic, 16-byte accesses where the row allows.
 #include "cuda/common.cuh"
 #include "cuda/cuda.h"
 
@@ -55,6 +55,26 @@ __global__ void elementwise_kernel(const T* __restrict__ a, const T* __restrict_
   }
 }
 
+// out[r, :] = x[r, :] + bias. The grid's y dimension strides over rows and x over a row's columns,
+// so the bias index is the column and needs no division. x and out are not __restrict__: out may
+// alias x (each element is read before the same thread writes it).
+template <class T>
+__global__ void bias_add_kernel(const T* x, const T* __restrict__ bias, T* out, int64_t rows, int64_t n) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+      out[r * n + i] = from_float<T>(to_float(x[r * n + i]) + to_float(bias[i]));
+    }
+  }
+}
+
+template <class T>
+cudaError_t launch_bias_add(const T* x, const T* bias, T* out, int64_t rows, int64_t n, cudaStream_t stream) {
+  const dim3 blocks(unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, 132 * 16)),
+                    unsigned(std::min<int64_t>(rows, 65535)));
+  bias_add_kernel<T><<<blocks, kThreads, 0, stream>>>(x, bias, out, rows, n);
+  return cudaGetLastError();
+}
+
 template <bool kSwiglu>
 void elementwise(const Tensor& a, const Tensor& b, const Tensor& out, Stream stream, const char* op) {
   dispatch_activation(a.dtype, [&](auto tag) {
@@ -84,6 +104,15 @@ void rms_norm_residual(const RmsNormResidualArgs& a) {
   norm<true>(a.x, &a.residual, a.weight, a.out, a.eps, a.stream, "rms_norm_residual");
 }
 void residual_add(const ResidualAddArgs& a) { elementwise<false>(a.a, a.b, a.out, a.stream, "residual_add"); }
+void bias_add(const BiasAddArgs& a) {
+  dispatch_activation(a.x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t n = a.bias.numel();
+    check_launch(launch_bias_add<T>(a.x.ptr<const T>(), a.bias.ptr<const T>(), a.out.ptr<T>(), a.x.numel() / n, n,
+                                    stream_of(a.stream)),
+                 "bias_add");
+  });
+}
 void swiglu(const SwigluArgs& a) { elementwise<true>(a.gate, a.up, a.out, a.stream, "swiglu"); }
 
 }  // namespace decodelab::cuda

@@ -20,9 +20,11 @@ namespace {
 struct Expected {
   std::string name;
   std::vector<int64_t> shape;
+  bool is_bias = false;  // [n] like a norm weight, but centred on 0 where a norm's is on 1
 };
 
 std::string layer_name(int64_t layer, std::string_view what) { return fmt::format("model.layers.{}.{}.weight", layer, what); }
+std::string bias_name(int64_t layer, std::string_view what) { return fmt::format("model.layers.{}.{}.bias", layer, what); }
 
 std::vector<Expected> expected_tensors(const ModelConfig& c) {
   const int64_t q_width = c.num_attention_heads * c.head_dim, kv_width = c.num_key_value_heads * c.head_dim;
@@ -34,6 +36,11 @@ std::vector<Expected> expected_tensors(const ModelConfig& c) {
     e.push_back({layer_name(l, "self_attn.q_proj"), {q_width, c.hidden_size}});
     e.push_back({layer_name(l, "self_attn.k_proj"), {kv_width, c.hidden_size}});
     e.push_back({layer_name(l, "self_attn.v_proj"), {kv_width, c.hidden_size}});
+    if (c.attention_bias) {  // Qwen2; LlamaModel::build reads them in this order, after v_proj
+      e.push_back({bias_name(l, "self_attn.q_proj"), {q_width}, true});
+      e.push_back({bias_name(l, "self_attn.k_proj"), {kv_width}, true});
+      e.push_back({bias_name(l, "self_attn.v_proj"), {kv_width}, true});
+    }
     e.push_back({layer_name(l, "self_attn.o_proj"), {c.hidden_size, q_width}});
     e.push_back({layer_name(l, "post_attention_layernorm"), {c.hidden_size}});
     e.push_back({layer_name(l, "mlp.gate_proj"), {c.intermediate_size, c.hidden_size}});
@@ -120,16 +127,17 @@ class CheckpointSource : public detail::WeightSource {
   const LoadOptions& options_;
 };
 
-// Random tensors made straight in their final layout: norms of ones; dense values uniform in
-// +-0.04 (about the N(0, 0.02) of a fresh Hugging Face model); quantized weights as random codes
-// under scales and biases that decode to about the same range. xorshift64, one stream per tensor.
+// Random tensors made straight in their final layout: norms of ones; dense values and q/k/v
+// biases uniform in +-0.04 (about the N(0, 0.02) of a fresh Hugging Face model); quantized
+// weights as random codes under scales and biases that decode to about the same range.
+// xorshift64, one stream per tensor.
 class RandomSource : public detail::WeightSource {
  public:
   RandomSource(const LoadOptions& options, uint64_t seed) : options_(options), state_(seed * 0x9E3779B97F4A7C15ull + 1) {}
 
   Array dense(const Expected& e) override {
     Array out(options_.dtype, e.shape);
-    const bool norm = e.shape.size() == 1;
+    const bool norm = e.shape.size() == 1 && !e.is_bias;
     for (int64_t i = 0; i < out.numel(); ++i) reference::store(out, i, norm ? 1.0 : 0.04 * uniform());
     return out.to(options_.device);
   }
@@ -211,9 +219,6 @@ LlamaModel LlamaModel::random(const ModelConfig& config, const LoadOptions& opti
 }
 
 LlamaModel LlamaModel::build(const ModelConfig& config, const LoadOptions& options, detail::WeightSource& source) {
-  if (config.attention_bias) {
-    throw Error("config: attention_bias: expected false (q/k/v biases, as Qwen2 has, are not in the decode stack yet), got true");
-  }
   if (!is_float_activation(options.dtype)) {
     throw Error(fmt::format("LlamaModel: options.dtype: expected f32, f16 or bf16, got {}", dtype_name(options.dtype)));
   }
@@ -246,6 +251,12 @@ LlamaModel LlamaModel::build(const ModelConfig& config, const LoadOptions& optio
     w.wq = source.weight(expected[at++], m.storage_);
     w.wk = source.weight(expected[at++], m.storage_);
     w.wv = source.weight(expected[at++], m.storage_);
+    if (config.attention_bias) {
+      for (Tensor* bias : {&w.bq, &w.bk, &w.bv}) {
+        m.storage_.push_back(source.dense(expected[at++]));
+        *bias = m.storage_.back().view();
+      }
+    }
     w.wo = source.weight(expected[at++], m.storage_);
     m.storage_.push_back(source.dense(expected[at++]));
     w.mlp_norm = m.storage_.back().view();
@@ -265,6 +276,9 @@ int64_t LlamaModel::weight_bytes_per_token() const {
   int64_t total = bytes(lm_head_) + int64_t(final_norm_.nbytes()) + config_.hidden_size * int64_t(dtype_size(options_.dtype));
   for (const DecodeLayerWeights& w : layers_) {
     total += int64_t(w.attn_norm.nbytes() + w.mlp_norm.nbytes());
+    for (const Tensor* bias : {&w.bq, &w.bk, &w.bv}) {
+      if (has_bias(*bias)) total += int64_t(bias->nbytes());
+    }
     for (const Weight* p : {&w.wq, &w.wk, &w.wv, &w.wo, &w.gate, &w.up, &w.down}) total += bytes(*p);
   }
   return total;
@@ -276,7 +290,7 @@ void write_random_llama(const std::filesystem::path& dir, const ModelConfig& con
   std::vector<Array> arrays;
   std::vector<NamedTensor> named;
   for (const Expected& e : expected_tensors(config)) {
-    const bool norm = e.shape.size() == 1;
+    const bool norm = e.shape.size() == 1 && !e.is_bias;
     // Hugging Face's initialization scale; norms near 1 so that every layer matters.
     arrays.push_back(verify::random_array(dtype, e.shape, rng, 0.02, norm ? 1.0 : 0.0));
   }

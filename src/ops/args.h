@@ -25,6 +25,12 @@ struct ResidualAddArgs {
   Stream stream;
 };
 
+struct BiasAddArgs {
+  static constexpr const char* kOp = "bias_add";
+  Tensor x, bias, out;
+  Stream stream;
+};
+
 struct RmsNormResidualArgs {
   static constexpr const char* kOp = "rms_norm_residual";
   Tensor x, residual, weight, out;

@@ -45,6 +45,20 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights, const Deco
     detail::check_weight(c, *e.w, e.name, e.cols, x.device);
     if (e.w->rows() != e.rows) c.fail(e.name, fmt::format("{} rows", e.rows), std::to_string(e.w->rows()));
   }
+  const struct {
+    const Tensor* bias;
+    const char* name;
+    int64_t width;
+    const char* layout;
+  } biases[] = {{&weights.bq, "weights.bq", q_width, "[num_heads * head_dim]"},
+                {&weights.bk, "weights.bk", kv_width, "[num_kv_heads * head_dim]"},
+                {&weights.bv, "weights.bv", kv_width, "[num_kv_heads * head_dim]"}};
+  for (const auto& b : biases) {
+    if (!has_bias(*b.bias)) continue;
+    c.shape(*b.bias, b.name, {b.width}, b.layout);
+    c.same_dtype(*b.bias, b.name, x.dtype, "the dtype of x");
+    c.usable(*b.bias, b.name, x.device);
+  }
   detail::check_paged_kv(c, cache, x.dim(0), k.num_kv_heads, k.head_dim, x.dtype, x.device, 1, 0, run.check_indices);
   DecodeLayerConfig resolved = config;
   resolved.rope = detail::check_rope(c, config.rope, k.head_dim);

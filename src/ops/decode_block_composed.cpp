@@ -65,6 +65,10 @@ void composed_decode_block(const DecodeBlockArgs& a) {
   rms_norm(a.x, w.attn_norm, c.rms_eps, normed, run);
   const Tensor q_flat = take({batch, q_width}), k_flat = take({batch, kv_width}), v_flat = take({batch, kv_width});
   qkv_projection(normed, w.wq, w.wk, w.wv, q_flat, k_flat, v_flat, run);
+  // Qwen2's biases, in place before the columns are gathered.
+  for (const auto& [flat, bias] : {std::pair{&q_flat, &w.bq}, std::pair{&k_flat, &w.bk}, std::pair{&v_flat, &w.bv}}) {
+    if (has_bias(*bias)) bias_add(*flat, *bias, *flat, run);
+  }
   // Side by side per sequence, as the fused split/RoPE/append reads them.
   const Tensor qkv = take({batch, 1, qkv_width});
   copy_columns(qkv, 0, q_flat, a.stream);

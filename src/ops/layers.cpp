@@ -1,4 +1,4 @@
-// Validation and routing of the layer ops (RMSNorm, residuals, SwiGLU, RoPE).
+// Validation and routing of the layer ops (RMSNorm, residuals, biases, SwiGLU, RoPE).
 #include <fmt/format.h>
 
 #include <cmath>
@@ -27,11 +27,16 @@ void check_rows(const ArgCheck& c, const Tensor& x, const char* x_name, const Te
   if (x.numel() == 0) c.fail(x_name, "a non-empty tensor", x.describe());
 }
 
+// A vector applied to every row of x (a norm weight, a bias): [n] with n the last dimension of x,
+// in x's dtype, on x's device.
+void check_row_vector(const ArgCheck& c, const Tensor& v, const char* name, const Tensor& x, const char* layout) {
+  c.shape(v, name, {x.dim(x.rank - 1)}, layout);
+  c.same_dtype(v, name, x.dtype, "the dtype of x");
+  c.usable(v, name, x.device);
+}
+
 void check_norm_weight(const ArgCheck& c, const Tensor& weight, const Tensor& x, float eps) {
-  const int64_t hidden = x.dim(x.rank - 1);
-  c.shape(weight, "weight", {hidden}, "[hidden]");
-  c.same_dtype(weight, "weight", x.dtype, "the dtype of x");
-  c.usable(weight, "weight", x.device);
+  check_row_vector(c, weight, "weight", x, "[hidden]");
   if (!(eps > 0.0f) || !std::isfinite(eps)) c.fail("eps", "a finite eps > 0", fmt::format("{}", eps));
 }
 
@@ -49,6 +54,13 @@ void residual_add(const Tensor& a, const Tensor& b, const Tensor& out, const Run
   check_rows(c, a, "a", out, "out");
   check_rows(c, a, "a", b, "b");
   dispatch(ResidualAddArgs{a, b, out, run.stream}, run, a.device);
+}
+
+void bias_add(const Tensor& x, const Tensor& bias, const Tensor& out, const RunOptions& run) {
+  const ArgCheck c("bias_add");
+  check_rows(c, x, "x", out, "out");
+  check_row_vector(c, bias, "bias", x, "[N]");
+  dispatch(BiasAddArgs{x, bias, out, run.stream}, run, x.device);
 }
 
 void rms_norm_residual(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps,

@@ -21,6 +21,10 @@ void decode_block(const DecodeBlockArgs& a) {
   // Q, K and V projections, laid side by side as the fused split/RoPE/append expects them.
   Array q_flat(t, {batch, q_width}), k_flat(t, {batch, kv_width}), v_flat(t, {batch, kv_width});
   matvec_multi({normed, 3, {w.wq, w.wk, w.wv}, {q_flat.view(), k_flat.view(), v_flat.view()}, a.stream});
+  // Qwen2's biases, added to the projections as stored (a second rounding, as between kernels).
+  for (const auto& [flat, bias] : {std::pair{&q_flat, &w.bq}, std::pair{&k_flat, &w.bk}, std::pair{&v_flat, &w.bv}}) {
+    if (has_bias(*bias)) bias_add({*flat, *bias, *flat, a.stream});
+  }
   Array qkv(t, {batch, 1, qkv_width});
   for (int64_t b = 0; b < batch; ++b) {
     int64_t column = b * qkv_width;

@@ -1,4 +1,4 @@
-// Reference RMSNorm, residual add, RMSNorm + residual, SwiGLU and RoPE.
+// Reference RMSNorm, residual add, bias add, RMSNorm + residual, SwiGLU and RoPE.
 // RMSNorm: Zhang & Sennrich 2019. RoPE: Su et al. 2021 ("RoFormer"), with Llama 3's frequency
 // scaling. SwiGLU: Shazeer 2020.
 #include <cmath>
@@ -46,6 +46,12 @@ void rms_norm(const RmsNormArgs& a) {
 
 void residual_add(const ResidualAddArgs& a) {
   for (int64_t i = 0; i < a.out.numel(); ++i) store(a.out, i, load(a.a, i) + load(a.b, i));
+}
+
+// Element by element, so that out may alias x.
+void bias_add(const BiasAddArgs& a) {
+  const int64_t n = a.bias.numel();
+  for (int64_t i = 0; i < a.out.numel(); ++i) store(a.out, i, load(a.x, i) + load(a.bias, i % n));
 }
 
 void rms_norm_residual(const RmsNormResidualArgs& a) {

@@ -9,6 +9,7 @@ namespace decodelab::reference {
 
 void rms_norm(const RmsNormArgs& a);
 void residual_add(const ResidualAddArgs& a);
+void bias_add(const BiasAddArgs& a);
 void rms_norm_residual(const RmsNormResidualArgs& a);
 void swiglu(const SwigluArgs& a);
 void rope(const RopeArgs& a);

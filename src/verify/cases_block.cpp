@@ -1,5 +1,5 @@
 // Verification cases for the decode block: a small Llama-shaped layer over a paged cache, with
-// dense and quantized weights.
+// dense and quantized weights, and a Qwen2-shaped one (q/k/v projection biases).
 #include <fmt/format.h>
 
 #include "verify/weights.h"
@@ -30,10 +30,18 @@ void add_block_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   const std::pair<int64_t, int64_t> dims[] = {{q_width, c.hidden},      {kv_width, c.hidden},     {kv_width, c.hidden},
                                               {c.hidden, q_width},      {c.intermediate, c.hidden}, {c.intermediate, c.hidden},
                                               {c.hidden, c.intermediate}};
-  for (const WeightKind& kind : {WeightKind{}, WeightKind{QuantSpec::mlx(4, 64)}, WeightKind{QuantSpec::q8_0()}}) {
-    const std::string name = fmt::format("{} B={} hidden={} Hq={} Hkv={} D={} inter={} lengths [{}] page {}",
+  // The biases change only what is added after the projections, not how the weights are read:
+  // one weight kind with them is enough.
+  const std::pair<WeightKind, bool> variants[] = {
+      {WeightKind{}, false}, {WeightKind{QuantSpec::mlx(4, 64)}, false}, {WeightKind{QuantSpec::q8_0()}, false},
+      {WeightKind{}, true}};
+  for (const auto& variant : variants) {
+    const WeightKind kind = variant.first;
+    const bool biases = variant.second;
+    const std::string name = fmt::format("{} B={} hidden={} Hq={} Hkv={} D={} inter={} lengths [{}] page {}{}",
                                          kind.name(), batch, c.hidden, c.num_heads, c.num_kv_heads, c.head_dim,
-                                         c.intermediate, fmt::join(lengths, ", "), page_size);
+                                         c.intermediate, fmt::join(lengths, ", "), page_size,
+                                         biases ? " q/k/v biases" : "");
     // Every intermediate activation is stored in the output dtype (about ten roundings in a row).
     add_cases<DecodeBlockArgs>(
         grid, filter, name, [](DType t) { return rounding_tolerance(t, 30.0); },
@@ -50,6 +58,9 @@ void add_block_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
           d.inputs.push_back(std::move(f.v));  // 25
           d.inputs.push_back(std::move(f.page_table));
           d.inputs.push_back(std::move(f.lengths));
+          if (biases) {  // 28, 29, 30
+            for (const int64_t width : {q_width, kv_width, kv_width}) d.inputs.push_back(random_array(t, {width}, rng));
+          }
           d.outputs.push_back({t, {batch, c.hidden}});
           d.outputs.push_back({t, pool, 24});
           d.outputs.push_back({t, pool, 25});
@@ -61,6 +72,11 @@ void add_block_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
           for (int i = 0; i < 7; ++i) *slots[i] = weight_at(in, 3 + 3 * i, kind, dims[i].first, dims[i].second);
           w.attn_norm = in[1];
           w.mlp_norm = in[2];
+          if (biases) {
+            w.bq = in[28];
+            w.bk = in[29];
+            w.bv = in[30];
+          }
           return DecodeBlockArgs{in[0], w, c, PagedKV{out[1], out[2], in[26], in[27]}, out[0], {}, {}};
         });
   }

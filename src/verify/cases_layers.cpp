@@ -1,4 +1,4 @@
-// Verification cases for RMSNorm, residual add, RMSNorm + residual, SwiGLU and RoPE.
+// Verification cases for RMSNorm, residual add, bias add, RMSNorm + residual, SwiGLU and RoPE.
 #include <fmt/format.h>
 
 #include "verify/harness.h"
@@ -44,6 +44,28 @@ void add_residual(std::vector<VerifyCase>& grid, const GridFilter& filter) {
           return d;
         },
         [](auto in, auto out) { return ResidualAddArgs{in[0], in[1], out[0], {}}; });
+  }
+}
+
+// Qwen2's projection widths (Qwen2-7B: q 3584, k/v 512 over [B, N]) and the odd row shapes, each
+// once into a separate output and once in place (out aliasing x), as the decode block calls it.
+void add_bias(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  for (const Shape& shape : {Shape{1, 3584}, Shape{4, 512}, Shape{3, 33}, Shape{1, 111}, Shape{2, 5, 128}}) {
+    const int64_t n = shape.back();
+    const auto build = [shape, n](bool in_place) {
+      return [shape, n, in_place](DType t, uint64_t seed) {
+        Rng rng(seed);
+        CaseData d;
+        d.inputs.push_back(random_array(t, shape, rng));
+        d.inputs.push_back(random_array(t, {n}, rng));
+        d.outputs.push_back({t, shape, in_place ? 0 : -1});
+        return d;
+      };
+    };
+    add_cases<BiasAddArgs>(grid, filter, shape_name(shape), plain, build(false),
+                           [](auto in, auto out) { return BiasAddArgs{in[0], in[1], out[0], {}}; });
+    add_cases<BiasAddArgs>(grid, filter, shape_name(shape) + " in place", plain, build(true),
+                           [](auto in, auto out) { return BiasAddArgs{out[0], in[1], out[0], {}}; });
   }
 }
 
@@ -124,6 +146,7 @@ void add_rope(std::vector<VerifyCase>& grid, const GridFilter& filter) {
 void add_layer_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   add_rms_norm(grid, filter);
   add_residual(grid, filter);
+  add_bias(grid, filter);
   add_rms_norm_residual(grid, filter);
   add_swiglu(grid, filter);
   add_rope(grid, filter);

@@ -25,6 +25,14 @@ TEST(CudaLlamaStack, MatchesReferenceF32) {
   expect_cuda_matches_reference(dir, {}, 1e-9);
 }
 
+// Qwen2's q/k/v biases, added on the GPU by the cuda bias_add.
+TEST(CudaLlamaStack, Qwen2BiasesMatchReferenceF32) {
+  if (gpu_chips().empty()) GTEST_SKIP() << "no CUDA GPU visible: the CUDA stack did not run";
+  const auto dir = fresh_dir("cuda-qwen2-f32");
+  write_random_llama(dir, tiny_qwen2_config(), DType::f32, 11);
+  expect_cuda_matches_reference(dir, {}, 1e-9);
+}
+
 // f16 activations and caches with MLX q4 and GGUF Q8_0 weights: both stacks round every op's output
 // to f16, so their logits differ by f16 rounding flips carried through two layers (a looser bound
 // than f32's), and the greedy tokens must still agree.
