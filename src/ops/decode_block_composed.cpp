@@ -63,17 +63,27 @@ void composed_decode_block(const DecodeBlockArgs& a) {
 
   const Tensor normed = take({batch, c.hidden});
   rms_norm(a.x, w.attn_norm, c.rms_eps, normed, run);
-  const Tensor q_flat = take({batch, q_width}), k_flat = take({batch, kv_width}), v_flat = take({batch, kv_width});
+  // Q, K and V side by side per sequence, as the fused split/RoPE/append reads them. With one
+  // sequence, each projection's output is a contiguous slice of that row and is written in place;
+  // with more, they are gathered by three strided copies.
+  const Tensor qkv = take({batch, 1, qkv_width});
+  const bool in_place = batch == 1;
+  const auto output = [&](int64_t offset, int64_t width) {
+    return in_place ? Tensor::contiguous(static_cast<char*>(qkv.data) + offset * e, t, {1, width}, device)
+                    : take({batch, width});
+  };
+  const Tensor q_flat = output(0, q_width), k_flat = output(q_width, kv_width),
+               v_flat = output(q_width + kv_width, kv_width);
   qkv_projection(normed, w.wq, w.wk, w.wv, q_flat, k_flat, v_flat, run);
   // Qwen2's biases, in place before the columns are gathered.
   for (const auto& [flat, bias] : {std::pair{&q_flat, &w.bq}, std::pair{&k_flat, &w.bk}, std::pair{&v_flat, &w.bv}}) {
     if (has_bias(*bias)) bias_add(*flat, *bias, *flat, run);
   }
-  // Side by side per sequence, as the fused split/RoPE/append reads them.
-  const Tensor qkv = take({batch, 1, qkv_width});
-  copy_columns(qkv, 0, q_flat, a.stream);
-  copy_columns(qkv, q_width, k_flat, a.stream);
-  copy_columns(qkv, q_width + kv_width, v_flat, a.stream);
+  if (!in_place) {
+    copy_columns(qkv, 0, q_flat, a.stream);
+    copy_columns(qkv, q_width, k_flat, a.stream);
+    copy_columns(qkv, q_width + kv_width, v_flat, a.stream);
+  }
   const Tensor q = take({batch, 1, c.num_heads, c.head_dim});
   qkv_rope_append_paged(qkv, c.rope, a.cache, q, run);
 
