@@ -4,46 +4,18 @@
 #include <fmt/format.h>
 
 #include <cmath>
-#include <limits>
-#include <numbers>
-#include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "decodelab/error.h"
 #include "decodelab/kvquant.h"
+#include "kvquant/seeded_stream.h"
 
 namespace decodelab::kvquant {
 namespace {
 
-// The random stream behind every rotation. std::mt19937_64 is specified bit for bit by the
-// standard, but std::normal_distribution and std::uniform_int_distribution are not, so the
-// draws are made here: a seed then means the same rotation with every standard library (the
-// dense matrix up to the last bit of libm's log and cos).
-class SeededStream {
- public:
-  explicit SeededStream(uint64_t seed) : engine_(seed) {}
-
-  double sign() { return (engine_() >> 63) != 0 ? -1.0 : 1.0; }
-
-  // Uniform in [0, n), without modulo bias: draws that fall in the incomplete last copy of
-  // [0, n) within [0, 2^64) are redrawn.
-  uint64_t below(uint64_t n) {
-    const uint64_t limit = std::numeric_limits<uint64_t>::max() - std::numeric_limits<uint64_t>::max() % n;
-    uint64_t r = engine_();
-    while (r >= limit) r = engine_();
-    return r % n;
-  }
-
-  // N(0, 1) by Box-Muller from two 53-bit uniforms, u1 in (0, 1] so that log(u1) is finite.
-  double normal() {
-    const double u1 = double((engine_() >> 11) + 1) * 0x1p-53;
-    const double u2 = double(engine_() >> 11) * 0x1p-53;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
-  }
-
- private:
-  std::mt19937_64 engine_;
-};
+using detail::SeededStream;
 
 // Q of the QR decomposition of a D x D Gaussian matrix, by Gram-Schmidt on its columns. Gram-
 // Schmidt makes R's diagonal (each column's remaining norm) positive, the sign choice under which

@@ -5,18 +5,18 @@
 // include/decodelab/kvquant.h.
 #include <fmt/format.h>
 
-#include <bit>
 #include <cmath>
 #include <string>
 
 #include "core/check.h"
 #include "decodelab/error.h"
 #include "decodelab/kvquant.h"
+#include "kvquant/record.h"
 
 namespace decodelab::kvquant {
 namespace {
 
-constexpr int64_t kNormBytes = 4;
+using detail::kNormBytes;
 
 const TurboQuantConfig& checked(const TurboQuantConfig& config) {
   const detail::ArgCheck check("turboquant");
@@ -32,17 +32,6 @@ void check_sizes(const detail::ArgCheck& check, int64_t head_dim, size_t x_size,
   if (int64_t(record_size) != record_bytes) {
     check.fail("record", fmt::format("{} bytes (record_bytes())", record_bytes), fmt::format("{} bytes", record_size));
   }
-}
-
-void store_f32_le(uint8_t* dst, float v) {
-  const uint32_t bits = std::bit_cast<uint32_t>(v);
-  for (int i = 0; i < 4; ++i) dst[i] = uint8_t(bits >> (8 * i));
-}
-
-float load_f32_le(const uint8_t* src) {
-  uint32_t bits = 0;
-  for (int i = 0; i < 4; ++i) bits |= uint32_t(src[i]) << (8 * i);
-  return std::bit_cast<float>(bits);
 }
 
 }  // namespace
@@ -79,13 +68,7 @@ void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) 
   const detail::ArgCheck check("turboquant.encode");
   const int64_t d = config_.head_dim;
   check_sizes(check, d, x.size(), record_bytes(), record.size());
-  double norm2 = 0.0;
-  for (size_t j = 0; j < x.size(); ++j) {
-    if (!std::isfinite(x[j])) check.fail(fmt::format("x[{}]", j), "a finite value", fmt::format("{}", x[j]));
-    norm2 += double(x[j]) * double(x[j]);
-  }
-  const double norm = std::sqrt(norm2);
-  if (!std::isfinite(float(norm))) check.fail("x", "a vector whose norm fits in f32", fmt::format("norm {:g}", norm));
+  const double norm = detail::checked_norm(check, x, "x");
 
   std::vector<double> y(size_t(d), 0.0);  // the zero vector stays zero: its direction is moot
   if (norm > 0.0) {
@@ -95,7 +78,7 @@ void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) 
   std::vector<uint8_t> indices(static_cast<size_t>(d));
   for (size_t j = 0; j < indices.size(); ++j) indices[j] = codebook_.index_of(y[j]);
 
-  store_f32_le(record.data(), float(norm));
+  detail::store_f32_le(record.data(), float(norm));
   pack_bits(indices, config_.bits, record.subspan(kNormBytes));
 }
 
@@ -103,8 +86,7 @@ void TurboQuantMse::decode(std::span<const uint8_t> record, std::span<float> x) 
   const detail::ArgCheck check("turboquant.decode");
   const int64_t d = config_.head_dim;
   check_sizes(check, d, x.size(), record_bytes(), record.size());
-  const float norm = load_f32_le(record.data());
-  if (!std::isfinite(norm) || norm < 0.0f) check.fail("record norm", "a finite norm >= 0", fmt::format("{}", norm));
+  const float norm = detail::checked_record_norm(check, record.data(), "record norm");
 
   std::vector<uint8_t> indices(static_cast<size_t>(d));
   unpack_bits(record.subspan(kNormBytes), config_.bits, indices);
