@@ -1,4 +1,5 @@
-// KV-cache vector quantization, base layer and TurboQuant (MSE), the CPU reference in double.
+// KV-cache vector quantization, base layer, TurboQuant (MSE) and QJL keys, the CPU reference in
+// double.
 //
 // - Bit packing of 1-4-bit indices and of sign bits.
 // - Rotations: a dense Haar-random orthogonal matrix (the reference) and a two-round randomized
@@ -7,6 +8,10 @@
 // - TurboQuant (MSE): Zandieh, Daliri, Hadian, Mirrokni, "TurboQuant: Online Vector Quantization
 //   with Near-optimal Distortion Rate", arXiv:2504.19874 (2025), Algorithm 1. A vector is stored
 //   as its norm plus one codebook index per coordinate of its rotated direction.
+// - QJL keys: Zandieh, Daliri, Han, "QJL: 1-Bit Quantized JL Transform for KV Cache Quantization
+//   with Zero Overhead", arXiv:2406.03482 (2024). A key is stored as its norm plus the m sign bits
+//   of a seeded Gaussian sketch S k; a full-precision query q scores it with the unbiased
+//   estimator sqrt(pi/2) / m * ||k|| * <S q, sign(S k)>.
 //
 // Everything here computes in double: it is the oracle that later CPU and CUDA codecs must match
 // code for code.
@@ -183,6 +188,68 @@ class TurboQuantMse {
   TurboQuantConfig config_;
   Rotation rotation_;
   Codebook codebook_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// QJL keys: a key k of head_dim D as the signs of m Gaussian projections, for inner products with
+// full-precision queries (the attention scores q . k).
+//
+// The sketch S is m x D with i.i.d. N(0, 1) entries, drawn row by row (S[0][0], S[0][1], ...)
+// from decodelab's seeded stream, the one behind the dense rotation: a dense rotation of the same
+// D and seed orthogonalizes the same Gaussian draws that make S's first D rows, so a codec that
+// needs the two independent (TurboQuant's inner-product variant) gives them different seeds.
+//
+// Encode: n = ||k||, s_i = sign((S k)_i) in {+1, -1}, with (S k)_i = 0 taken as +1 (pack_signs'
+// convention); the key's scale is not needed to take signs, so none is stored but n.
+// Score: <q, k>^ = sqrt(pi/2) / m * n * sum_i (S q)_i s_i.
+//
+// Why it is unbiased (the paper's Lemma on the inner-product estimator, derived here in the form
+// the tests use): for one row g ~ N(0, I_D), write q = a k/n + q_perp with q_perp orthogonal to
+// k; then g.q_perp is independent of g.k, so E[(g.q) sign(g.k)] = (a/n) E|g.k| = (a/n) n sqrt(2/pi)
+// = sqrt(2/pi) <q, k> / n. Each term X_i = sqrt(pi/2) n (S q)_i s_i thus has mean <q, k>, and the
+// estimate is the mean of m independent X_i.
+// Its variance, exactly: X_i^2 = (pi/2) n^2 (S q)_i^2, so E X_i^2 = (pi/2) ||q||^2 ||k||^2 and
+//   Var <q, k>^ = ((pi/2) ||q||^2 ||k||^2 - <q, k>^2) / m  <=  (pi/2) ||q||^2 ||k||^2 / m.
+// The bound is reached for q orthogonal to k; for q parallel to k the variance is
+// (pi/2 - 1) ||q||^2 ||k||^2 / m, a factor 1 - 2/pi = 0.363 of it. (The paper states a tail
+// bound of the same order, |<q, k>^ - <q, k>| <= eps ||q|| ||k|| with high probability once m is
+// of order 1/eps^2; the exact variance is what KvQjl* tests measure.)
+//
+// Per-token record (record_bytes() = 4 + ceil(m / 8) bytes):
+//   bytes [0, 4)  the norm n as an f32, little-endian (as TurboQuant's record).
+//   bytes [4, ..) the m sign bits in pack_signs' layout: bit i % 8 of byte 4 + i / 8 is 1 where
+//                 (S k)_i < 0; the spare high bits of the last byte are zero.
+struct QjlConfig {
+  int64_t head_dim = 128;    // D in [2, 4096]
+  int64_t sketch_dim = 256;  // m in [1, 16384]: the estimate's variance falls as 1/m
+  uint64_t seed = 0;         // the sketch's seed: same config, same codes
+};
+
+class QjlKeys {
+ public:
+  // Draws the sketch: m * D doubles.
+  explicit QjlKeys(const QjlConfig& config);
+
+  const QjlConfig& config() const { return config_; }
+  // S, m x D, row-major.
+  std::span<const double> sketch() const { return sketch_; }
+  int64_t record_bytes() const;
+
+  // k (head_dim finite values) into `record` (record_bytes()).
+  void encode(std::span<const float> k, std::span<uint8_t> record) const;
+  // One query against n keys: `records` holds n records back to back (n * record_bytes() bytes)
+  // and scores[j] becomes the estimate of <q, k_j>, n = scores.size(). S q is computed once
+  // (m * D multiply-adds); each key then costs m sign flips and adds.
+  void score(std::span<const float> q, std::span<const uint8_t> records, std::span<double> scores) const;
+  // One query against one key: score() with n = 1.
+  double estimate(std::span<const float> q, std::span<const uint8_t> record) const;
+
+ private:
+  void score_records(std::string_view op, std::span<const float> q, std::span<const uint8_t> records,
+                     std::span<double> scores) const;
+
+  QjlConfig config_;
+  std::vector<double> sketch_;
 };
 
 }  // namespace decodelab::kvquant
