@@ -242,7 +242,7 @@ TEST(LlamaStack, PerOpBackendsReachTheBlocksPieces) {
   EXPECT_TRUE(message.starts_with("decode_attention_paged: backend 'cpu.d128' does not support this call")) << message;
   const OpBackend unknown[] = {{"mlp_block", "cpu.nonexistent"}};
   config.run.per_op = unknown;
-  EXPECT_NE(error_of([&] { LlamaDecoder(model, config); }).find("per_op: backend for mlp_block"), std::string::npos);
+  EXPECT_NE(error_of([&] { LlamaDecoder(model, config); }).find("check_op_backends: per_op[0].backend (for mlp_block)"), std::string::npos);
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 
 #include "decodelab/attention.h"
 #include "decodelab/error.h"
+#include "decodelab/kv_cache.h"
+#include "error_of.h"
 #include "verify/random.h"
 
 namespace decodelab {
@@ -53,6 +55,35 @@ TEST(PagedKVCache, AppendsAcrossPagesAndFreesThem) {
   cache.free(s);
   EXPECT_EQ(cache.free_pages(), 6);
   EXPECT_THROW(cache.length(s), Error);
+}
+
+// write_view fills the first rows of the caller's tables: page ids, then zeros; the lengths.
+TEST(PagedKVCache, WriteViewFillsTheCallersTables) {
+  PagedKVCache cache(small_config());
+  const int a = cache.add_sequence(), b = cache.add_sequence();
+  Array five = tokens(5, 1.0f), two = tokens(2, 9.0f);
+  cache.append(std::vector<int>{a}, five, five, kRef);
+  cache.append(std::vector<int>{b}, two, two, kRef);
+  const int64_t width = cache.config().max_pages_per_sequence;
+  Array table(DType::i32, {3, width}), lengths(DType::i32, {3});
+  for (int64_t i = 0; i < table.numel(); ++i) table.ptr<int32_t>()[i] = -7;  // poison
+  lengths.ptr<int32_t>()[2] = -7;
+  const int seqs[] = {b, a};
+  cache.write_view(seqs, table, lengths);
+  EXPECT_EQ(lengths.ptr<int32_t>()[0], 2);
+  EXPECT_EQ(lengths.ptr<int32_t>()[1], 5);
+  EXPECT_EQ(lengths.ptr<int32_t>()[2], -7);  // rows past the sequences are left alone
+  for (int64_t p = 0; p < width; ++p) {
+    EXPECT_EQ(table.ptr<int32_t>()[p], p < 1 ? cache.pages(b)[0] : 0) << p;
+    EXPECT_EQ(table.ptr<int32_t>()[width + p], p < 2 ? cache.pages(a)[size_t(p)] : 0) << p;
+    EXPECT_EQ(table.ptr<int32_t>()[2 * width + p], -7) << p;
+  }
+  Array narrow(DType::i32, {2, width + 1});
+  EXPECT_NE(error_of([&] { cache.write_view(seqs, narrow, lengths); }).find("PagedKVCache::write_view: page_table"),
+            std::string::npos);
+  Array short_lengths(DType::i32, {1});
+  EXPECT_NE(error_of([&] { cache.write_view(seqs, table, short_lengths); }).find("PagedKVCache::write_view: lengths"),
+            std::string::npos);
 }
 
 TEST(PagedKVCache, ForkSharesPagesAndCopiesOnWrite) {

@@ -59,11 +59,16 @@ TEST(Router, PerOpBackendsOverrideTheDefault) {
   EXPECT_EQ(backend_for(run, "swiglu"), "cpu");
   EXPECT_EQ(error_of([&] { check_op_backends(choices); }), "");
   const OpBackend bad_op[] = {{"rms_nrom", "cpu"}};
-  EXPECT_ERROR(check_op_backends(bad_op), "per_op: op: expected a registered op (decodelab info lists them), got rms_nrom");
-  const OpBackend bad_backend[] = {{"rms_norm", "cpu.nonexistent"}};
+  EXPECT_ERROR(check_op_backends(bad_op),
+               "check_op_backends: per_op[0].op: expected a registered op (decodelab info lists them), got rms_nrom");
+  const OpBackend bad_backend[] = {{"swiglu", "cpu"}, {"rms_norm", "cpu.nonexistent"}};
   const std::string message = error_of([&] { check_op_backends(bad_backend); });
-  EXPECT_TRUE(message.starts_with("per_op: backend for rms_norm: expected auto, reference, cpu")) << message;
+  EXPECT_TRUE(message.starts_with("check_op_backends: per_op[1].backend (for rms_norm): expected auto, reference, cpu"))
+      << message;
   EXPECT_TRUE(message.ends_with(", got cpu.nonexistent")) << message;
+  const OpBackend twice[] = {{"rms_norm", "cpu"}, {"rms_norm", "reference"}};
+  EXPECT_ERROR(check_op_backends(twice),
+               "check_op_backends: per_op[1].op: expected one choice per op (rms_norm is per_op[0]), got rms_norm");
 }
 
 // A kernel that refuses a call is skipped by auto, and named explicitly it explains why.

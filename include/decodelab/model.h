@@ -59,6 +59,11 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights,
 // ---------------------------------------------------------------------------------------------
 // A Llama-family model (Llama 2/3, Mistral, Qwen2 with its q/k/v projection biases).
 
+namespace detail {
+class WeightSource;
+class DeviceGraph;
+}
+
 struct LoadOptions {
   Device device = Device::cpu;
   DType dtype = DType::f32;            // activations, norms, embeddings and dense weights
@@ -70,11 +75,6 @@ struct LoadOptions {
 // options.device. Every tensor of the checkpoint must be used and every expected one present:
 // the error names each missing, extra or misshapen tensor (Hugging Face names, e.g.
 // "model.layers.3.self_attn.k_proj.weight: expected [1024, 4096], got [4096, 4096]").
-namespace detail {
-class WeightSource;
-class DeviceGraph;
-}
-
 class LlamaModel {
  public:
   // config.json and the safetensors weights of a checkpoint directory.
@@ -83,7 +83,8 @@ class LlamaModel {
                                     const LoadOptions& options = {});
   // A model of this shape with random weights made in memory, already in the layout (and the
   // quantized format) of `options`: no checkpoint is written or read, so a full-size model (an
-  // 8B one) is ready in seconds. For speed measurements; its tokens mean nothing.
+  // 8B one) is ready in seconds. For speed measurements; its tokens mean nothing (with
+  // tie_word_embeddings the LM head has the embedding's shape but values of its own).
   static LlamaModel random(const ModelConfig& config, const LoadOptions& options, uint64_t seed);
 
   const ModelConfig& config() const { return config_; }
@@ -147,9 +148,12 @@ class LlamaDecoder {
   void step(std::span<const int> seqs, std::span<const int32_t> tokens, const Tensor& logits);
   // Feeds a prompt to one sequence (a decode step per token); logits of its last token.
   void prefill(int seq, std::span<const int32_t> prompt, const Tensor& logits);
-  // Lengthens a sequence by `tokens` positions that are not computed (their K and V are zeros):
-  // decode speed at a context length without paying for its prefill. For benchmarks only.
+  // Lengthens a sequence by `tokens` positions that are not computed: decode speed at a context
+  // length without paying for its prefill. For benchmarks only: their K and V are whatever the
+  // pages hold (zeros in pages no sequence has used; stale values in pages freed by free()).
   void skip(int seq, int64_t tokens);
+  // How many batch sizes have a captured CUDA graph (config.cuda_graphs on the GPU; else 0).
+  int graphs_captured() const;
 
  private:
   // The layers, final norm and LM head of a step over the first `batch` rows of the buffers below.

@@ -36,8 +36,8 @@ struct RunOptions {
   // valid as it builds them) may turn it off; shapes and dtypes are checked either way, and an
   // out-of-range index then is the caller's undefined behaviour.
   bool check_indices = true;
-  // Per-op choices over `backend`, passed on to the ops that a composed op runs (the pieces of
-  // decode_block); the caller keeps the span alive for the call.
+  // Per-op choices over `backend`: for the op called and for the ops a composed op runs (the
+  // pieces of decode_block); the caller keeps the span alive for the call.
   std::span<const OpBackend> per_op{};
 };
 

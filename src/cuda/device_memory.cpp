@@ -42,9 +42,20 @@ DeviceGraph::~DeviceGraph() {
   if (exec_ != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
 }
 
+namespace {
+
+// Throws naming the call; the error is cleared first so that no later launch check reports it.
+void check_graph(cudaError_t status, const char* what) {
+  if (status == cudaSuccess) return;
+  cudaGetLastError();
+  throw Error(fmt::format("DeviceGraph: {} failed: {}", what, cudaGetErrorString(status)));
+}
+
+}  // namespace
+
 void DeviceGraph::capture(const std::function<void()>& record) {
   // Thread-local mode: other threads' CUDA calls are not part of this capture and may go on.
-  check(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture", 0);
+  check_graph(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   cudaGraph_t graph = nullptr;
   try {
     record();
@@ -54,17 +65,17 @@ void DeviceGraph::capture(const std::function<void()>& record) {
     cudaGetLastError();  // the failed capture's error; the exception says what went wrong
     throw;
   }
-  check(cudaStreamEndCapture(cudaStreamPerThread, &graph), "cudaStreamEndCapture", 0);
+  check_graph(cudaStreamEndCapture(cudaStreamPerThread, &graph), "cudaStreamEndCapture");
   cudaGraphExec_t exec = nullptr;
   const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
-  check(made, "cudaGraphInstantiate", 0);
+  check_graph(made, "cudaGraphInstantiate");
   if (exec_ != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
   exec_ = exec;
 }
 
 void DeviceGraph::launch() const {
-  check(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), cudaStreamPerThread), "cudaGraphLaunch", 0);
+  check_graph(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), cudaStreamPerThread), "cudaGraphLaunch");
 }
 
 void device_copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes, size_t rows,

@@ -1,6 +1,6 @@
 // What the CUDA kernels take, in words: the supports() functions of src/cuda/kernels.inc. Kept in
 // plain C++ (fmt's compile-time format checks do not build under nvcc) and in step with the
-// launchers' template dispatch in attention.cu and matvec.cu.
+// launchers' template dispatch in attention.cu, matvec_formats.cuh, matvec.cu and matvec_mma.cu.
 #include <fmt/format.h>
 
 #include "cuda/cuda.h"
@@ -18,7 +18,7 @@ std::string decode_supports(const Tensor& q) {
 }
 
 
-// The matvec kernel's conditions on one weight over x (see matvec.cu): batch <= 16, 16-byte aligned
+// The matvec kernels' conditions on one weight over x (see matvec_formats.cuh): batch <= 16, 16-byte aligned
 // rows of x and of dense or MLX weights, MLX scales in x's dtype, GGUF blocks 2-byte aligned.
 std::string matvec_weight_supports(const Weight& w, const Tensor& x) {
   constexpr int64_t kMaxBatch = 16;
@@ -147,6 +147,7 @@ std::string mlp_block_mma_supports(const MlpBlockArgs& a) {
 }
 
 bool prefers_tensor_cores(const Weight& w, const Tensor& x) {
+  if (x.dtype != DType::f16 && x.dtype != DType::bf16) return false;  // before any refusal text is made
   return x.dim(0) >= 2 || (w.is_quantized && w.quantized.spec.bits == 4);
 }
 

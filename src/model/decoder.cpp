@@ -19,6 +19,7 @@ LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : mode
     throw Error(fmt::format("LlamaDecoder: config: expected max_sequences, max_tokens and page_size >= 1, got {}, {}, {}",
                             config.max_sequences, config.max_tokens, config.page_size));
   }
+  check_op_backends(config.run.per_op);  // before anything is allocated
   const DecodeLayerConfig& c = model.layer_config();
   PagedKVCache::Config cache;
   cache.page_size = config.page_size;
@@ -44,7 +45,6 @@ LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : mode
   // The caches' pages and lengths are valid by construction (PagedKVCache checks them as it
   // assigns them), so the ops need not copy them back to the host to check them every layer.
   config_.run.check_indices = false;
-  check_op_backends(config.run.per_op);
   backend_ = std::string(config.run.backend);
   for (const OpBackend& choice : config.run.per_op) per_op_names_.emplace_back(choice.op, choice.backend);
   for (const auto& [op, backend] : per_op_names_) per_op_.push_back({op, backend});
@@ -70,6 +70,12 @@ int LlamaDecoder::add_sequence() {
 
 void LlamaDecoder::free(int seq) {
   for (PagedKVCache& cache : caches_) cache.free(seq);
+}
+
+int LlamaDecoder::graphs_captured() const {
+  int n = 0;
+  for (const auto& graph : graphs_) n += graph && !graph->empty();
+  return n;
 }
 
 int64_t LlamaDecoder::length(int seq) const { return caches_.empty() ? 0 : caches_[0].length(seq); }
@@ -115,7 +121,14 @@ void LlamaDecoder::step(std::span<const int> seqs, std::span<const int32_t> toke
     run_layers(batch);
     if (graph != nullptr) *graph = std::make_unique<detail::DeviceGraph>();
   } else {
-    if ((*graph)->empty()) (*graph)->capture([&] { run_layers(batch); });
+    if ((*graph)->empty()) {
+      try {
+        (*graph)->capture([&] { run_layers(batch); });
+      } catch (const Error& e) {
+        throw Error(fmt::format("LlamaDecoder::step: capturing the step as a CUDA graph failed "
+                                "(Config::cuda_graphs = false launches the ops one by one): {}", e.what()));
+      }
+    }
     (*graph)->launch();
   }
   for (PagedKVCache& cache : caches_) cache.advance(seqs, 1);

@@ -145,7 +145,8 @@ void PagedKVCache::write_view(std::span<const int> seqs, const Tensor& page_tabl
       page_table.dim(0) < batch || page_table.dim(1) != width || !page_table.is_contiguous()) {
     c.fail("page_table", fmt::format("[>= {}, {}] i32 on the host", batch, width), page_table.describe());
   }
-  if (lengths.dtype != DType::i32 || lengths.device != Device::cpu || lengths.rank != 1 || lengths.dim(0) < batch) {
+  if (lengths.dtype != DType::i32 || lengths.device != Device::cpu || lengths.rank != 1 || lengths.dim(0) < batch ||
+      !lengths.is_contiguous()) {
     c.fail("lengths", fmt::format("[>= {}] i32 on the host", batch), lengths.describe());
   }
   for (int64_t b = 0; b < batch; ++b) {
@@ -158,7 +159,8 @@ void PagedKVCache::write_view(std::span<const int> seqs, const Tensor& page_tabl
 }
 
 PagedKV PagedKVCache::view(std::span<const int> seqs) {
-  const int64_t batch = std::max<int64_t>(int64_t(seqs.size()), 1);
+  if (seqs.empty()) ArgCheck("PagedKVCache::view").fail("seqs", "at least one sequence", "none");
+  const int64_t batch = int64_t(seqs.size());
   Array table(DType::i32, {batch, config_.max_pages_per_sequence}), lengths(DType::i32, {batch});
   write_view(seqs, table, lengths);
   view_page_table_ = table.to(config_.device);

@@ -109,7 +109,8 @@ std::string_view backend_for(const RunOptions& run, std::string_view op) {
 
 void check_op_backends(std::span<const OpBackend> per_op) {
   const std::vector<BackendInfo> all = list_backends();
-  for (const OpBackend& choice : per_op) {
+  for (size_t i = 0; i < per_op.size(); ++i) {
+    const OpBackend& choice = per_op[i];
     bool known_op = false, known_backend = choice.backend == "auto";
     std::string backends = "auto";
     for (const BackendInfo& b : all) {
@@ -118,8 +119,13 @@ void check_op_backends(std::span<const OpBackend> per_op) {
       known_backend = known_backend || b.backend == choice.backend;
       backends += fmt::format(", {}", b.backend);
     }
-    if (!known_op) fail("per_op", "op", "a registered op (decodelab info lists them)", choice.op);
-    if (!known_backend) fail("per_op", fmt::format("backend for {}", choice.op), backends, choice.backend);
+    if (!known_op) fail("check_op_backends", fmt::format("per_op[{}].op", i), "a registered op (decodelab info lists them)", choice.op);
+    if (!known_backend) fail("check_op_backends", fmt::format("per_op[{}].backend (for {})", i, choice.op), backends, choice.backend);
+    for (size_t j = 0; j < i; ++j) {
+      if (per_op[j].op == choice.op) {
+        fail("check_op_backends", fmt::format("per_op[{}].op", i), fmt::format("one choice per op ({} is per_op[{}])", choice.op, j), choice.op);
+      }
+    }
   }
 }
 

@@ -58,7 +58,11 @@ void add_matvec(std::vector<VerifyCase>& grid, const GridFilter& filter) {
     int64_t batch, rows, cols;
   };
   for (const WeightKind& kind : kWeightKinds) {
-    for (const Shape s : {Shape{1, 64, 4096}, Shape{1, 33, 320}, Shape{3, 33, 256}, Shape{16, 40, 192}}) {
+    // Besides the usual sizes: batches 8 and 9 (one and two 8-input tiles of the CUDA tensor-core
+    // kernel), and a dense K whose 16-byte units do not fill the last chunk of 4.
+    for (const Shape s : {Shape{1, 64, 4096}, Shape{1, 33, 320}, Shape{3, 33, 256}, Shape{16, 40, 192},
+                          Shape{8, 17, 448}, Shape{9, 24, 448}, Shape{2, 20, 200}}) {
+      if (kind.quant && s.cols % 64 != 0) continue;  // K = 200: dense only
       add_cases<MatvecArgs>(
           grid, filter, fmt::format("{} B={} N={} K={}", kind.name(), s.batch, s.rows, s.cols),
           [](DType t) { return rounding_tolerance(t); },
@@ -81,26 +85,32 @@ void add_projections(std::vector<VerifyCase>& grid, const GridFilter& filter) {
     for (const int64_t batch : {int64_t{1}, int64_t{5}}) {
       const std::string name = fmt::format("{} B={} hidden={} q={} kv={} inter={}", kind.name(), batch, hidden,
                                            q_rows, kv_rows, inter);
-      add_cases<MatvecMultiArgs>(
-          grid, filter, name, [](DType t) { return rounding_tolerance(t); },
-          [=](DType t, uint64_t seed) {
-            Rng rng(seed);
-            CaseData d;
-            d.inputs.push_back(random_array(t, {batch, hidden}, rng));
-            for (int64_t rows : {q_rows, kv_rows, kv_rows}) {
-              add_weight(d, kind, rows, hidden, t, rng);
-              d.outputs.push_back({t, {batch, rows}});
-            }
-            return d;
-          },
-          [=](auto in, auto out) {
-            return MatvecMultiArgs{in[0],
-                                   3,
-                                   {weight_at(in, 1, kind, q_rows, hidden), weight_at(in, 4, kind, kv_rows, hidden),
-                                    weight_at(in, 7, kind, kv_rows, hidden)},
-                                   {out[0], out[1], out[2]},
-                                   {}};
-          });
+      // Rows that are and are not multiples of the CUDA tensor-core kernel's 16-row tiles, whose
+      // walk from one matrix to the next then starts inside a partial tile.
+      for (const auto& [mq, mkv] : {std::pair{q_rows, kv_rows}, std::pair{int64_t{40}, int64_t{24}}}) {
+        const std::string multi_name =
+            fmt::format("{} B={} hidden={} q={} kv={}", kind.name(), batch, hidden, mq, mkv);
+        add_cases<MatvecMultiArgs>(
+            grid, filter, multi_name, [](DType t) { return rounding_tolerance(t); },
+            [=](DType t, uint64_t seed) {
+              Rng rng(seed);
+              CaseData d;
+              d.inputs.push_back(random_array(t, {batch, hidden}, rng));
+              for (int64_t rows : {mq, mkv, mkv}) {
+                add_weight(d, kind, rows, hidden, t, rng);
+                d.outputs.push_back({t, {batch, rows}});
+              }
+              return d;
+            },
+            [=](auto in, auto out) {
+              return MatvecMultiArgs{in[0],
+                                     3,
+                                     {weight_at(in, 1, kind, mq, hidden), weight_at(in, 4, kind, mkv, hidden),
+                                      weight_at(in, 7, kind, mkv, hidden)},
+                                     {out[0], out[1], out[2]},
+                                     {}};
+            });
+      }
       add_cases<OutputProjectionArgs>(
           grid, filter, name, [](DType t) { return rounding_tolerance(t); },
           [=](DType t, uint64_t seed) {

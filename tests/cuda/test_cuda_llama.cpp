@@ -85,8 +85,12 @@ TEST(CudaLlamaStack, GraphReplayMatchesEagerLaunches) {
     }
     EXPECT_EQ(decoder.length(a), 3 + 12);
     EXPECT_EQ(decoder.length(b), 6 + 12 + 3);
+    EXPECT_EQ(decoder.graphs_captured(), graphs ? 2 : 0);  // batch sizes 1 and 2 were replayed
   }
   ASSERT_EQ(runs[0].size(), runs[1].size());
+  size_t zeros = 0;
+  for (const float v : runs[0].back()) zeros += v == 0.0f;
+  EXPECT_LT(zeros, runs[0].back().size() / 10) << "mostly zero logits";
   for (size_t i = 0; i < runs[0].size(); ++i) EXPECT_EQ(runs[0][i], runs[1][i]) << "step " << i;
 }
 

@@ -28,12 +28,12 @@ ModelConfig toy_config() {
   c.max_position_embeddings = 8192;
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 500000.0;
-  c.rope_scaling = Llama3Scaling{};
   return c;
 }
 
-// Llama 3 8B (Meta-Llama-3-8B's config.json).
-ModelConfig llama3_8b_config() {
+// The shapes --synthetic names: Llama 3 8B (Meta-Llama-3-8B's config.json).
+ModelConfig synthetic_config(const std::string& name) {
+  if (name != "llama3-8b") throw Error(fmt::format("generate: --synthetic: expected llama3-8b, got {}", name));
   ModelConfig c;
   c.hidden_size = 4096;
   c.intermediate_size = 14336;
@@ -80,7 +80,7 @@ int run_generate(const GenerateCommandOptions& o) {
     throw Error("generate: checkpoint: expected a checkpoint directory (or --toy, or --synthetic), got none");
   }
   const auto t_load = std::chrono::steady_clock::now();
-  const LlamaModel model = o.synthetic.empty() ? LlamaModel::load(dir, load) : LlamaModel::random(llama3_8b_config(), load, o.seed);
+  const LlamaModel model = o.synthetic.empty() ? LlamaModel::load(dir, load) : LlamaModel::random(synthetic_config(o.synthetic), load, o.seed);
   if (!o.synthetic.empty()) fmt::print("synthetic {} (random weights, made in {:.1f} s)\n", o.synthetic, seconds_since(t_load));
   const ModelConfig& c = model.config();
   std::vector<int32_t> prompt = o.tokens;
@@ -109,8 +109,9 @@ int run_generate(const GenerateCommandOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   decoder.prefill(seq, prompt, logits);
   const double prefill_s = seconds_since(t0);
-  // Decode steps are timed from the second on: the first is where a GPU decoder captures its CUDA
-  // graph (the prefill ran the eager step).
+  // Decode steps are timed from the second on: on the GPU the first steps of a batch size run
+  // eagerly and then capture the CUDA graph, and with a one-token prompt the first decode step is
+  // the capture.
   std::vector<int32_t> generated;
   auto t1 = std::chrono::steady_clock::now();
   for (int i = 0; i < o.steps; ++i) {
@@ -127,18 +128,22 @@ int run_generate(const GenerateCommandOptions& o) {
                           double(dtype_size(load.dtype));
   const double bytes_per_token = double(model.weight_bytes_per_token()) + kv_bytes;
   const double floor_tokens_per_s = limits.read_gbps * 1e9 / bytes_per_token;
-  const double decode_tps = o.steps > 2 ? double(o.steps - 2) / decode_s : 0.0;
+  const double decode_tps = o.steps > 2 ? double(o.steps - 2) / decode_s : 0.0;  // steps 2..steps-1
 
   fmt::print("model: {} layers, hidden {}, heads {}/{} (head_dim {}), vocab {}; {} {}{} on {}, backend {}\n",
              c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size,
              model_type_name(c.model_type), dtype_name(load.dtype), load.quantize ? fmt::format(" {}", quant_spec_name(*load.quantize)) : "",
              o.device, o.backend);
   for (const std::string& choice : o.op_backends) fmt::print("op backend: {}\n", choice);
-  if (o.context > 0) fmt::print("context: {} positions skipped before the prompt (zero K/V)\n", o.context);
+  if (o.context > 0) fmt::print("context: {} positions skipped before the prompt (uncomputed K/V)\n", o.context);
   fmt::print("prompt: [{}]\n", fmt::join(prompt, ", "));
   fmt::print("generated: [{}]\n", fmt::join(generated, ", "));
   fmt::print("prefill: {} tokens in {:.3f} s ({:.1f} tokens/s, a decode step per token)\n", prompt.size(), prefill_s,
              double(prompt.size()) / prefill_s);
+  if (o.steps <= 2) {
+    fmt::print("decode: not timed (the first decode step is not timed; --steps 3 or more)\n");
+    return 0;
+  }
   fmt::print("decode: {:.1f} tokens/s; floor {:.1f} tokens/s ({:.1f} MB read per token at the measured {:.1f} GB/s): {:.1f}% of the floor\n",
              decode_tps, floor_tokens_per_s, bytes_per_token * 1e-6, limits.read_gbps,
              floor_tokens_per_s > 0 ? 100.0 * decode_tps / floor_tokens_per_s : 0.0);
