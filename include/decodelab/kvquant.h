@@ -1,5 +1,5 @@
-// KV-cache vector quantization, base layer, TurboQuant (MSE) and QJL keys, the CPU reference in
-// double.
+// KV-cache vector quantization, base layer, TurboQuant (MSE), QJL keys and KIVI, the CPU
+// reference in double.
 //
 // - Bit packing of 1-4-bit indices and of sign bits.
 // - Rotations: a dense Haar-random orthogonal matrix (the reference) and a two-round randomized
@@ -12,6 +12,10 @@
 //   with Zero Overhead", arXiv:2406.03482 (2024). A key is stored as its norm plus the m sign bits
 //   of a seeded Gaussian sketch S k; a full-precision query q scores it with the unbiased
 //   estimator sqrt(pi/2) / m * ||k|| * <S q, sign(S k)>.
+// - KIVI: Liu, Yuan, Jin, Zhong, Xu, Braverman, Chen, Hu, "KIVI: A Tuning-Free Asymmetric 2bit
+//   Quantization for KV Cache", arXiv:2402.02750 (ICML 2024). Asymmetric (min, scale) integer
+//   codes: keys per channel over blocks of G tokens, values per token in groups of channels, the
+//   most recent R tokens in full precision.
 //
 // Everything here computes in double: it is the oracle that later CPU and CUDA codecs must match
 // code for code.
@@ -250,6 +254,109 @@ class QjlKeys {
 
   QjlConfig config_;
   std::vector<double> sketch_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// KIVI: asymmetric integer quantization, keys per channel, values per token.
+//
+// One group of n elements x_i at b bits: lo = min x_i, hi = max x_i, scale = (hi - lo) / (2^b - 1),
+// code_i = round((x_i - lo) / scale) clamped to [0, 2^b - 1] (round half away from zero; the
+// quotient is >= 0), decoded x~_i = lo + code_i * scale. So |x_i - x~_i| <= scale / 2 for every
+// element (up to the f32 rounding of lo, scale and x~), and a group whose values are exactly
+// lo + j * scale decodes exactly. A constant group (hi == lo) has scale 0 and every code 0: it
+// decodes to lo exactly, and nothing is divided by zero. The codes are computed from the lo and
+// scale as stored (f32), so the decoder sees the same numbers the encoder rounded against.
+//
+// Keys are grouped per channel: a block of G key vectors [G, D] has one (lo, scale) per channel d
+// over its G tokens. Real keys have a few outlier channels 10-20x larger than the rest; per-token
+// groups would spend their 2^b levels on the outliers' range and flatten every other channel,
+// per-channel groups confine each outlier to its own range (the paper's section 3). Values have no
+// such channels and are multiplied by attention weights per token, so they are grouped per token:
+// each value vector [D] in D / value_group groups of value_group consecutive channels.
+//
+// lo and scale are f32, little-endian. f16 (the paper's choice) would halve their bytes, but its
+// rounding of lo (up to |lo| * 2^-11) alone exceeds scale / 2 on any group offset far from zero
+// next to its range (|lo| > 2^10 * scale), and f16 overflows past 65504: in f32 the error is the
+// quantizer's.
+// The price: at D = 128, G = 32, b = 2 a key block is 1024 code bytes + 1024 bytes of (lo, scale),
+// where f16 would take 512.
+//
+// Key block record (key_block_bytes() = 8 * D + ceil(G * D * b / 8) bytes):
+//   bytes [0, 4D)       lo of channel d at 4d, f32.
+//   bytes [4D, 8D)      scale of channel d at 4D + 4d, f32.
+//   bytes [8D, ..)      the G * D codes, token-major: the code of token t, channel d is value
+//                       t * D + d of a pack_bits stream (so a token's D codes are contiguous, as
+//                       in a value record).
+// Value record (value_record_bytes() = 8 * (D / value_group) + ceil(D * b / 8) bytes), with
+// n = D / value_group groups, group g being channels [g * value_group, (g + 1) * value_group):
+//   bytes [0, 4n)       lo of group g at 4g, f32.
+//   bytes [4n, 8n)      scale of group g at 4n + 4g, f32.
+//   bytes [8n, ..)      the D codes, channel d as value d of a pack_bits stream.
+struct KiviConfig {
+  int64_t head_dim = 128;     // D in [1, 4096]
+  int bits = 2;               // b in 1..4 (the paper uses 2 and 4)
+  int64_t key_group = 32;     // G in [1, 4096]: tokens per key block
+  int64_t value_group = 32;   // channels per value group, dividing D
+  int64_t residual = 32;      // R >= 0: the most recent tokens KiviCache keeps in full precision
+};
+
+class KiviCodec {
+ public:
+  explicit KiviCodec(const KiviConfig& config);
+
+  const KiviConfig& config() const { return config_; }
+  int64_t key_block_bytes() const;
+  int64_t value_record_bytes() const;
+
+  // keys: G * D finite values, token-major ([G, D]), into `record` (key_block_bytes()).
+  void encode_keys(std::span<const float> keys, std::span<uint8_t> record) const;
+  void decode_keys(std::span<const uint8_t> record, std::span<float> keys) const;
+  // v: D finite values into `record` (value_record_bytes()).
+  void encode_value(std::span<const float> v, std::span<uint8_t> record) const;
+  void decode_value(std::span<const uint8_t> record, std::span<float> v) const;
+
+ private:
+  KiviConfig config_;
+};
+
+// The KIVI cache of one head, the reference: plain vectors, no paging.
+//
+// Which tokens are quantized, after T appends (tokens 0..T-1):
+//   values: token t is quantized once it leaves the window of the last R tokens, t < T - R, so
+//           max(T - R, 0) values are quantized and min(T, R) are full precision;
+//   keys:   quantized a whole block of G at a time, block [jG, (j+1)G) once all of it has left
+//           the window, (j+1)G <= T - R, so floor(max(T - R, 0) / G) * G keys are quantized and
+//           the rest, between min(T, R) and R + G - 1, are full precision.
+// So the last R tokens are always full precision for both keys and values. (The paper's
+// Algorithm 1 instead flushes the whole key residual once it holds R tokens, R a multiple of G,
+// which leaves 0..R-1 recent keys in full precision.)
+// Full-precision tokens are stored as given and come back bit-exact.
+class KiviCache {
+ public:
+  explicit KiviCache(const KiviConfig& config);
+
+  const KiviCodec& codec() const { return codec_; }
+  // One token's key and value, head_dim finite values each.
+  void append(std::span<const float> k, std::span<const float> v);
+
+  int64_t size() const { return tokens_; }
+  int64_t quantized_keys() const;
+  int64_t full_precision_keys() const;
+  int64_t quantized_values() const;
+  int64_t full_precision_values() const;
+
+  // Every key (value) so far in append order, [size(), D] token-major: the quantized ones
+  // dequantized, then the full-precision ones as given.
+  std::vector<float> keys() const;
+  std::vector<float> values() const;
+
+ private:
+  KiviCodec codec_;
+  int64_t tokens_ = 0;
+  std::vector<uint8_t> key_blocks_;      // quantized_keys() / G key block records
+  std::vector<uint8_t> value_records_;   // quantized_values() value records
+  std::vector<float> recent_keys_;       // full_precision_keys() x D
+  std::vector<float> recent_values_;     // full_precision_values() x D
 };
 
 }  // namespace decodelab::kvquant
