@@ -55,10 +55,11 @@ export XDG_CACHE_HOME="$out/cache"
 
 step cuda-tests "$bin/decodelab_cuda_tests"
 if [ -n "${BENCH_OPS:-}" ]; then
-  for spec in $BENCH_OPS; do
-    op="${spec%%:*}" shape=""
+  n=0
+  for spec in $BENCH_OPS; do  # numbered logs: two entries of one op must not overwrite each other
+    n=$((n + 1)) op="${spec%%:*}" shape=""
     [ "$op" != "$spec" ] && shape="${spec#*:}"
-    step "bench-$op" "$bin/decodelab" bench --device cuda --op "$op" --shape "$shape" --json "$out/bench-$op.json"
+    step "bench-$n-$op" "$bin/decodelab" bench --device cuda --op "$op" --shape "$shape" --json "$out/bench-$n-$op.json"
   done
 else
   step bench-cuda "$bin/decodelab" bench --device cuda --json "$out/bench-cuda.json"
