@@ -112,6 +112,29 @@ void check_sizes(const detail::ArgCheck& check, std::string_view x_name, size_t 
 GroupView key_channel(const KiviConfig& c, size_t d) { return {d, size_t(c.key_group), size_t(c.head_dim)}; }
 GroupView value_slice(const KiviConfig& c, size_t g) { return {g * size_t(c.value_group), size_t(c.value_group), 1}; }
 
+// A record of x in `groups` groups (group_of(g) says which elements): the (lo, scale) pairs, then
+// the codes in x's element order. Keys and values differ only in group_of.
+template <class GroupOf>
+void encode_groups(const detail::ArgCheck& check, std::string_view name, std::span<const float> x, size_t groups,
+                   GroupOf group_of, int bits, std::span<uint8_t> record) {
+  detail::check_finite(check, x, name);
+  std::vector<uint8_t> codes(x.size());
+  std::vector<float> lo(groups), scale(groups);
+  for (size_t g = 0; g < groups; ++g) quantize_group(check, name, x, group_of(g), bits, codes, lo[g], scale[g]);
+  store_params(record, lo, scale);
+  pack_bits(codes, bits, record.subspan(8 * groups));
+}
+
+template <class GroupOf>
+void decode_groups(const detail::ArgCheck& check, std::span<const uint8_t> record, size_t groups, GroupOf group_of,
+                   int bits, std::span<float> x) {
+  std::vector<float> lo, scale;
+  load_params(check, record, groups, lo, scale);
+  std::vector<uint8_t> codes(x.size());
+  unpack_bits(record.subspan(8 * groups), bits, codes);
+  for (size_t g = 0; g < groups; ++g) dequantize_group(codes, group_of(g), lo[g], scale[g], x);
+}
+
 }  // namespace
 
 KiviCodec::KiviCodec(const KiviConfig& config) : config_(checked(config)) {}
@@ -129,12 +152,7 @@ void KiviCodec::encode_keys(std::span<const float> keys, std::span<uint8_t> reco
   const size_t d = size_t(config_.head_dim), n = size_t(config_.key_group) * d;
   check_sizes(check, "keys", keys.size(), n, fmt::format("key_group x head_dim = {} x {}", config_.key_group, d),
               record.size(), key_block_bytes(), "key_block_bytes()");
-  detail::check_finite(check, keys, "keys");
-  std::vector<uint8_t> codes(n);
-  std::vector<float> lo(d), scale(d);
-  for (size_t c = 0; c < d; ++c) quantize_group(check, "keys", keys, key_channel(config_, c), config_.bits, codes, lo[c], scale[c]);
-  store_params(record, lo, scale);
-  pack_bits(codes, config_.bits, record.subspan(8 * d));
+  encode_groups(check, "keys", keys, d, [&](size_t c) { return key_channel(config_, c); }, config_.bits, record);
 }
 
 void KiviCodec::decode_keys(std::span<const uint8_t> record, std::span<float> keys) const {
@@ -142,34 +160,21 @@ void KiviCodec::decode_keys(std::span<const uint8_t> record, std::span<float> ke
   const size_t d = size_t(config_.head_dim), n = size_t(config_.key_group) * d;
   check_sizes(check, "keys", keys.size(), n, fmt::format("key_group x head_dim = {} x {}", config_.key_group, d),
               record.size(), key_block_bytes(), "key_block_bytes()");
-  std::vector<float> lo, scale;
-  load_params(check, record, d, lo, scale);
-  std::vector<uint8_t> codes(n);
-  unpack_bits(record.subspan(8 * d), config_.bits, codes);
-  for (size_t c = 0; c < d; ++c) dequantize_group(codes, key_channel(config_, c), lo[c], scale[c], keys);
+  decode_groups(check, record, d, [&](size_t c) { return key_channel(config_, c); }, config_.bits, keys);
 }
 
 void KiviCodec::encode_value(std::span<const float> v, std::span<uint8_t> record) const {
   const detail::ArgCheck check("kivi.encode_value");
   const size_t d = size_t(config_.head_dim), groups = d / size_t(config_.value_group);
   check_sizes(check, "v", v.size(), d, "head_dim", record.size(), value_record_bytes(), "value_record_bytes()");
-  detail::check_finite(check, v, "v");
-  std::vector<uint8_t> codes(d);
-  std::vector<float> lo(groups), scale(groups);
-  for (size_t g = 0; g < groups; ++g) quantize_group(check, "v", v, value_slice(config_, g), config_.bits, codes, lo[g], scale[g]);
-  store_params(record, lo, scale);
-  pack_bits(codes, config_.bits, record.subspan(8 * groups));
+  encode_groups(check, "v", v, groups, [&](size_t g) { return value_slice(config_, g); }, config_.bits, record);
 }
 
 void KiviCodec::decode_value(std::span<const uint8_t> record, std::span<float> v) const {
   const detail::ArgCheck check("kivi.decode_value");
   const size_t d = size_t(config_.head_dim), groups = d / size_t(config_.value_group);
   check_sizes(check, "v", v.size(), d, "head_dim", record.size(), value_record_bytes(), "value_record_bytes()");
-  std::vector<float> lo, scale;
-  load_params(check, record, groups, lo, scale);
-  std::vector<uint8_t> codes(d);
-  unpack_bits(record.subspan(8 * groups), config_.bits, codes);
-  for (size_t g = 0; g < groups; ++g) dequantize_group(codes, value_slice(config_, g), lo[g], scale[g], v);
+  decode_groups(check, record, groups, [&](size_t g) { return value_slice(config_, g); }, config_.bits, v);
 }
 
 // ---------------------------------------------------------------------------------------------
