@@ -68,20 +68,6 @@ __device__ __forceinline__ void load_vec_stream(const T* __restrict__ p, float (
   for (int i = 0; i < kVec<T>; ++i) out[i] = to_float(e[i]);
 }
 
-// Asks L2 for the bytes [begin, begin + bytes), one 128-byte line per request, `threads` threads
-// (this one being `thread`) taking the lines in turn from the front, so the lines needed first are
-// asked for first. A prefetch holds no register while it is in flight, unlike a load: a block can
-// have its whole share of a weight stream requested at once, keeping HBM busy however few loads
-// its warps can hold. Every line asked for holds a byte of the range, so no page outside it is touched.
-__device__ __forceinline__ void prefetch_l2(const void* begin, int64_t bytes, int thread, int threads) {
-  if (bytes <= 0) return;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(127);
-  const uintptr_t last = reinterpret_cast<uintptr_t>(begin) + uintptr_t(bytes) - 1;
-  for (uintptr_t line = first + uintptr_t(thread) * 128; line <= last; line += uintptr_t(threads) * 128) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-  }
-}
-
 template <int kWidth>
 __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll

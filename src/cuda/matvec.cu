@@ -49,9 +49,6 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_kernel(Jobs<M, TX> jobs, c
   while (kParts == 1 && row >= jobs.first_row[job + 1]) ++job;
   row -= jobs.first_row[job];
   const int64_t units = k / kUnit;
-  // The row asked of L2 up front (prefetch_l2): HBM has all of it requested at once.
-#pragma unroll
-  for (int p = 0; p < kParts; ++p) jobs.m[job + p].prefetch(row, row + 1, lane, 32);
 
   float acc[kParts][kBatch];
 #pragma unroll

@@ -42,9 +42,8 @@ __device__ __forceinline__ float code_mantissa(uint32_t word) {
 
 // ------------------------------------------------------------------------------------------------
 // Weight formats. Each has kUnit (inputs per lane per step), Raw (a unit as loaded), load() (issues
-// the unit's global loads), decode() (Raw to kUnit f32 weights in input order), kUnroll (units
-// loaded ahead per lane: about 64 bytes in flight) and prefetch() (asks L2 for every byte of rows
-// [r0, r1): prefetch_l2 over the threads of a block or warp).
+// the unit's global loads), decode() (Raw to kUnit f32 weights in input order) and kUnroll (units
+// loaded ahead per lane: about 64 bytes in flight).
 
 template <class TW>
 struct DenseMatrix {
@@ -57,9 +56,6 @@ struct DenseMatrix {
 
   __device__ Raw load(int64_t row, int64_t u) const {
     return {__ldcs(reinterpret_cast<const uint4*>(w + row * k) + u)};
-  }
-  __device__ void prefetch(int64_t r0, int64_t r1, int thread, int threads) const {
-    prefetch_l2(w + r0 * k, (r1 - r0) * k * int64_t(sizeof(TW)), thread, threads);
   }
   __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
     const TW* e = reinterpret_cast<const TW*>(&raw.v);
@@ -99,12 +95,6 @@ struct MlxMatrix {
   __device__ Raw load(int64_t row, int64_t u) const {
     const int64_t g = row * (k >> group_shift) + ((u * kUnit) >> group_shift);
     return {__ldcs(packed + row * (k / kUnit) + u), __ldg(scales + g), __ldg(biases + g)};
-  }
-  __device__ void prefetch(int64_t r0, int64_t r1, int thread, int threads) const {
-    const int64_t groups = k >> group_shift;
-    prefetch_l2(packed + r0 * (k / kUnit), (r1 - r0) * (k / kUnit) * 16, thread, threads);
-    prefetch_l2(scales + r0 * groups, (r1 - r0) * groups * int64_t(sizeof(TS)), thread, threads);
-    prefetch_l2(biases + r0 * groups, (r1 - r0) * groups * int64_t(sizeof(TS)), thread, threads);
   }
   __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
     const float s = to_float(raw.scale) * float(1 << kBits), b = to_float(raw.bias) - s;
@@ -175,10 +165,6 @@ struct GgufMatrix {
       }
     }
     return raw;
-  }
-
-  __device__ void prefetch(int64_t r0, int64_t r1, int thread, int threads) const {
-    prefetch_l2(packed + r0 * row_bytes, (r1 - r0) * row_bytes, thread, threads);
   }
 
   // The block's bytes from its start, as 32-bit words: bytes [0, 2) d, then the codes.

@@ -77,11 +77,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_mma_kernel(Job
   // Rows past the matrix repeat its last row: read, never stored.
   const int64_t rows[2] = {row0 + g < n ? row0 + g : n - 1, row0 + g + 8 < n ? row0 + g + 8 : n - 1};
   const int64_t units = k / kUnit, chunks = (units + 3) / 4;
-  // The tile's whole weight stream asked of L2 up front: the warps' loads below then wait on L2
-  // rather than on HBM, and HBM has every request of the tile at once.
-  const int64_t row_end = row0 + kTileRows < n ? row0 + kTileRows : n;
-#pragma unroll
-  for (int p = 0; p < kParts; ++p) jobs.m[job + p].prefetch(row0, row_end, threadIdx.x, kWarps * 32);
 
   // kChains independent accumulators per output tile: consecutive mma of a unit go to different
   // ones, so they need not wait for each other's results (an mma takes tens of cycles).
