@@ -23,6 +23,7 @@
 #include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "cpu/simd.h"
+#include "cpu/attention_tiles-inl.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,13 +38,6 @@ HWY_BEFORE_NAMESPACE();
 namespace decodelab::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// f32 vectors of at most 16 lanes: D is a multiple of 16, so head rows never leave a tail.
-using DF = hn::CappedTag<float, 16>;
-using VF = hn::Vec<DF>;
-
-// The score of "no key": below any real score yet finite, so that differences stay finite and
-// inside hn::Exp's valid range [-FLT_MAX, 104] (it returns 0 there).
-constexpr float kNoScore = -1e30f;
 // Split-K: at least this many keys per split, and splits enough to make about kTargetTasks tasks.
 constexpr int64_t kMinSplitKeys = 64;
 constexpr int64_t kTargetTasks = 64;
@@ -51,23 +45,8 @@ constexpr int64_t kTargetTasks = 64;
 constexpr int64_t kDotTileKeys = 64;
 constexpr int64_t kLaneRows = 64;
 
-int64_t DivCeil(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t RoundUp(int64_t a, int64_t b) { return DivCeil(a, b) * b; }
-
 // LaneTile keys per tile: the f32 K and V tiles take 32 KiB together, the L1 data cache.
 int64_t LaneTileKeys(int64_t d) { return std::clamp<int64_t>(4096 / d / 4 * 4, 16, 64); }
-
-// Calls fn(std::integral_constant<int, k>) with k = count in 1..4: runtime block sizes to
-// compile-time ones, so that register blocks are arrays the compiler keeps in registers.
-template <class Fn>
-HWY_INLINE void WithBlock(int64_t count, Fn&& fn) {
-  switch (count) {
-    case 1: fn(std::integral_constant<int, 1>()); break;
-    case 2: fn(std::integral_constant<int, 2>()); break;
-    case 3: fn(std::integral_constant<int, 3>()); break;
-    default: fn(std::integral_constant<int, 4>()); break;
-  }
-}
 
 // ---- Where K and V live. rows() fills the row pointers of tokens [t0, t0 + n) of sequence b,
 // KV head h; it never touches a token at or past the length, nor a page past those covering it.
@@ -260,65 +239,8 @@ T* OutputRow(const Problem<T, KV>& p, const RowSet& set, int64_t r) {
   return p.out + ((set.b * p.sq + i) * p.hq + head) * p.d;
 }
 
-// ---- DotTile: few rows; K and V read straight from their rows, widened in registers.
-
-// out[0..4) = the lane sums of a, b, c, e. A transpose-and-add tree does all four in about 13
-// shuffles and adds on AVX-512, where four separate reductions take about 32.
-#if HWY_TARGET == HWY_SCALAR
-HWY_INLINE void SumOfLanes4(DF /*d*/, VF a, VF b, VF c, VF e, float* HWY_RESTRICT out) {
-  out[0] = hn::GetLane(a);
-  out[1] = hn::GetLane(b);
-  out[2] = hn::GetLane(c);
-  out[3] = hn::GetLane(e);
-}
-#else
-// Adds the 128-bit blocks of v: one 4-lane vector.
-template <class D>
-HWY_INLINE auto AddBlocks(D d, hn::Vec<D> v) {
-  if constexpr (hn::MaxLanes(d) > 4) {
-    const hn::Half<D> dh;
-    return AddBlocks(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
-  } else {
-    return v;
-  }
-}
-
-HWY_INLINE void SumOfLanes4(DF d, VF a, VF b, VF c, VF e, float* HWY_RESTRICT out) {
-  const hn::Repartition<uint64_t, DF> d64;
-  // Per 128-bit block: {a0+a2, b0+b2, a1+a3, b1+b3}, and the same for c, e.
-  const auto ab = hn::BitCast(d64, hn::Add(hn::InterleaveLower(d, a, b), hn::InterleaveUpper(d, a, b)));
-  const auto ce = hn::BitCast(d64, hn::Add(hn::InterleaveLower(d, c, e), hn::InterleaveUpper(d, c, e)));
-  // Per block: partial sums {a, b, c, e}; then the blocks are added.
-  const VF sums = hn::Add(hn::BitCast(d, hn::InterleaveLower(d64, ab, ce)), hn::BitCast(d, hn::InterleaveUpper(d64, ab, ce)));
-  hn::StoreU(AddBlocks(d, sums), hn::Full128<float>(), out);
-}
-#endif
-
-// Scores of kRows query rows (stride d) against the kKeys keys k_rows[0..kKeys): s[r * stride + j].
-// Every (key, row) pair has its own accumulator: kKeys * kRows independent FMA chains, summed
-// four at a time.
-template <int kRows, int kKeys, class T>
-HWY_INLINE void DotKeys(const float* HWY_RESTRICT q, int64_t d, const T* const* k_rows, float* HWY_RESTRICT s,
-                        int64_t stride) {
-  const DF df;
-  const int64_t N = int64_t(hn::Lanes(df));
-  constexpr int kSums = kKeys * kRows, kPadded = (kSums + 3) / 4 * 4;
-  VF acc[kPadded];
-  for (int i = 0; i < kPadded; ++i) acc[i] = hn::Zero(df);
-  for (int64_t c = 0; c < d; c += N) {
-    VF qv[kRows];
-    for (int r = 0; r < kRows; ++r) qv[r] = hn::LoadU(df, q + r * d + c);
-    for (int j = 0; j < kKeys; ++j) {
-      const VF kv = LoadF32(df, k_rows[j] + c);
-      for (int r = 0; r < kRows; ++r) acc[j * kRows + r] = hn::MulAdd(qv[r], kv, acc[j * kRows + r]);
-    }
-  }
-  float sums[kPadded];
-  for (int i = 0; i < kPadded; i += 4) SumOfLanes4(df, acc[i], acc[i + 1], acc[i + 2], acc[i + 3], sums + i);
-  for (int j = 0; j < kKeys; ++j) {
-    for (int r = 0; r < kRows; ++r) s[r * stride + j] = sums[j * kRows + r];
-  }
-}
+// ---- DotTile: few rows; K and V read straight from their rows, widened in registers (the tile
+// arithmetic, DotKeys, SoftmaxRow and AccumulateRows, is in attention_tiles-inl.h).
 
 // Requests the cache lines of a row of `bytes` bytes at p.
 HWY_INLINE void PrefetchRow(const void* p, int64_t bytes) {
@@ -375,59 +297,6 @@ HWY_INLINE void DotRows(const float* HWY_RESTRICT q, int64_t d, const TileRows<T
     if (prefetch) rows.prefetch(j, j + 1, row_bytes);
     DotKeys<kRows, 1>(q, d, rows.k.data() + j, s + j, stride);
   }
-}
-
-// For kRows rows (stride d) and dims [c, c + kVecs * N): acc = acc * corr + sum_j p[j] * v[j].
-// The accumulators stay in registers over the whole tile; each V vector serves kRows rows.
-template <int kRows, int kVecs, class T>
-HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT p, int64_t stride, const float* HWY_RESTRICT corr,
-                               const T* const* v_rows, int64_t n, int64_t c, float* HWY_RESTRICT acc, int64_t d) {
-  const DF df;
-  const int64_t N = int64_t(hn::Lanes(df));
-  VF a[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r) {
-    const VF cr = hn::Set(df, corr[r]);
-    for (int v = 0; v < kVecs; ++v) a[r][v] = hn::Mul(hn::LoadU(df, acc + r * d + c + v * N), cr);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const T* HWY_RESTRICT vr = v_rows[j] + c;
-    VF x[kVecs];
-    for (int v = 0; v < kVecs; ++v) x[v] = LoadF32(df, vr + v * N);
-    for (int r = 0; r < kRows; ++r) {
-      const VF pr = hn::Set(df, p[r * stride + j]);
-      for (int v = 0; v < kVecs; ++v) a[r][v] = hn::MulAdd(pr, x[v], a[r][v]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) hn::StoreU(a[r][v], df, acc + r * d + c + v * N);
-  }
-}
-
-// Online softmax of one row's tile of n scores of which the first `seen` are visible: the scores
-// become probabilities exp(s - m) (0 past `seen`), m and l advance, corr rescales the accumulator.
-HWY_INLINE void SoftmaxRow(float* HWY_RESTRICT s, int64_t seen, int64_t n, float& m, float& l, float& corr) {
-  const DF df;
-  const int64_t N = int64_t(hn::Lanes(df));
-  const auto visible = [&](int64_t j) { return hn::FirstN(df, size_t(std::max<int64_t>(0, seen - j))); };
-  if (seen == 0) {
-    for (int64_t j = 0; j < n; j += N) hn::StoreU(hn::Zero(df), df, s + j);
-    corr = 1.0f;
-    return;
-  }
-  VF vmax = hn::Set(df, kNoScore);
-  for (int64_t j = 0; j < seen; j += N) vmax = hn::Max(vmax, hn::IfThenElse(visible(j), hn::LoadU(df, s + j), vmax));
-  const float m_new = std::max(m, hn::GetLane(hn::MaxOfLanes(df, vmax)));
-  const VF mv = hn::Set(df, m_new);
-  VF sum = hn::Zero(df);
-  for (int64_t j = 0; j < n; j += N) {
-    const VF e = hn::Exp(df, hn::Min(hn::Sub(hn::LoadU(df, s + j), mv), hn::Zero(df)));
-    const VF p = hn::IfThenElseZero(visible(j), e);
-    hn::StoreU(p, df, s + j);
-    sum = hn::Add(sum, p);
-  }
-  corr = std::exp(m - m_new);  // 0 on the first visible tile (m = kNoScore)
-  l = l * corr + hn::GetLane(hn::SumOfLanes(df, sum));
-  m = m_new;
 }
 
 template <size_t kD, class T, class KV>
@@ -594,35 +463,13 @@ void LaneTile(const Problem<T, KV>& p, int64_t tile, const RowSet& set, const Ta
 
 // ---- Running a plan, and merging split-K partials.
 
-// A task's partial state in the split-K buffer: m [rows], l [rows], acc [rows][d].
-struct PartialSlot {
-  float* base;
-  int64_t max_rows, d;
-  float* m() const { return base; }
-  float* l() const { return base + max_rows; }
-  float* acc(int64_t r) const { return base + 2 * max_rows + r * d; }
-};
-
-// out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m), over splits in order.
+// out = sum_s w_s acc_s / sum_s w_s l_s, the log-sum-exp merge of the set's splits in order.
 template <class T, class KV>
 void MergeSet(const Problem<T, KV>& p, const RowSet& set, const std::vector<PartialSlot>& slots) {
-  const DF df;
-  const int64_t N = int64_t(hn::Lanes(df)), d = p.d;
-  std::vector<float> acc(static_cast<size_t>(d));
+  std::vector<float> acc(static_cast<size_t>(p.d));
   for (int64_t r = 0; r < set.rows(); ++r) {
-    float m = kNoScore, l = 0.0f;
-    for (int64_t s = 0; s < set.splits; ++s) m = std::max(m, slots[size_t(set.first_task + s)].m()[r]);
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t s = 0; s < set.splits; ++s) {
-      const PartialSlot& slot = slots[size_t(set.first_task + s)];
-      const float w = std::exp(slot.m()[r] - m);
-      l += w * slot.l()[r];
-      const VF wv = hn::Set(df, w);
-      for (int64_t c = 0; c < d; c += N) {
-        hn::StoreU(hn::MulAdd(wv, hn::LoadU(df, slot.acc(r) + c), hn::LoadU(df, acc.data() + c)), df, acc.data() + c);
-      }
-    }
-    StoreRow(acc.data(), l, d, OutputRow(p, set, r));
+    const float l = MergeRow(slots.data() + set.first_task, set.splits, r, acc.data());
+    StoreRow(acc.data(), l, p.d, OutputRow(p, set, r));
   }
 }
 

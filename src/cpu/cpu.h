@@ -30,6 +30,10 @@ void qkv_rope_append_paged(const QkvRopeAppendPagedArgs& a);
 // quant.cpp
 void quantize(const QuantizeArgs& a);
 void dequantize(const DequantizeArgs& a);
+void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
+
+// turboquant_attention.cpp
+void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 
 }  // namespace decodelab::cpu
 

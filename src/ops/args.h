@@ -9,6 +9,7 @@
 #include "decodelab/layers.h"
 #include "decodelab/model.h"
 #include "decodelab/quant.h"
+#include "decodelab/turboquant_cache.h"
 
 namespace decodelab {
 
@@ -114,6 +115,22 @@ struct DecodeAttentionPagedArgs {
   static constexpr const char* kOp = "decode_attention_paged";
   Tensor q;
   PagedKV cache;
+  Tensor out;
+  AttentionOptions options;  // scale resolved
+  Stream stream;
+};
+
+struct TurboQuantAppendPagedArgs {
+  static constexpr const char* kOp = "turboquant_append_paged";
+  Tensor k_new, v_new;
+  PagedTurboQuantKV cache;
+  Stream stream;
+};
+
+struct TurboQuantDecodeAttentionPagedArgs {
+  static constexpr const char* kOp = "turboquant_decode_attention_paged";
+  Tensor q;
+  PagedTurboQuantKV cache;
   Tensor out;
   AttentionOptions options;  // scale resolved
   Stream stream;

@@ -1,8 +1,6 @@
 // Validation and routing of attention: prefill and attention over contiguous and paged caches.
 #include <fmt/format.h>
 
-#include <cmath>
-
 #include "decodelab/attention.h"
 #include "ops/common.h"
 #include "router/registry.h"
@@ -26,12 +24,7 @@ AttentionOptions check_queries(const ArgCheck& c, const Tensor& q, const Tensor&
   c.same_shape(out, "out", q, "q");
   c.same_dtype(out, "out", q.dtype, "the dtype of q");
   c.usable(out, "out", q.device);
-  AttentionOptions resolved = options;
-  if (resolved.scale == 0.0f) resolved.scale = float(1.0 / std::sqrt(double(q.dim(3))));
-  if (!std::isfinite(resolved.scale) || resolved.scale < 0.0f) {
-    c.fail("options.scale", "a finite scale > 0 (or 0 for 1/sqrt(D))", fmt::format("{}", options.scale));
-  }
-  return resolved;
+  return detail::resolve_attention_options(c, options, q.dim(3));
 }
 
 }  // namespace

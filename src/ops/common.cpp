@@ -59,15 +59,22 @@ void check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch, 
   check.usable(cache.v_pages, "cache.v_pages", device);
   const int64_t num_pages = cache.k_pages.dim(0), page_size = cache.k_pages.dim(1);
   if (page_size < 1) check.fail("cache.k_pages", "page_size >= 1", cache.k_pages.describe());
-  check.shape(cache.page_table, "cache.page_table", {batch, kAny}, "[B, max_pages]");
-  check.dtype(cache.page_table, "cache.page_table", DType::i32);
-  check.usable(cache.page_table, "cache.page_table", device);
-  check_lengths(check, cache.lengths, batch, device);
+  check_page_table(check, cache.page_table, cache.lengths, batch, num_pages, page_size, device, extra, min_length,
+                   check_values);
+}
+
+void check_page_table(const ArgCheck& check, const Tensor& page_table, const Tensor& lengths_tensor, int64_t batch,
+                      int64_t num_pages, int64_t page_size, Device device, int64_t extra, int64_t min_length,
+                      bool check_values) {
+  check.shape(page_table, "cache.page_table", {batch, kAny}, "[B, max_pages]");
+  check.dtype(page_table, "cache.page_table", DType::i32);
+  check.usable(page_table, "cache.page_table", device);
+  check_lengths(check, lengths_tensor, batch, device);
   if (!check_values) return;
-  const std::vector<int32_t> lengths = read_i32(cache.lengths);
-  const int64_t max_pages = cache.page_table.dim(1);
+  const std::vector<int32_t> lengths = read_i32(lengths_tensor);
+  const int64_t max_pages = page_table.dim(1);
   check_length_values(check, lengths, max_pages * page_size, extra, min_length);
-  const std::vector<int32_t> table = read_i32(cache.page_table);
+  const std::vector<int32_t> table = read_i32(page_table);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t used = (lengths[size_t(b)] + extra + page_size - 1) / page_size;
     for (int64_t p = 0; p < used; ++p) {
@@ -92,6 +99,15 @@ void check_positions(const ArgCheck& check, const Tensor& positions, int64_t tok
   for (size_t t = 0; t < values.size(); ++t) {
     if (values[t] < 0) check.fail(fmt::format("positions[{}]", t), "a position >= 0", std::to_string(values[t]));
   }
+}
+
+AttentionOptions resolve_attention_options(const ArgCheck& check, const AttentionOptions& options, int64_t head_dim) {
+  AttentionOptions resolved = options;
+  if (resolved.scale == 0.0f) resolved.scale = float(1.0 / std::sqrt(double(head_dim)));
+  if (!std::isfinite(resolved.scale) || resolved.scale < 0.0f) {
+    check.fail("options.scale", "a finite scale > 0 (or 0 for 1/sqrt(D))", fmt::format("{}", options.scale));
+  }
+  return resolved;
 }
 
 RopeParams check_rope(const ArgCheck& check, const RopeParams& params, int64_t head_dim) {

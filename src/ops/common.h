@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "decodelab/attention.h"
 #include "decodelab/kv_cache.h"
 #include "decodelab/quant.h"
 #include "decodelab/tensor.h"
@@ -29,9 +30,18 @@ void check_contiguous_kv(const ArgCheck& check, const ContiguousKV& cache, int64
 void check_paged_kv(const ArgCheck& check, const PagedKV& cache, int64_t batch, int64_t hkv, int64_t d, DType dtype,
                     Device device, int64_t extra, int64_t min_length, bool check_values);
 
+// The page-table half of check_paged_kv, for any paged pool of num_pages pages of page_size
+// tokens: page_table [B, max_pages] and lengths [B], i32 on `device`; with check_values as above.
+void check_page_table(const ArgCheck& check, const Tensor& page_table, const Tensor& lengths, int64_t batch,
+                      int64_t num_pages, int64_t page_size, Device device, int64_t extra, int64_t min_length,
+                      bool check_values);
+
 // Validates positions: i32, one per token, on `device`, and with check_values each >= 0.
 void check_positions(const ArgCheck& check, const Tensor& positions, int64_t tokens, Device device,
                      bool check_values, std::string_view tokens_of = "");
+
+// The options with the scale resolved (0 = 1/sqrt(head_dim)) and checked finite and >= 0.
+AttentionOptions resolve_attention_options(const ArgCheck& check, const AttentionOptions& options, int64_t head_dim);
 
 // Resolves rotary_dim and checks the RoPE parameters against head_dim.
 RopeParams check_rope(const ArgCheck& check, const RopeParams& params, int64_t head_dim);

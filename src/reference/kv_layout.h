@@ -3,6 +3,7 @@
 #pragma once
 
 #include "decodelab/kv_cache.h"
+#include "decodelab/turboquant_cache.h"
 #include "reference/elements.h"
 
 namespace decodelab::reference {
@@ -45,6 +46,23 @@ struct PagedKVLayout {
     const int64_t page_size = k.dim(1);
     const int64_t page = load_index(page_table, b * page_table.dim(1) + t / page_size);
     return ((page * page_size + t % page_size) * k.dim(2) + h) * k.dim(3);
+  }
+};
+
+// Paged TurboQuant cache: pools [num_pages, page_size, Hkv, R] of R-byte records. record() is the
+// index of a token's record in its pool, so its bytes start at record() * R (R of that pool).
+struct PagedRecordLayout {
+  explicit PagedRecordLayout(const PagedTurboQuantKV& c)
+      : k(c.k_pages), lengths(c.lengths), page_table(c.page_table) {}
+  const Tensor& k;
+  const Tensor& lengths;
+  const Tensor& page_table;
+  int64_t heads() const { return k.dim(2); }
+  int64_t length(int64_t b) const { return load_index(lengths, b); }
+  int64_t record(int64_t b, int64_t h, int64_t t) const {
+    const int64_t page_size = k.dim(1);
+    const int64_t page = load_index(page_table, b * page_table.dim(1) + t / page_size);
+    return (page * page_size + t % page_size) * k.dim(2) + h;
   }
 };
 

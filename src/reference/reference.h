@@ -25,6 +25,9 @@ void prefill_attention(const PrefillAttentionArgs& a);
 void decode_attention(const DecodeAttentionArgs& a);
 void decode_attention_paged(const DecodeAttentionPagedArgs& a);
 
+void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
+void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
+
 void quantize(const QuantizeArgs& a);
 void dequantize(const DequantizeArgs& a);
 void matvec(const MatvecArgs& a);
@@ -38,5 +41,8 @@ void decode_block(const DecodeBlockArgs& a);
 // same code over row ranges in parallel rather than a second copy of it.
 void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end);
 void dequantize_rows(const DequantizeArgs& a, int64_t row_begin, int64_t row_end);
+// Likewise the TurboQuant append: its codes are TurboQuantMse::encode's, so the CPU backend runs
+// the encoder itself over rows [row_begin, row_end) of the B * Hkv (sequence, KV head) rows.
+void turboquant_append_rows(const TurboQuantAppendPagedArgs& a, int64_t row_begin, int64_t row_end);
 
 }  // namespace decodelab::reference

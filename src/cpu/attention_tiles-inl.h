@@ -1,0 +1,194 @@
+// The tile kernels that CPU decode attention over f16/bf16/f32 caches (attention.cpp) and over
+// TurboQuant codes (turboquant_attention.cpp) share: dot products of query rows with key rows,
+// the online softmax of a tile (Milakov & Gimelshein 2018), the P.V accumulation, and the
+// log-sum-exp merge of split-K partial states (Flash-Decoding, Dao et al. 2023). Key and value
+// rows are given as row pointers of any element type that LoadF32 widens, so a kernel that
+// expands codes into f32 rows runs the same arithmetic. Include it after "hwy/highway.h" inside a
+// file compiled once per target (foreach_target.h).
+#if defined(DECODELAB_CPU_ATTENTION_TILES_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef DECODELAB_CPU_ATTENTION_TILES_INL_H_
+#undef DECODELAB_CPU_ATTENTION_TILES_INL_H_
+#else
+#define DECODELAB_CPU_ATTENTION_TILES_INL_H_
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/simd.h"
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace decodelab::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// f32 vectors of at most 16 lanes: D is a multiple of 16, so head rows never leave a tail.
+using DF = hn::CappedTag<float, 16>;
+using VF = hn::Vec<DF>;
+
+// The score of "no key": below any real score yet finite, so that differences stay finite and
+// inside hn::Exp's valid range [-FLT_MAX, 104] (it returns 0 there).
+constexpr float kNoScore = -1e30f;
+
+inline int64_t DivCeil(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t RoundUp(int64_t a, int64_t b) { return DivCeil(a, b) * b; }
+
+// Calls fn(std::integral_constant<int, k>) with k = count in 1..4: runtime block sizes to
+// compile-time ones, so that register blocks are arrays the compiler keeps in registers.
+template <class Fn>
+HWY_INLINE void WithBlock(int64_t count, Fn&& fn) {
+  switch (count) {
+    case 1: fn(std::integral_constant<int, 1>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    default: fn(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// out[0..4) = the lane sums of a, b, c, e. A transpose-and-add tree does all four in about 13
+// shuffles and adds on AVX-512, where four separate reductions take about 32.
+#if HWY_TARGET == HWY_SCALAR
+HWY_INLINE void SumOfLanes4(DF /*d*/, VF a, VF b, VF c, VF e, float* HWY_RESTRICT out) {
+  out[0] = hn::GetLane(a);
+  out[1] = hn::GetLane(b);
+  out[2] = hn::GetLane(c);
+  out[3] = hn::GetLane(e);
+}
+#else
+// Adds the 128-bit blocks of v: one 4-lane vector.
+template <class D>
+HWY_INLINE auto AddBlocks(D d, hn::Vec<D> v) {
+  if constexpr (hn::MaxLanes(d) > 4) {
+    const hn::Half<D> dh;
+    return AddBlocks(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  } else {
+    return v;
+  }
+}
+
+HWY_INLINE void SumOfLanes4(DF d, VF a, VF b, VF c, VF e, float* HWY_RESTRICT out) {
+  const hn::Repartition<uint64_t, DF> d64;
+  // Per 128-bit block: {a0+a2, b0+b2, a1+a3, b1+b3}, and the same for c, e.
+  const auto ab = hn::BitCast(d64, hn::Add(hn::InterleaveLower(d, a, b), hn::InterleaveUpper(d, a, b)));
+  const auto ce = hn::BitCast(d64, hn::Add(hn::InterleaveLower(d, c, e), hn::InterleaveUpper(d, c, e)));
+  // Per block: partial sums {a, b, c, e}; then the blocks are added.
+  const VF sums = hn::Add(hn::BitCast(d, hn::InterleaveLower(d64, ab, ce)), hn::BitCast(d, hn::InterleaveUpper(d64, ab, ce)));
+  hn::StoreU(AddBlocks(d, sums), hn::Full128<float>(), out);
+}
+#endif
+
+// Scores of kRows query rows (stride d) against the kKeys keys k_rows[0..kKeys): s[r * stride + j].
+// Every (key, row) pair has its own accumulator: kKeys * kRows independent FMA chains, summed
+// four at a time.
+template <int kRows, int kKeys, class T>
+HWY_INLINE void DotKeys(const float* HWY_RESTRICT q, int64_t d, const T* const* k_rows, float* HWY_RESTRICT s,
+                        int64_t stride) {
+  const DF df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  constexpr int kSums = kKeys * kRows, kPadded = (kSums + 3) / 4 * 4;
+  VF acc[kPadded];
+  for (int i = 0; i < kPadded; ++i) acc[i] = hn::Zero(df);
+  for (int64_t c = 0; c < d; c += N) {
+    VF qv[kRows];
+    for (int r = 0; r < kRows; ++r) qv[r] = hn::LoadU(df, q + r * d + c);
+    for (int j = 0; j < kKeys; ++j) {
+      const VF kv = LoadF32(df, k_rows[j] + c);
+      for (int r = 0; r < kRows; ++r) acc[j * kRows + r] = hn::MulAdd(qv[r], kv, acc[j * kRows + r]);
+    }
+  }
+  float sums[kPadded];
+  for (int i = 0; i < kPadded; i += 4) SumOfLanes4(df, acc[i], acc[i + 1], acc[i + 2], acc[i + 3], sums + i);
+  for (int j = 0; j < kKeys; ++j) {
+    for (int r = 0; r < kRows; ++r) s[r * stride + j] = sums[j * kRows + r];
+  }
+}
+
+// For kRows rows (stride d) and dims [c, c + kVecs * N): acc = acc * corr + sum_j p[j] * v[j].
+// The accumulators stay in registers over the whole tile; each V vector serves kRows rows.
+template <int kRows, int kVecs, class T>
+HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT p, int64_t stride, const float* HWY_RESTRICT corr,
+                               const T* const* v_rows, int64_t n, int64_t c, float* HWY_RESTRICT acc, int64_t d) {
+  const DF df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  VF a[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    const VF cr = hn::Set(df, corr[r]);
+    for (int v = 0; v < kVecs; ++v) a[r][v] = hn::Mul(hn::LoadU(df, acc + r * d + c + v * N), cr);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* HWY_RESTRICT vr = v_rows[j] + c;
+    VF x[kVecs];
+    for (int v = 0; v < kVecs; ++v) x[v] = LoadF32(df, vr + v * N);
+    for (int r = 0; r < kRows; ++r) {
+      const VF pr = hn::Set(df, p[r * stride + j]);
+      for (int v = 0; v < kVecs; ++v) a[r][v] = hn::MulAdd(pr, x[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) hn::StoreU(a[r][v], df, acc + r * d + c + v * N);
+  }
+}
+
+// Online softmax of one row's tile of n scores of which the first `seen` are visible: the scores
+// become probabilities exp(s - m) (0 past `seen`), m and l advance, corr rescales the accumulator.
+HWY_INLINE void SoftmaxRow(float* HWY_RESTRICT s, int64_t seen, int64_t n, float& m, float& l, float& corr) {
+  const DF df;
+  const int64_t N = int64_t(hn::Lanes(df));
+  const auto visible = [&](int64_t j) { return hn::FirstN(df, size_t(std::max<int64_t>(0, seen - j))); };
+  if (seen == 0) {
+    for (int64_t j = 0; j < n; j += N) hn::StoreU(hn::Zero(df), df, s + j);
+    corr = 1.0f;
+    return;
+  }
+  VF vmax = hn::Set(df, kNoScore);
+  for (int64_t j = 0; j < seen; j += N) vmax = hn::Max(vmax, hn::IfThenElse(visible(j), hn::LoadU(df, s + j), vmax));
+  const float m_new = std::max(m, hn::GetLane(hn::MaxOfLanes(df, vmax)));
+  const VF mv = hn::Set(df, m_new);
+  VF sum = hn::Zero(df);
+  for (int64_t j = 0; j < n; j += N) {
+    const VF e = hn::Exp(df, hn::Min(hn::Sub(hn::LoadU(df, s + j), mv), hn::Zero(df)));
+    const VF p = hn::IfThenElseZero(visible(j), e);
+    hn::StoreU(p, df, s + j);
+    sum = hn::Add(sum, p);
+  }
+  corr = std::exp(m - m_new);  // 0 on the first visible tile (m = kNoScore)
+  l = l * corr + hn::GetLane(hn::SumOfLanes(df, sum));
+  m = m_new;
+}
+
+// A task's partial state in the split-K buffer: m [rows], l [rows], acc [rows][d].
+struct PartialSlot {
+  float* base;
+  int64_t max_rows, d;
+  float* m() const { return base; }
+  float* l() const { return base + max_rows; }
+  float* acc(int64_t r) const { return base + 2 * max_rows + r * d; }
+};
+
+// Row r of `splits` consecutive partial states merged by log-sum-exp, in split order:
+// acc = sum_s w_s acc_s with w_s = exp(m_s - max_s m_s); returns sum_s w_s l_s (acc / it is the row's
+// softmax average).
+HWY_INLINE float MergeRow(const PartialSlot* slots, int64_t splits, int64_t r, float* HWY_RESTRICT acc) {
+  const DF df;
+  const int64_t N = int64_t(hn::Lanes(df)), d = slots[0].d;
+  float m = kNoScore, l = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) m = std::max(m, slots[s].m()[r]);
+  std::fill(acc, acc + d, 0.0f);
+  for (int64_t s = 0; s < splits; ++s) {
+    const float w = std::exp(slots[s].m()[r] - m);
+    l += w * slots[s].l()[r];
+    const VF wv = hn::Set(df, w);
+    for (int64_t c = 0; c < d; c += N) {
+      hn::StoreU(hn::MulAdd(wv, hn::LoadU(df, slots[s].acc(r) + c), hn::LoadU(df, acc + c)), df, acc + c);
+    }
+  }
+  return l;
+}
+
+}  // namespace decodelab::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // DECODELAB_CPU_ATTENTION_TILES_INL_H_

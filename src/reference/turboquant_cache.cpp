@@ -1,0 +1,84 @@
+// The paged TurboQuant cache ops, the reference: the append encodes with TurboQuantMse::encode,
+// and decode attention decodes every record with TurboQuantMse::decode and then runs plain
+// attention over the decoded vectors in double. It shares nothing with the fused CPU kernel but
+// the codec, so it checks the fused algebra (scores and values in the rotated domain).
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <tuple>
+#include <vector>
+
+#include "reference/kv_layout.h"
+#include "reference/reference.h"
+
+namespace decodelab::reference {
+namespace {
+
+// The record bytes of record `index` of a pool [num_pages, page_size, Hkv, R].
+std::span<uint8_t> record_bytes(const Tensor& pool, int64_t index) {
+  const int64_t r = pool.dim(3);
+  return {pool.ptr<uint8_t>() + index * r, size_t(r)};
+}
+
+}  // namespace
+
+void turboquant_append_rows(const TurboQuantAppendPagedArgs& a, int64_t row_begin, int64_t row_end) {
+  const PagedRecordLayout at(a.cache);
+  const int64_t hkv = a.k_new.dim(1), d = a.k_new.dim(2);
+  std::vector<float> x(static_cast<size_t>(d));
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / hkv, h = row % hkv;
+    const int64_t index = at.record(b, h, at.length(b));
+    for (const auto& [src, pool, codec] : {std::tuple{&a.k_new, &a.cache.k_pages, a.cache.k_codec},
+                                           std::tuple{&a.v_new, &a.cache.v_pages, a.cache.v_codec}}) {
+      // f16 and bf16 widen to f32 exactly: the codec sees the values as stored.
+      for (int64_t j = 0; j < d; ++j) x[size_t(j)] = float(load(*src, row * d + j));
+      codec->encode(x, record_bytes(*pool, index));
+    }
+  }
+}
+
+void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) {
+  turboquant_append_rows(a, 0, a.k_new.dim(0) * a.k_new.dim(1));
+}
+
+void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a) {
+  const PagedRecordLayout at(a.cache);
+  const int64_t batch = a.q.dim(0), hq = a.q.dim(1), d = a.q.dim(2), hkv = at.heads();
+  const int64_t group = hq / hkv;
+  std::vector<float> decoded(static_cast<size_t>(d));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = at.length(b);
+    for (int64_t h = 0; h < hkv; ++h) {
+      // The head's keys and values decoded, [length, d] each.
+      std::vector<double> keys(size_t(length * d)), values(size_t(length * d));
+      for (int64_t t = 0; t < length; ++t) {
+        const int64_t index = at.record(b, h, t);
+        a.cache.k_codec->decode(record_bytes(a.cache.k_pages, index), decoded);
+        std::copy(decoded.begin(), decoded.end(), keys.begin() + t * d);
+        a.cache.v_codec->decode(record_bytes(a.cache.v_pages, index), decoded);
+        std::copy(decoded.begin(), decoded.end(), values.begin() + t * d);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t q_at = (b * hq + h * group + g) * d;
+        std::vector<double> scores(static_cast<size_t>(length));
+        for (int64_t t = 0; t < length; ++t) {
+          double dot = 0.0;
+          for (int64_t c = 0; c < d; ++c) dot += load(a.q, q_at + c) * keys[size_t(t * d + c)];
+          scores[size_t(t)] = dot * a.options.scale;
+        }
+        const double max_score = *std::max_element(scores.begin(), scores.end());
+        double denominator = 0.0;
+        std::vector<double> acc(static_cast<size_t>(d), 0.0);
+        for (int64_t t = 0; t < length; ++t) {
+          const double p = std::exp(scores[size_t(t)] - max_score);
+          denominator += p;
+          for (int64_t c = 0; c < d; ++c) acc[size_t(c)] += p * values[size_t(t * d + c)];
+        }
+        for (int64_t c = 0; c < d; ++c) store(a.out, q_at + c, acc[size_t(c)] / denominator);
+      }
+    }
+  }
+}
+
+}  // namespace decodelab::reference

@@ -1,0 +1,192 @@
+// Verification cases for the paged TurboQuant cache: the append (codes bit-exact against the
+// reference encoder) and fused decode attention (against the reference, which decodes every
+// record and attends in double). Single-token decode only: one query per sequence, at lengths 1,
+// 17, lengths that are not page multiples and a few thousand; head_dim 64, 96, 128, 256; GQA 1,
+// 4, 6, 8; pages of 16 and 128; K and V at their own bits and scale modes.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <numeric>
+
+#include "decodelab/turboquant_cache.h"
+#include "verify/harness.h"
+#include "verify/random.h"
+
+namespace decodelab::verify {
+namespace {
+
+using kvquant::RotationKind;
+using kvquant::ScaleMode;
+using kvquant::TurboQuantConfig;
+using kvquant::TurboQuantMse;
+
+// A case's two codecs, built on first use (a Lloyd-Max codebook is computed, not looked up, and
+// the grid is listed far more often than it is run).
+class Codecs {
+ public:
+  Codecs(TurboQuantConfig k, TurboQuantConfig v) : k_config_(k), v_config_(v) {}
+  const TurboQuantMse& k() { return get().first; }
+  const TurboQuantMse& v() { return get().second; }
+
+ private:
+  std::pair<TurboQuantMse, TurboQuantMse>& get() {
+    std::call_once(once_, [&] { codecs_ = std::make_unique<std::pair<TurboQuantMse, TurboQuantMse>>(k_config_, v_config_); });
+    return *codecs_;
+  }
+  TurboQuantConfig k_config_, v_config_;
+  std::once_flag once_;
+  std::unique_ptr<std::pair<TurboQuantMse, TurboQuantMse>> codecs_;
+};
+
+struct Shape {
+  std::vector<int32_t> lengths;
+  int64_t hq, hkv, d, page_size;
+  int k_bits, v_bits;
+  ScaleMode k_scale, v_scale;
+  RotationKind rotation = RotationKind::hadamard;
+  double q_scale = 1.0;  // > 1: large logits
+
+  TurboQuantConfig k_config() const { return {d, k_bits, rotation, 11, k_scale}; }
+  TurboQuantConfig v_config() const { return {d, v_bits, rotation, 12, v_scale}; }
+  std::string name() const {
+    return fmt::format("Hq={} Hkv={} D={} lengths [{}] page {} K {}-bit {} V {}-bit {} {}{}", hq, hkv, d,
+                       fmt::join(lengths, ", "), page_size, k_bits, kvquant::scale_mode_name(k_scale), v_bits,
+                       kvquant::scale_mode_name(v_scale), kvquant::rotation_kind_name(rotation),
+                       q_scale > 1.0 ? " large-logits" : "");
+  }
+};
+
+const Shape kAttention[] = {
+    {{1, 17}, 8, 2, 128, 16, 4, 4, ScaleMode::plain, ScaleMode::plain},                   // length 1 and 17, GQA 4
+    {{45, 130}, 8, 8, 64, 16, 2, 3, ScaleMode::plain, ScaleMode::norm_corrected},         // MHA, D = 64
+    {{100}, 12, 2, 96, 16, 3, 2, ScaleMode::norm_corrected, ScaleMode::plain},            // GQA 6, D = 96
+    {{3001}, 32, 4, 128, 128, 4, 2, ScaleMode::norm_corrected, ScaleMode::norm_corrected},  // GQA 8, thousands
+    {{200, 1}, 4, 1, 256, 128, 2, 4, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::dense},  // D = 256
+    {{64}, 32, 8, 128, 16, 3, 3, ScaleMode::plain, ScaleMode::plain, RotationKind::hadamard, 4.0},  // Llama-3-8B heads
+};
+
+// Appends: the new token at a page's last slot, at a page start, and at length 0.
+const Shape kAppend[] = {
+    {{15, 16, 0}, 4, 2, 128, 16, 4, 2, ScaleMode::plain, ScaleMode::norm_corrected},
+    {{127, 5}, 6, 6, 96, 128, 3, 3, ScaleMode::norm_corrected, ScaleMode::plain},
+    {{40}, 8, 1, 256, 16, 2, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::dense},
+};
+
+// The pools, page table and lengths of `s` with `extra` free slots after each length: every
+// record below a length encodes an N(0, 1) vector; every other byte is 0xFF, whose norm reads as
+// NaN, so a kernel that reads past a length or a page it does not own outputs NaN.
+struct Fixture {
+  Array k_pages, v_pages, page_table, lengths;
+};
+
+Fixture make_fixture(const Shape& s, Codecs& codecs, int64_t extra, Rng& rng) {
+  const int64_t batch = int64_t(s.lengths.size());
+  const int64_t longest = *std::max_element(s.lengths.begin(), s.lengths.end());
+  const int64_t max_pages = (longest + extra + s.page_size - 1) / s.page_size;
+  const int64_t num_pages = batch * max_pages + 3;  // a few pages nobody owns
+  std::vector<int32_t> order(static_cast<size_t>(num_pages));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng.engine());
+  order.resize(size_t(batch * max_pages));
+  const TurboQuantMse& k = codecs.k();
+  const TurboQuantMse& v = codecs.v();
+  Fixture f{Array(DType::u8, {num_pages, s.page_size, s.hkv, k.record_bytes()}),
+            Array(DType::u8, {num_pages, s.page_size, s.hkv, v.record_bytes()}), i32_array({batch, max_pages}, order),
+            i32_array({batch}, s.lengths)};
+  std::memset(f.k_pages.data(), 0xFF, f.k_pages.nbytes());
+  std::memset(f.v_pages.data(), 0xFF, f.v_pages.nbytes());
+  std::vector<float> x(static_cast<size_t>(s.d));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < s.lengths[size_t(b)]; ++t) {
+      const int64_t page = order[size_t(b * max_pages + t / s.page_size)];
+      for (int64_t h = 0; h < s.hkv; ++h) {
+        const int64_t index = (page * s.page_size + t % s.page_size) * s.hkv + h;
+        for (const auto& [codec, pool] : {std::pair{&k, &f.k_pages}, std::pair{&v, &f.v_pages}}) {
+          for (float& e : x) e = float(rng.normal());
+          const int64_t r = codec->record_bytes();
+          codec->encode(x, std::span<uint8_t>(pool->ptr<uint8_t>() + index * r, size_t(r)));
+        }
+      }
+    }
+  }
+  return f;
+}
+
+PagedTurboQuantKV cache_view(std::span<const Tensor> pools_from, size_t at, std::span<const Tensor> in,
+                             size_t tables_at, Codecs& codecs) {
+  return {pools_from[at], pools_from[at + 1], in[tables_at], in[tables_at + 1], &codecs.k(), &codecs.v()};
+}
+
+Tolerance attention_tolerance(DType t, double q_scale) {
+  // Both sides read the same codes, so the codec's error is not in the comparison: what differs
+  // is the f32 rounding of the rotated query, of the decoded vectors (the reference's) and of the
+  // f32 accumulation in rotated coordinates, the same sources as f16-cache decode attention.
+  Tolerance tol = rounding_tolerance(t, q_scale > 1.0 ? 10.0 : 1.0);
+  tol.why = "same codes on both sides; " + tol.why;
+  return tol;
+}
+
+void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  for (const Shape& s : kAttention) {
+    auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
+    add_cases<TurboQuantDecodeAttentionPagedArgs>(
+        grid, filter, s.name(), [s](DType t) { return attention_tolerance(t, s.q_scale); },
+        [s, codecs](DType t, uint64_t seed) {
+          Rng rng(seed);
+          const int64_t batch = int64_t(s.lengths.size());
+          CaseData d;
+          d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
+          Fixture f = make_fixture(s, *codecs, 5, rng);
+          d.inputs.push_back(std::move(f.k_pages));
+          d.inputs.push_back(std::move(f.v_pages));
+          d.inputs.push_back(std::move(f.page_table));
+          d.inputs.push_back(std::move(f.lengths));
+          d.outputs.push_back({t, {batch, s.hq, s.d}});
+          return d;
+        },
+        [codecs](auto in, auto out) {
+          return TurboQuantDecodeAttentionPagedArgs{in[0], cache_view(in, 1, in, 3, *codecs), out[0], {true, 0.0f}, {}};
+        });
+  }
+}
+
+void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  for (const Shape& s : kAppend) {
+    auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
+    add_cases<TurboQuantAppendPagedArgs>(
+        grid, filter, s.name(),
+        [](DType) { return Tolerance{0.0, "codes bit-exact: every backend runs TurboQuantMse::encode", true}; },
+        [s, codecs](DType t, uint64_t seed) {
+          Rng rng(seed);
+          const int64_t batch = int64_t(s.lengths.size());
+          CaseData d;
+          d.inputs.push_back(random_array(t, {batch, s.hkv, s.d}, rng));
+          d.inputs.push_back(random_array(t, {batch, s.hkv, s.d}, rng));
+          Fixture f = make_fixture(s, *codecs, 1, rng);
+          const std::vector<int64_t> k_shape(f.k_pages.view().shape.begin(), f.k_pages.view().shape.begin() + 4);
+          const std::vector<int64_t> v_shape(f.v_pages.view().shape.begin(), f.v_pages.view().shape.begin() + 4);
+          d.inputs.push_back(std::move(f.k_pages));
+          d.inputs.push_back(std::move(f.v_pages));
+          d.inputs.push_back(std::move(f.page_table));
+          d.inputs.push_back(std::move(f.lengths));
+          d.outputs.push_back({DType::u8, k_shape, 2});
+          d.outputs.push_back({DType::u8, v_shape, 3});
+          return d;
+        },
+        [codecs](auto in, auto out) {
+          return TurboQuantAppendPagedArgs{in[0], in[1], cache_view(out, 0, in, 4, *codecs), {}};
+        });
+  }
+}
+
+}  // namespace
+
+void add_turboquant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  add_attention(grid, filter);
+  add_append(grid, filter);
+}
+
+}  // namespace decodelab::verify
