@@ -32,6 +32,13 @@ struct ContiguousKVLayout {
   }
 };
 
+// The slot of token t of sequence b in a paged pool [num_pages, page_size, ...]: its page's first
+// slot plus t's place in the page. Shared by the f16 and the TurboQuant paged layouts.
+inline int64_t paged_slot(const Tensor& page_table, int64_t page_size, int64_t b, int64_t t) {
+  const int64_t page = load_index(page_table, b * page_table.dim(1) + t / page_size);
+  return page * page_size + t % page_size;
+}
+
 // Paged cache: pools [num_pages, page_size, Hkv, D], page_table [B, max_pages], lengths.
 struct PagedKVLayout {
   explicit PagedKVLayout(const PagedKV& c)
@@ -43,9 +50,7 @@ struct PagedKVLayout {
   int64_t heads() const { return k.dim(2); }
   int64_t length(int64_t b) const { return load_index(lengths, b); }
   int64_t offset(int64_t b, int64_t h, int64_t t) const {
-    const int64_t page_size = k.dim(1);
-    const int64_t page = load_index(page_table, b * page_table.dim(1) + t / page_size);
-    return ((page * page_size + t % page_size) * k.dim(2) + h) * k.dim(3);
+    return (paged_slot(page_table, k.dim(1), b, t) * k.dim(2) + h) * k.dim(3);
   }
 };
 
@@ -59,11 +64,7 @@ struct PagedRecordLayout {
   const Tensor& page_table;
   int64_t heads() const { return k.dim(2); }
   int64_t length(int64_t b) const { return load_index(lengths, b); }
-  int64_t record(int64_t b, int64_t h, int64_t t) const {
-    const int64_t page_size = k.dim(1);
-    const int64_t page = load_index(page_table, b * page_table.dim(1) + t / page_size);
-    return (page * page_size + t % page_size) * k.dim(2) + h;
-  }
+  int64_t record(int64_t b, int64_t h, int64_t t) const { return paged_slot(page_table, k.dim(1), b, t) * k.dim(2) + h; }
 };
 
 }  // namespace decodelab::reference
