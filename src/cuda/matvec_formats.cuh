@@ -40,14 +40,38 @@ __device__ __forceinline__ float code_mantissa(uint32_t word) {
   return __uint_as_float((moved & kMask) | 0x3F800000u);
 }
 
+// Where a format reads its bytes: global memory (streamed past L1, scales through the read-only
+// cache), or a shared-memory stage that the copy engine filled (matvec_tma.cu).
+enum class Source { global, shared };
+
+template <Source S, class V>
+__device__ __forceinline__ V read_stream(const V* p) {
+  if constexpr (S == Source::global) {
+    return __ldcs(p);
+  } else {
+    return *p;
+  }
+}
+template <Source S, class V>
+__device__ __forceinline__ V read_cached(const V* p) {
+  if constexpr (S == Source::global) {
+    return __ldg(p);
+  } else {
+    return *p;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Weight formats. Each has kUnit (inputs per lane per step), Raw (a unit as loaded), load() (issues
-// the unit's global loads), decode() (Raw to kUnit f32 weights in input order) and kUnroll (units
-// loaded ahead per lane: about 64 bytes in flight).
+// the unit's loads), decode() (Raw to kUnit f32 weights in input order) and kUnroll (units loaded
+// ahead per lane: about 64 bytes in flight). For the staged kernel (matvec_tma.cu) each also says
+// how a tile's rows are copied into shared memory: kUnitBytes (bytes of a unit in the row's main
+// array), unit_ptr() (where unit u of a row starts), side bytes (MLX's scales and biases, copied
+// once per tile) and staged(), the same format reading a stage in shared memory.
 
-template <class TW>
+template <class TW, Source S = Source::global>
 struct DenseMatrix {
-  static constexpr int kUnit = kVec<TW>, kUnroll = 4;
+  static constexpr int kUnit = kVec<TW>, kUnroll = 4, kUnitBytes = 16;
   struct Raw {
     uint4 v;
   };
@@ -55,7 +79,18 @@ struct DenseMatrix {
   int64_t k;
 
   __device__ Raw load(int64_t row, int64_t u) const {
-    return {__ldcs(reinterpret_cast<const uint4*>(w + row * k) + u)};
+    return {read_stream<S>(reinterpret_cast<const uint4*>(w + row * k) + u)};
+  }
+
+  static constexpr int kSideArrays = 0;
+  __device__ const uint8_t* unit_ptr(int64_t row, int64_t u) const {
+    return reinterpret_cast<const uint8_t*>(w + row * k + u * kUnit);
+  }
+  __host__ __device__ int64_t side_bytes(int64_t /*rows*/) const { return 0; }
+  __device__ const uint8_t* side_ptr(int /*array*/, int64_t /*row0*/) const { return nullptr; }
+  __device__ DenseMatrix<TW, Source::shared> staged(const uint8_t* stage, int64_t units, const uint8_t* /*side*/,
+                                                    int64_t /*u0*/, int64_t /*tile_rows*/) const {
+    return {reinterpret_cast<const TW*>(stage), units * kUnit};
   }
   __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
     const TW* e = reinterpret_cast<const TW*>(&raw.v);
@@ -78,23 +113,42 @@ struct DenseMatrix {
 };
 
 // MLX affine: 16 bytes of codes (32 4-bit or 16 8-bit), all in one group (groups are >= 32 inputs).
-template <int kBits, class TS>
+template <int kBits, class TS, Source S = Source::global>
 struct MlxMatrix {
   static constexpr int kCodes = 32 / kBits;  // per word
-  static constexpr int kUnit = 4 * kCodes, kUnroll = 4;
+  static constexpr int kUnit = 4 * kCodes, kUnroll = 4, kUnitBytes = 16;
   struct Raw {
     uint4 v;
     TS scale, bias;
   };
-  const uint4* packed;  // rows of k * kBits / 128 uint4
-  const TS* scales;
+  const uint4* packed;  // rows of row_units uint4
+  const TS* scales;     // rows of row_groups, as biases
   const TS* biases;
-  int64_t k;
-  int group_shift;  // log2 of the group size
+  int64_t row_units, row_groups;
+  int64_t first_unit;  // of `packed` in its row (a stage's start; 0 in global memory)
+  int group_shift;     // log2 of the group size
 
   __device__ Raw load(int64_t row, int64_t u) const {
-    const int64_t g = row * (k >> group_shift) + ((u * kUnit) >> group_shift);
-    return {__ldcs(packed + row * (k / kUnit) + u), __ldg(scales + g), __ldg(biases + g)};
+    const int64_t g = row * row_groups + (((first_unit + u) * kUnit) >> group_shift);
+    return {read_stream<S>(packed + row * row_units + u), read_cached<S>(scales + g), read_cached<S>(biases + g)};
+  }
+
+  // The side arrays: the scales (0) and the biases (1) of a tile, each copied whole.
+  static constexpr int kSideArrays = 2;
+  __device__ const uint8_t* unit_ptr(int64_t row, int64_t u) const {
+    return reinterpret_cast<const uint8_t*>(packed + row * row_units + u);
+  }
+  // Bytes of one side array over `rows` rows.
+  __host__ __device__ int64_t side_bytes(int64_t rows) const { return rows * row_groups * int64_t(sizeof(TS)); }
+  __device__ const uint8_t* side_ptr(int array, int64_t row0) const {
+    return reinterpret_cast<const uint8_t*>((array == 0 ? scales : biases) + row0 * row_groups);
+  }
+  // A stage of `units` units per row starting at unit u0 of the rows, over the tile's side copy
+  // (the scales of tile_rows rows, then their biases).
+  __device__ MlxMatrix<kBits, TS, Source::shared> staged(const uint8_t* stage, int64_t units, const uint8_t* side,
+                                                         int64_t u0, int64_t tile_rows) const {
+    const TS* s = reinterpret_cast<const TS*>(side);
+    return {reinterpret_cast<const uint4*>(stage), s, s + tile_rows * row_groups, units, row_groups, u0, group_shift};
   }
   __device__ void decode(const Raw& raw, float (&out)[kUnit]) const {
     const float s = to_float(raw.scale) * float(1 << kBits), b = to_float(raw.bias) - s;
@@ -131,13 +185,14 @@ struct MlxMatrix {
 // (34-byte blocks: f16 d, then 32 int8). Blocks are only 2-byte aligned, so a lane reads the 8-byte
 // words that cover its block and shifts the bytes into place in registers: 3 or 5 loads per block
 // instead of 9 or 17 two-byte ones.
-template <bool kQ8>
+template <bool kQ8, Source S = Source::global>
 struct GgufMatrix {
   static constexpr int kUnit = 32;
   static constexpr int kBits = kQ8 ? 8 : 4;
   static constexpr int64_t kBlockBytes = kQ8 ? 34 : 18;
   static constexpr int kLoadWords = int(kBlockBytes + 6 + 7) / 8;  // 8-byte words from the block's aligned start
   static constexpr int kUnroll = kQ8 ? 2 : 4;
+  static constexpr int kUnitBytes = int(kBlockBytes);
   struct Raw {
     uint64_t w[kLoadWords];
     int shift;  // bits from the aligned start to the block
@@ -156,15 +211,25 @@ struct GgufMatrix {
     for (int i = 0; i < kLoadWords; ++i) {
       const uint8_t* word = reinterpret_cast<const uint8_t*>(words + i);
       if (word + 8 <= end) {
-        raw.w[i] = __ldcs(words + i);
+        raw.w[i] = read_stream<S>(words + i);
       } else {
         raw.w[i] = 0;  // the last block of the matrix: no reads past its end
         for (int h = 0; h < 4 && word + 2 * h < end; ++h) {
-          raw.w[i] |= uint64_t(__ldg(reinterpret_cast<const uint16_t*>(word) + h)) << (16 * h);
+          raw.w[i] |= uint64_t(read_cached<S>(reinterpret_cast<const uint16_t*>(word) + h)) << (16 * h);
         }
       }
     }
     return raw;
+  }
+
+  static constexpr int kSideArrays = 0;
+  __device__ const uint8_t* unit_ptr(int64_t row, int64_t u) const { return packed + row * row_bytes + u * kBlockBytes; }
+  __host__ __device__ int64_t side_bytes(int64_t /*rows*/) const { return 0; }
+  __device__ const uint8_t* side_ptr(int /*array*/, int64_t /*row0*/) const { return nullptr; }
+  // A stage of `units` blocks per row (tile_rows rows): its 8-byte words all lie inside the stage.
+  __device__ GgufMatrix<kQ8, Source::shared> staged(const uint8_t* stage, int64_t units, const uint8_t* /*side*/,
+                                                    int64_t /*u0*/, int64_t tile_rows) const {
+    return {stage, stage + tile_rows * units * kBlockBytes, units * kBlockBytes};
   }
 
   // The block's bytes from its start, as 32-bit words: bytes [0, 2) d, then the codes.
@@ -264,7 +329,8 @@ DenseMatrix<TW> dense_matrix(const Weight& w) {
 template <int kBits, class TS>
 MlxMatrix<kBits, TS> mlx_matrix(const Weight& w) {
   const QuantizedWeight& q = w.quantized;
-  return {q.packed.ptr<const uint4>(), q.scales.ptr<const TS>(), q.biases.ptr<const TS>(), q.cols,
+  return {q.packed.ptr<const uint4>(), q.scales.ptr<const TS>(), q.biases.ptr<const TS>(), q.cols / MlxMatrix<kBits, TS>::kUnit,
+          q.cols >> __builtin_ctz(unsigned(q.spec.group_size)), 0,
           __builtin_ctz(unsigned(q.spec.group_size))};
 }
 template <bool kQ8>

@@ -59,9 +59,12 @@ void add_matvec(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   };
   for (const WeightKind& kind : kWeightKinds) {
     // Besides the usual sizes: batches 8 and 9 (one and two 8-input tiles of the CUDA tensor-core
-    // kernel), and a dense K whose 16-byte units do not fill the last chunk of 4.
+    // kernel), a dense K whose 16-byte units do not fill the last chunk of 4, and K of whole
+    // cuda.tma stages (1024 inputs for 4-bit) over partial 16-row tiles, 7168 with more stages
+    // than it has buffers.
     for (const Shape s : {Shape{1, 64, 4096}, Shape{1, 33, 320}, Shape{3, 33, 256}, Shape{16, 40, 192},
-                          Shape{8, 17, 448}, Shape{9, 24, 448}, Shape{2, 20, 200}}) {
+                          Shape{8, 17, 448}, Shape{9, 24, 448}, Shape{2, 20, 200}, Shape{1, 40, 7168},
+                          Shape{9, 24, 2048}}) {
       if (kind.quant && s.cols % 64 != 0) continue;  // K = 200: dense only
       add_cases<MatvecArgs>(
           grid, filter, fmt::format("{} B={} N={} K={}", kind.name(), s.batch, s.rows, s.cols),
@@ -79,8 +82,8 @@ void add_matvec(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   }
 }
 
-void add_projections(std::vector<VerifyCase>& grid, const GridFilter& filter) {
-  const int64_t hidden = 128, q_rows = 128, kv_rows = 64, inter = 384;
+void add_projections(std::vector<VerifyCase>& grid, const GridFilter& filter, int64_t hidden, int64_t q_rows,
+                     int64_t kv_rows, int64_t inter) {
   for (const WeightKind& kind : kWeightKinds) {
     for (const int64_t batch : {int64_t{1}, int64_t{5}}) {
       const std::string name = fmt::format("{} B={} hidden={} q={} kv={} inter={}", kind.name(), batch, hidden,
@@ -151,7 +154,8 @@ void add_projections(std::vector<VerifyCase>& grid, const GridFilter& filter) {
 void add_quant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   add_quantize(grid, filter);
   add_matvec(grid, filter);
-  add_projections(grid, filter);
+  add_projections(grid, filter, 128, 128, 64, 384);
+  add_projections(grid, filter, 1024, 1024, 256, 2048);  // whole cuda.tma stages: K = 1024 and 2048
 }
 
 }  // namespace decodelab::verify
