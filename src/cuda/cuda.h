@@ -62,25 +62,25 @@ std::string matvec_mma_supports(const MatvecArgs& a);
 std::string matvec_multi_mma_supports(const MatvecMultiArgs& a);
 std::string output_projection_mma_supports(const OutputProjectionArgs& a);
 std::string mlp_block_mma_supports(const MlpBlockArgs& a);
-// matvec_tma.cu (cuda.tma): cuda.mma's multiply with the weights staged in shared memory by the
+// matvec_staged.cu (cuda.staged): cuda.mma's multiply with the weights staged in shared memory by the
 // copy engine; K a whole number of stages (32 units of each row), 16-byte aligned arrays.
-void matvec_tma(const MatvecArgs& a);
-void matvec_multi_tma(const MatvecMultiArgs& a);
-void output_projection_tma(const OutputProjectionArgs& a);
-void mlp_block_tma(const MlpBlockArgs& a);
-std::string matvec_tma_supports(const MatvecArgs& a);
-std::string matvec_multi_tma_supports(const MatvecMultiArgs& a);
-std::string output_projection_tma_supports(const OutputProjectionArgs& a);
-std::string mlp_block_tma_supports(const MlpBlockArgs& a);
-// Its plan, shared by the kernel and supports(): stages of kTmaStageUnits units of each of a tile's
-// 16 rows, as many buffers as fit kTmaStageBudget (2 to 6), at most kTmaSharedLimit of dynamic
+void matvec_staged(const MatvecArgs& a);
+void matvec_multi_staged(const MatvecMultiArgs& a);
+void output_projection_staged(const OutputProjectionArgs& a);
+void mlp_block_staged(const MlpBlockArgs& a);
+std::string matvec_staged_supports(const MatvecArgs& a);
+std::string matvec_multi_staged_supports(const MatvecMultiArgs& a);
+std::string output_projection_staged_supports(const OutputProjectionArgs& a);
+std::string mlp_block_staged_supports(const MlpBlockArgs& a);
+// Its plan, shared by the kernel and supports(): stages of kStagedUnits units of each of a tile's
+// 16 rows, as many buffers as fit kStagedBudget (2 to 6), at most kStagedSharedLimit of dynamic
 // shared memory (the H100/H200 allow a block 227 KB).
-inline constexpr int64_t kTmaStageUnits = 32;
-inline constexpr int64_t kTmaTileRows = 16;
-inline constexpr int64_t kTmaStageBudget = int64_t{40} << 10;
-inline constexpr int64_t kTmaSharedLimit = int64_t{200} << 10;
-constexpr int tma_stages(int64_t stage_bytes) {
-  const int64_t fit = kTmaStageBudget / stage_bytes;
+inline constexpr int64_t kStagedUnits = 32;
+inline constexpr int64_t kStagedTileRows = 16;
+inline constexpr int64_t kStagedBudget = int64_t{40} << 10;
+inline constexpr int64_t kStagedSharedLimit = int64_t{200} << 10;
+constexpr int staged_stages(int64_t stage_bytes) {
+  const int64_t fit = kStagedBudget / stage_bytes;
   return int(fit < 2 ? 2 : fit > 6 ? 6 : fit);
 }
 // Where the stable cuda matvecs hand a call they could both run to the tensor cores: every batch of

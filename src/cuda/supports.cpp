@@ -146,10 +146,10 @@ std::string mlp_block_mma_supports(const MlpBlockArgs& a) {
   return mlp_block_supports(a);
 }
 
-// cuda.tma: cuda.mma's conditions, and the copy engine's (matvec_tma.cu): K a whole number of
+// cuda.staged: cuda.mma's conditions, and the copy engine's (matvec_staged.cu): K a whole number of
 // stages, every array and row 16-byte aligned (MLX: K / group_size a multiple of 8), and the
 // stages plus a tile's MLX scales and biases within the shared memory a block may have.
-std::string tma_weight_supports(const Weight& w, int parts) {
+std::string staged_weight_supports(const Weight& w, int parts) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const int64_t k = w.cols();
   int64_t unit_inputs = 0, unit_bytes = 16, side_bytes = 0;
@@ -163,44 +163,44 @@ std::string tma_weight_supports(const Weight& w, int parts) {
       const int64_t groups = k / q.spec.group_size;
       if (groups % 8 != 0) return fmt::format("K / group_size a multiple of 8 (16-byte scale rows), got {}", groups);
       if (!aligned(q.scales.data) || !aligned(q.biases.data)) return "MLX scales and biases 16-byte aligned";
-      side_bytes = 2 * kTmaTileRows * groups * int64_t(dtype_size(q.scales.dtype));
+      side_bytes = 2 * kStagedTileRows * groups * int64_t(dtype_size(q.scales.dtype));
     } else {
       unit_inputs = 32;
       unit_bytes = q.spec.format == QuantFormat::gguf_q4_0 ? 18 : 34;
     }
   }
-  const int64_t stage_k = kTmaStageUnits * unit_inputs;
-  if (k % stage_k != 0) return fmt::format("K a multiple of {} (whole stages of {} units a row), got {}", stage_k, kTmaStageUnits, k);
-  const int64_t stage_bytes = parts * kTmaTileRows * kTmaStageUnits * unit_bytes;
-  const int64_t shared = tma_stages(stage_bytes) * stage_bytes + parts * side_bytes;
-  if (shared > kTmaSharedLimit) {
-    return fmt::format("at most {} bytes of shared memory a block, got {} (K = {})", kTmaSharedLimit, shared, k);
+  const int64_t stage_k = kStagedUnits * unit_inputs;
+  if (k % stage_k != 0) return fmt::format("K a multiple of {} (whole stages of {} units a row), got {}", stage_k, kStagedUnits, k);
+  const int64_t stage_bytes = parts * kStagedTileRows * kStagedUnits * unit_bytes;
+  const int64_t shared = staged_stages(stage_bytes) * stage_bytes + parts * side_bytes;
+  if (shared > kStagedSharedLimit) {
+    return fmt::format("at most {} bytes of shared memory a block, got {} (K = {})", kStagedSharedLimit, shared, k);
   }
   return {};
 }
 
-std::string matvec_tma_supports(const MatvecArgs& a) {
-  if (std::string why = tma_weight_supports(a.w, 1); !why.empty()) return why;
+std::string matvec_staged_supports(const MatvecArgs& a) {
+  if (std::string why = staged_weight_supports(a.w, 1); !why.empty()) return why;
   return matvec_mma_supports(a);
 }
 
-std::string matvec_multi_tma_supports(const MatvecMultiArgs& a) {
+std::string matvec_multi_staged_supports(const MatvecMultiArgs& a) {
   for (int i = 0; i < a.count; ++i) {
-    if (std::string why = tma_weight_supports(a.w[size_t(i)], 1); !why.empty()) return why;
+    if (std::string why = staged_weight_supports(a.w[size_t(i)], 1); !why.empty()) return why;
   }
   return matvec_multi_mma_supports(a);
 }
 
-std::string output_projection_tma_supports(const OutputProjectionArgs& a) {
-  if (std::string why = tma_weight_supports(a.wo, 1); !why.empty()) return why;
+std::string output_projection_staged_supports(const OutputProjectionArgs& a) {
+  if (std::string why = staged_weight_supports(a.wo, 1); !why.empty()) return why;
   return output_projection_mma_supports(a);
 }
 
-std::string mlp_block_tma_supports(const MlpBlockArgs& a) {
+std::string mlp_block_staged_supports(const MlpBlockArgs& a) {
   for (const Weight* w : {&a.gate, &a.up}) {
-    if (std::string why = tma_weight_supports(*w, 2); !why.empty()) return why;
+    if (std::string why = staged_weight_supports(*w, 2); !why.empty()) return why;
   }
-  if (std::string why = tma_weight_supports(a.down, 1); !why.empty()) return why;
+  if (std::string why = staged_weight_supports(a.down, 1); !why.empty()) return why;
   return mlp_block_mma_supports(a);
 }
 

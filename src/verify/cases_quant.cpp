@@ -60,7 +60,7 @@ void add_matvec(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   for (const WeightKind& kind : kWeightKinds) {
     // Besides the usual sizes: batches 8 and 9 (one and two 8-input tiles of the CUDA tensor-core
     // kernel), a dense K whose 16-byte units do not fill the last chunk of 4, and K of whole
-    // cuda.tma stages (1024 inputs for 4-bit) over partial 16-row tiles, 7168 with more stages
+    // cuda.staged stages (1024 inputs for 4-bit) over partial 16-row tiles, 7168 with more stages
     // than it has buffers.
     for (const Shape s : {Shape{1, 64, 4096}, Shape{1, 33, 320}, Shape{3, 33, 256}, Shape{16, 40, 192},
                           Shape{8, 17, 448}, Shape{9, 24, 448}, Shape{2, 20, 200}, Shape{1, 40, 7168},
@@ -155,7 +155,7 @@ void add_quant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   add_quantize(grid, filter);
   add_matvec(grid, filter);
   add_projections(grid, filter, 128, 128, 64, 384);
-  add_projections(grid, filter, 1024, 1024, 256, 2048);  // whole cuda.tma stages: K = 1024 and 2048
+  add_projections(grid, filter, 1024, 1024, 256, 2048);  // whole cuda.staged stages: K = 1024 and 2048
 }
 
 }  // namespace decodelab::verify

@@ -1,0 +1,176 @@
+// cuda.staged: the tensor-core decode matvecs of matvec_mma.cu with the weights staged in shared
+// memory by asynchronous copies (cp.async, 16 bytes a thread) several stages ahead instead of
+// loaded into registers, for the same ops (matvec, matvec_multi, output_projection, mlp_block),
+// f16/bf16 activations, batch 1..16.
+//
+// Why: in cuda.mma the bytes in flight are bounded by registers. Each lane holds the units it
+// has loaded until it multiplies them, 127 registers a thread leave room for two blocks per SM,
+// and every warp loads and then multiplies in turn, so HBM idles while the SM computes (ncu,
+// MLX q4 4096 x 14336: DRAM 35% busy, a third of the stalls waiting on loads). Copies in flight
+// here cost shared memory, not registers, and loading overlaps the multiply. The multiply is
+// cuda.mma's (matvec_mma.cuh), reading each unit from the stage. (The copy engine's bulk copies,
+// one per row segment of 512 bytes issued by one thread, measured 2.4x slower than cuda.mma on
+// the H200: docs/perf/NOTES.md.)
+//
+// Layout: a block owns a tile of 16 rows. A stage holds kStageUnits units of each of the 16 rows
+// (the rows of every part for the MLP), the block's threads copying it in 16-byte pieces. Warp w
+// multiplies units 4w..4w+3 of the stage, lane (g, t) unit 4w + t of rows g and g + 8. MLX's
+// scales and biases for the whole tile come once, with the first stage. Rows past the matrix
+// repeat its last row. Stages cycle through kStages buffers: stage c lands in buffer c % kStages,
+// and the copies of stage c + kStages - 1 start once every warp is done with stage c - 1.
+#include "cuda/cuda.h"
+#include "cuda/matvec_mma.cuh"
+
+namespace decodelab::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kStageUnits = kWarps * 4;  // units of each row per stage: one per lane of a row's four
+static_assert(kStageUnits == kStagedUnits && kTileRows == kStagedTileRows, "the plan supports() checks (cuda.h)");
+constexpr int kMinBlocks = 2;
+
+// Shared memory for one block's stages: two blocks per SM keep up to 2 x kStagedBudget (40 KB) in
+// flight, past what HBM's latency times its bandwidth asks of an SM (~4.4 TB/s x ~1 us / 132 = 33 KB).
+template <class M, int kParts>
+struct StagePlan {
+  static constexpr int64_t kRowBytes = int64_t(kStageUnits) * M::kUnitBytes;
+  static constexpr int64_t kPartBytes = kTileRows * kRowBytes;
+  static constexpr int64_t kStageBytes = kParts * kPartBytes;
+  static constexpr int kStages = staged_stages(kStageBytes);
+};
+
+// ------------------------------------------------------------------------------------------------
+// Asynchronous copies into shared memory (PTX ISA: cp.async): 16 bytes a thread, landing without
+// passing through registers, counted in groups that a thread commits and waits for in order.
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// 16 bytes (both ends 16-byte aligned) from global into shared memory, past L1.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// ------------------------------------------------------------------------------------------------
+// The kernel.
+
+// kParts = 1: the tile's rows of the job that holds it. kParts = 2 (the MLP): the same rows of
+// jobs 0 (gate) and 1 (up), silu(gate) * up stored into job 0's y. kNTiles: 8 inputs of the batch each.
+template <class M, class T, int kNTiles, int kParts>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_staged_kernel(Jobs<M, T> jobs, const T* __restrict__ x,
+                                                                             int64_t k, int batch) {
+  using Plan = StagePlan<M, kParts>;
+  constexpr int kStages = Plan::kStages;
+  extern __shared__ __align__(16) uint8_t smem[];  // kStages stage buffers, then the side arrays
+  __shared__ float partial[kWarps][kParts * kNTiles * 4][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+
+  int job;
+  int64_t row0, n;
+  find_tile<kParts>(jobs, blockIdx.x, job, row0, n);
+  const int64_t stages = k / (kStageUnits * M::kUnit);  // supports(): K is a whole number of stages
+  const int64_t tile_side = jobs.m[job].side_bytes(kTileRows);  // per side array, as laid out
+  uint8_t* side = smem + kStages * Plan::kStageBytes;          // [kParts][M::kSideArrays][tile_side]
+
+  // Every thread copies its share of stage c into the stage's buffer, with stage 0 the tile's side
+  // arrays, and commits them as one group (an empty group past the last stage keeps the count).
+  const auto issue = [&](int64_t c) {
+    if (c < stages) {
+      uint8_t* buffer = smem + (c % kStages) * Plan::kStageBytes;
+      constexpr int kPieces = int(Plan::kRowBytes / 16);  // 16-byte pieces of a row's segment
+#pragma unroll
+      for (int p = 0; p < kParts; ++p) {
+        const M& m = jobs.m[job + p];
+        for (int i = threadIdx.x; i < kTileRows * kPieces; i += kWarps * 32) {
+          const int r = i / kPieces, piece = i % kPieces;
+          const int64_t row = row0 + r < n ? row0 + r : n - 1;
+          copy16_async(buffer + p * Plan::kPartBytes + r * Plan::kRowBytes + piece * 16,
+                       m.unit_ptr(row, c * kStageUnits) + piece * 16);
+        }
+        const int64_t side_copy = m.side_bytes(n - row0 < kTileRows ? n - row0 : kTileRows);
+        for (int a = 0; a < M::kSideArrays && c == 0; ++a) {
+          for (int64_t i = threadIdx.x; i < side_copy / 16; i += kWarps * 32) {
+            copy16_async(side + (p * M::kSideArrays + a) * tile_side + i * 16, m.side_ptr(a, row0) + i * 16);
+          }
+        }
+      }
+    }
+    commit_copies();
+  };
+  for (int c = 0; c < kStages - 1; ++c) issue(c);
+
+  MmaAccumulators<kParts, kNTiles> acc = {};
+  const int u = warp * 4 + t;  // this lane's unit in every stage
+  for (int64_t c = 0; c < stages; ++c) {
+    wait_copies<kStages - 2>();  // this thread's copies of stage c have landed
+    __syncthreads();             // everyone's have, and every warp is done with stage c - 1's buffer
+    issue(c + kStages - 1);      // into that buffer
+    const uint8_t* buffer = smem + (c % kStages) * Plan::kStageBytes;
+    using Staged = decltype(jobs.m[0].staged(buffer, kStageUnits, side, 0, kTileRows));
+    Staged m[kParts];
+    typename Staged::Raw raw[kParts][2];
+#pragma unroll
+    for (int p = 0; p < kParts; ++p) {
+      m[p] = jobs.m[job + p].staged(buffer + p * Plan::kPartBytes, kStageUnits, side + p * M::kSideArrays * tile_side,
+                                    c * kStageUnits, kTileRows);
+      raw[p][0] = m[p].load(g, u);
+      raw[p][1] = m[p].load(g + 8, u);
+    }
+    mma_unit<Staged, T, kNTiles, kParts>(m, raw, x, k, batch, c * kStageUnits + u, true, g, int(c % kChains), acc);
+  }
+  wait_copies<0>();  // no copy may still be landing when the block's shared memory is reused
+  reduce_and_store<kWarps, kParts, kNTiles>(jobs, job, n, row0, batch, acc, partial);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side.
+
+template <int kNTiles, int kParts, class M, class T>
+void launch(const Jobs<M, T>& jobs, const T* x, int64_t k, int batch, cudaStream_t s, const char* op) {
+  using Plan = StagePlan<M, kParts>;
+  const auto kernel = matvec_staged_kernel<M, T, kNTiles, kParts>;
+  // Past 48 KB a kernel's dynamic shared memory must be allowed explicitly, once.
+  static const cudaError_t allowed =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSharedLimit));
+  check_launch(allowed, op);
+  const int64_t bytes = Plan::kStages * Plan::kStageBytes + kParts * M::kSideArrays * jobs.m[0].side_bytes(kTileRows);
+  kernel<<<tile_count<kParts>(jobs), kWarps * 32, size_t(bytes), s>>>(jobs, x, k, batch);
+  check_launch(cudaGetLastError(), op);
+}
+
+template <int kParts, class T>
+void run_typed(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
+               Stream stream, const char* op) {
+  dispatch_format<T>(w[0], [&](auto make) {
+    using M = decltype(make(w[0]));
+    const Jobs<M, T> jobs = make_jobs<M, T>(make, w, y, residual, kParts == 2);
+    const int batch = int(x.dim(0));
+    const cudaStream_t s = stream_of(stream);
+    if (batch <= 8) return launch<1, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
+    return launch<2, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
+  });
+}
+
+// The kernel family of the matvec ops (matvec_formats.cuh): f16 and bf16 activations only.
+struct StagedTensorCoreMatvec {
+  template <int kParts>
+  static void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
+                  Stream stream, const char* op) {
+    if (x.dtype == DType::f16) return run_typed<kParts, __half>(x, w, y, residual, stream, op);
+    run_typed<kParts, __nv_bfloat16>(x, w, y, residual, stream, op);  // supports() admits only f16 and bf16
+  }
+};
+
+}  // namespace
+
+void matvec_staged(const MatvecArgs& a) { run_matvec<StagedTensorCoreMatvec>(a); }
+void matvec_multi_staged(const MatvecMultiArgs& a) { run_matvec_multi<StagedTensorCoreMatvec>(a); }
+void output_projection_staged(const OutputProjectionArgs& a) { run_output_projection<StagedTensorCoreMatvec>(a); }
+void mlp_block_staged(const MlpBlockArgs& a) { run_mlp_block<StagedTensorCoreMatvec>(a); }
+
+}  // namespace decodelab::cuda
