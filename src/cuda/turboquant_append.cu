@@ -56,9 +56,12 @@ __device__ void hadamard_blocks(double* v, int d) {
   const int i = threadIdx.x;
   int start = 0, size = 0;
   for (int b = 1 << 8; b > 0; b >>= 1) {  // D <= 256: the binary digits of d, largest first
-    if ((d & b) == 0) continue;
-    if (i >= start && i < start + b) size = b;
-    if (size == 0) start += b;
+    if ((d & b) == 0 || size != 0) continue;
+    if (i < start + b) {
+      size = b;  // i's block: [start, start + b)
+    } else {
+      start += b;
+    }
   }
   // Every thread takes part in each barrier, whichever block it is in.
   for (int half = 1; half < kMaxDim; half *= 2) {
