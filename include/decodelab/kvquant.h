@@ -87,6 +87,15 @@ class Rotation {
   // x = R^T y, the inverse; x and y may be the same span.
   void apply_inverse(std::span<const double> y, std::span<double> x) const;
 
+  // The factors, read-only, for a backend that must repeat apply()'s arithmetic step for step on
+  // another device (the CUDA encoder, whose codes are bit-exact with encode()). Each is empty
+  // where the kind has no such factor.
+  std::span<const double> matrix() const { return matrix_; }             // dense: R, row-major
+  std::span<const int64_t> blocks() const { return blocks_; }            // hadamard
+  std::span<const double> signs1() const { return signs1_; }             // hadamard: S1
+  std::span<const double> signs2() const { return signs2_; }             // hadamard: S2
+  std::span<const int64_t> permutation() const { return permutation_; }  // hadamard: P
+
  private:
   Rotation(RotationKind kind, int64_t dim, uint64_t seed) : kind_(kind), dim_(dim), seed_(seed) {}
   void hadamard_blocks(std::span<double> v) const;

@@ -15,7 +15,9 @@
 // KV head against 512 in f16, a 2-bit one 36 + 36.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
-// append. The codecs are host objects, so the cache lives in host memory (cpu and reference).
+// append. The codecs are host objects; the tensors live on the device of the backend (host memory
+// for cpu and reference, GPU memory for cuda, which uploads each codec's rotation once and passes
+// its codebook by value: src/cuda/turboquant_tables.h).
 #pragma once
 
 #include "decodelab/attention.h"

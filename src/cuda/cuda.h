@@ -89,4 +89,11 @@ constexpr int staged_stages(int64_t stage_bytes) {
 bool prefers_tensor_cores(const Weight& w, const Tensor& x);
 std::string decode_block_supports(const DecodeBlockArgs& a);
 
+// turboquant_append.cu, turboquant_attention.cu: the paged TurboQuant cache (turboquant_cache.h);
+// the codecs' rotations are uploaded once per rotation (turboquant_tables.h). The append encodes
+// bit-exactly as TurboQuantMse::encode; the attention is fused (never decodes the cache).
+void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
+void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
+std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a);
+
 }  // namespace decodelab::cuda

@@ -3,6 +3,8 @@
 // launchers' template dispatch in attention.cu, matvec_formats.cuh, matvec.cu and matvec_mma.cu.
 #include <fmt/format.h>
 
+#include <tuple>
+
 #include "cuda/cuda.h"
 
 namespace decodelab::cuda {
@@ -175,6 +177,21 @@ std::string staged_weight_supports(const Weight& w, int parts) {
   const int64_t shared = staged_stages(stage_bytes) * stage_bytes + parts * side_bytes;
   if (shared > kStagedSharedLimit) {
     return fmt::format("at most {} bytes of shared memory a block, got {} (K = {})", kStagedSharedLimit, shared, k);
+  }
+  return {};
+}
+
+// The fused kernel of turboquant_attention.cu: its template set (head_dim, K and V bits) and the
+// 4-byte alignment its record copies need (records are 4 + D * bits / 8 bytes, a multiple of 4
+// for these D and bits, so aligned pools give aligned records).
+std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a) {
+  const int64_t d = a.q.dim(2);
+  if (d != 64 && d != 96 && d != 128 && d != 256) return fmt::format("head_dim 64, 96, 128 or 256, got {}", d);
+  for (const auto& [codec, pool, name] : {std::tuple{a.cache.k_codec, &a.cache.k_pages, "K"},
+                                          std::tuple{a.cache.v_codec, &a.cache.v_pages, "V"}}) {
+    const int bits = codec->config().bits;
+    if (bits < 2 || bits > 4) return fmt::format("{} codes of 2, 3 or 4 bits, got {}", name, bits);
+    if (reinterpret_cast<uintptr_t>(pool->data) % 4 != 0) return fmt::format("the {} pool 4-byte aligned", name);
   }
   return {};
 }
