@@ -37,11 +37,8 @@ HWY_BEFORE_NAMESPACE();
 namespace decodelab::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Tokens per tile; split-K: at least kMinSplitKeys keys per split, splits enough for about
-// kTargetTasks tasks (as the f16 decode kernel).
+// Tokens per tile; split-K as the f16 decode kernel (attention_tiles-inl.h).
 constexpr int64_t kTileKeys = 64;
-constexpr int64_t kMinSplitKeys = 64;
-constexpr int64_t kTargetTasks = 64;
 
 // The D centroids c[idx_j] of a record's packed indices, into `row`. D is a multiple of 16, so
 // the indices come in groups of 8 that fill exactly kBits bytes of the little-endian bit stream
@@ -119,11 +116,10 @@ struct HeadSplits {
 
 // Tasks for every (b, h) in order, each one's key range split in tile-aligned chunks.
 void MakeTasks(const Problem& p, std::vector<Task>& tasks, std::vector<HeadSplits>& heads) {
-  const int64_t max_splits = DivCeil(kTargetTasks, p.batch * p.hkv);
+  const int64_t max_splits = MaxSplits(p.batch * p.hkv);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t keys = p.lengths[b];
-    const int64_t want = std::clamp(DivCeil(keys, kMinSplitKeys), int64_t{1}, max_splits);
-    const int64_t chunk = RoundUp(DivCeil(keys, want), kTileKeys);
+    const int64_t chunk = SplitKeys(keys, max_splits, kTileKeys);
     for (int64_t h = 0; h < p.hkv; ++h) {
       heads.push_back({int64_t(tasks.size()), DivCeil(keys, chunk)});
       for (int64_t t = 0; t < keys; t += chunk) tasks.push_back({b, h, t, std::min(keys, t + chunk)});
