@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <span>
 #include <string>
 #include <vector>
@@ -136,6 +137,29 @@ TEST_P(BadArgs, Append) {
   c = cache();
   c.page_table = table_u32;
   EXPECT_EQ(append(c), op + "cache.page_table: expected dtype i32, got [1, 3] u32");
+}
+
+TEST_P(BadArgs, CorruptRecordNorm) {
+  // Records are 36 (K) and 20 (V) bytes, their f32 norm first; table {2, 1, 0}: token t of the
+  // sequence, KV head h is record (page * 16 + t % 16) * 2 + h, page = table[t / 16].
+  const auto set_norm = [](const Array& pool, int64_t record, float norm) {
+    std::memcpy(pool.ptr<uint8_t>() + record * pool.view().dim(3), &norm, sizeof norm);  // little-endian host
+  };
+  const std::string op = "turboquant_decode_attention_paged: ";
+  set_norm(k_pages, (2 * 16 + 5) * 2 + 1, std::nanf(""));                   // K, token 5, head 1
+  set_norm(v_pages, (1 * 16 + 1) * 2 + 0, std::numeric_limits<float>::infinity());  // V, token 17, head 0
+  set_norm(k_pages, (1 * 16 + 14) * 2 + 0, -1.0f);                          // K, token 30: past the length
+  EXPECT_EQ(decode(cache()), op + "cache.v_pages[sequence 0, token 17, KV head 0] norm: expected a finite norm >= 0, got inf");
+  set_norm(v_pages, (1 * 16 + 1) * 2 + 0, 1.0f);
+  EXPECT_EQ(decode(cache()), op + "cache.k_pages[sequence 0, token 5, KV head 1] norm: expected a finite norm >= 0, got nan");
+  set_norm(k_pages, (2 * 16 + 5) * 2 + 1, 1.0f);
+  // Token 30 holds -1 but is never read; once the length covers it, it is.
+  EXPECT_EQ(decode(cache()), "");
+  for (int64_t i = 0; i < out.numel(); ++i) ASSERT_TRUE(std::isfinite(out.ptr<float>()[i])) << i;
+  const Array longer = i32_array({1}, {31});
+  PagedTurboQuantKV c = cache();
+  c.lengths = longer;
+  EXPECT_EQ(decode(c), op + "cache.k_pages[sequence 0, token 30, KV head 0] norm: expected a finite norm >= 0, got -1");
 }
 
 INSTANTIATE_TEST_SUITE_P(HostBackends, BadArgs, ::testing::Values("reference", "cpu"));

@@ -78,11 +78,13 @@ struct Codes {
     for (size_t i = 0; i < c.size(); ++i) centroids[i] = float(c[i]);
   }
 
-  // Expands record `index` into row (d floats) and returns its factor n * s.
+  float Norm(int64_t index) const { return detail::load_f32_le(pages + index * record_bytes); }
+
+  // Expands record `index` into row (d floats) and returns its factor n * s: finite and >= 0
+  // exactly when the norm n is (s is finite and positive).
   HWY_INLINE float Expand(int64_t index, int64_t d, float* HWY_RESTRICT row) const {
-    const uint8_t* record = pages + index * record_bytes;
-    expand(record + detail::kNormBytes, centroids, d, row);
-    const float norm = detail::load_f32_le(record);
+    expand(pages + index * record_bytes + detail::kNormBytes, centroids, d, row);
+    const float norm = Norm(index);
     if (!norm_corrected) return norm;
     const DF df;
     const int64_t N = int64_t(hn::Lanes(df));
@@ -103,6 +105,9 @@ struct Problem {
   int64_t batch, hq, hkv, d;
   Codes k, v;
   int64_t group() const { return hq / hkv; }
+  int64_t record(int64_t b, int64_t h, int64_t t) const {
+    return (int64_t(page_table[b * max_pages + t / page_size]) * page_size + t % page_size) * hkv + h;
+  }
 };
 
 // Keys [t_begin, t_end) of KV head h of sequence b; its splits are consecutive tasks.
@@ -127,8 +132,9 @@ void MakeTasks(const Problem& p, std::vector<Task>& tasks, std::vector<HeadSplit
   }
 }
 
-// One task: the G rotated query rows q [G][d] (pre-scaled) over its keys, into `slot`.
-void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, const PartialSlot& slot) {
+// One task: the G rotated query rows q [G][d] (pre-scaled) over its keys, into `slot`. Returns
+// whether every record it read had a valid norm (a corrupt one makes the slot NaN).
+bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, const PartialSlot& slot) {
   const DF df;
   const int64_t N = int64_t(hn::Lanes(df));
   const int64_t d = p.d, rows = p.group(), stride = RoundUp(kTileKeys, N);
@@ -147,6 +153,7 @@ void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
   std::fill(l, l + rows, 0.0f);
   std::fill(acc, acc + rows * d, 0.0f);
   const int32_t* pages = p.page_table + task.b * p.max_pages;
+  bool norms_valid = true;
   for (int64_t t0 = task.t_begin; t0 < task.t_end; t0 += kTileKeys) {
     const int64_t n = std::min(kTileKeys, task.t_end - t0);
     // The tile's records, read once for the whole group: page by page, one division per tile.
@@ -155,6 +162,8 @@ void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
       const int64_t index = (int64_t(pages[page]) * p.page_size + slot_in_page) * p.hkv + task.h;
       k_factor[size_t(j)] = p.k.Expand(index, d, k_rows.data() + j * d);
       v_factor[size_t(j)] = p.v.Expand(index, d, v_rows.data() + j * d);
+      // Noted without a branch; the record is named after all tasks ran (FailCorruptRecord).
+      norms_valid &= detail::is_valid_norm(k_factor[size_t(j)]) & detail::is_valid_norm(v_factor[size_t(j)]);
       if (++slot_in_page == p.page_size) {
         slot_in_page = 0;
         ++page;
@@ -189,6 +198,22 @@ void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
       });
     }
   }
+  return norms_valid;
+}
+
+// A task saw a corrupt record: the first of its range, keys before values, as the reference
+// names it (it checks in the same order: sequence, KV head, token).
+[[noreturn]] void FailCorruptRecord(const Problem& p, const Task& task) {
+  const detail::ArgCheck check(TurboQuantDecodeAttentionPagedArgs::kOp);
+  for (int64_t t = task.t_begin; t < task.t_end; ++t) {
+    const int64_t index = p.record(task.b, task.h, t);
+    for (const auto& [codes, pool] : {std::pair{&p.k, "cache.k_pages"}, std::pair{&p.v, "cache.v_pages"}}) {
+      const float norm = codes->Norm(index);
+      if (!detail::is_valid_norm(norm)) detail::fail_paged_record_norm(check, pool, task.b, t, task.h, norm);
+    }
+  }
+  // Unreachable unless a valid norm gave an invalid factor, which Codes::Expand rules out.
+  detail::fail_paged_record_norm(check, "cache", task.b, task.t_begin, task.h, std::nanf(""));
 }
 
 void TurboQuantDecodeAttentionPaged(const TurboQuantDecodeAttentionPagedArgs& a) {
@@ -225,10 +250,14 @@ void TurboQuantDecodeAttentionPaged(const TurboQuantDecodeAttentionPagedArgs& a)
     std::vector<float> partials(tasks.size() * size_t(slot_floats));
     std::vector<PartialSlot> slots;
     for (size_t t = 0; t < tasks.size(); ++t) slots.push_back({partials.data() + t * size_t(slot_floats), rows, d});
+    std::vector<uint8_t> norms_valid(tasks.size());
     pool.parallel_for(int64_t(tasks.size()), [&](int64_t t) {
       const Task& task = tasks[size_t(t)];
-      RunTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * d, slots[size_t(t)]);
+      norms_valid[size_t(t)] = RunTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * d, slots[size_t(t)]);
     });
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      if (!norms_valid[t]) FailCorruptRecord(p, tasks[t]);
+    }
     // (3) Per query head: its splits merged, the mean o' rotated back, out = R_V^T o'.
     pool.parallel_for(heads, [&](int64_t i) {
       const int64_t b = i / p.hq, head = i % p.hq;
