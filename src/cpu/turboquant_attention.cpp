@@ -25,6 +25,7 @@
 #include "cpu/attention_tiles-inl.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -40,17 +41,42 @@ namespace hn = hwy::HWY_NAMESPACE;
 // Tokens per tile; split-K as the f16 decode kernel (attention_tiles-inl.h).
 constexpr int64_t kTileKeys = 64;
 
-// The D centroids c[idx_j] of a record's packed indices, into `row`. D is a multiple of 16, so
-// the indices come in groups of 8 that fill exactly kBits bytes of the little-endian bit stream
-// (kvquant.h): one group is one 8 * kBits-bit word, index i its bits [i * kBits, (i + 1) * kBits).
+// The D centroids c[idx_j] of a record's packed indices, into `row`, 16 at a time. D is a
+// multiple of 16, so the indices come in chunks of 16 that fill exactly 2 * kBits bytes of the
+// little-endian bit stream (kvquant.h): a chunk is one 16 * kBits-bit word (at most 64), made of
+// two 8-index groups of 8 * kBits bits (at most 32); index k of the chunk is bits
+// [kBits * (k % 8), kBits * (k % 8 + 1)) of group k / 8. Each lane takes its group's word, shifts
+// it by its own amount and masks: the index. The centroid lookup is a lane permute of the
+// codebook (at most 16 entries) where a vector holds 16 floats (AVX-512), a gather elsewhere.
+template <int kBits>
+constexpr std::array<uint32_t, 16> kChunkShifts = [] {
+  std::array<uint32_t, 16> shifts{};
+  for (int k = 0; k < 16; ++k) shifts[size_t(k)] = uint32_t(kBits * (k % 8));
+  return shifts;
+}();
+
 template <int kBits>
 void ExpandCentroids(const uint8_t* HWY_RESTRICT packed, const float* HWY_RESTRICT centroids, int64_t d,
                      float* HWY_RESTRICT row) {
-  constexpr uint32_t kMask = (1u << kBits) - 1;
-  for (int64_t j = 0; j < d; j += 8, packed += kBits) {
-    uint32_t word = 0;
-    for (int i = 0; i < kBits; ++i) word |= uint32_t(packed[i]) << (8 * i);
-    for (int i = 0; i < 8; ++i) row[j + i] = centroids[(word >> (kBits * i)) & kMask];
+  const DF df;
+  const hn::RebindToUnsigned<DF> du;
+  const hn::RebindToSigned<DF> di;
+  const int64_t N = int64_t(hn::Lanes(df));
+  const auto mask = hn::Set(du, (1u << kBits) - 1);
+  [[maybe_unused]] const VF table = hn::LoadU(df, centroids);  // the permute's source (16 lanes)
+  for (int64_t j = 0; j < d; j += 16, packed += 2 * kBits) {
+    uint64_t word = 0;
+    for (int i = 0; i < 2 * kBits; ++i) word |= uint64_t(packed[i]) << (8 * i);
+    const auto low = hn::Set(du, uint32_t(word)), high = hn::Set(du, uint32_t(word >> (8 * kBits)));
+    for (int64_t k = 0; k < 16; k += N) {
+      const auto words = hn::IfThenElse(hn::FirstN(du, size_t(std::max<int64_t>(0, 8 - k))), low, high);
+      const auto index = hn::BitCast(di, hn::And(words >> hn::LoadU(du, kChunkShifts<kBits>.data() + k), mask));
+      if constexpr (hn::MaxLanes(df) >= 16) {
+        hn::StoreU(hn::TableLookupLanes(table, hn::IndicesFromVec(df, index)), df, row + j + k);
+      } else {
+        hn::StoreU(hn::GatherIndex(df, centroids, index), df, row + j + k);
+      }
+    }
   }
 }
 
