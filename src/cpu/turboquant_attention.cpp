@@ -21,6 +21,7 @@
 #define HWY_TARGET_INCLUDE "cpu/turboquant_attention.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "hwy/cache_control.h"
 #include "cpu/simd.h"
 #include "cpu/attention_tiles-inl.h"
 
@@ -106,6 +107,12 @@ struct Codes {
 
   float Norm(int64_t index) const { return detail::load_f32_le(pages + index * record_bytes); }
 
+  // Asks for record `index` (it may straddle two cache lines).
+  void Prefetch(int64_t index) const {
+    hwy::Prefetch(pages + index * record_bytes);
+    hwy::Prefetch(pages + (index + 1) * record_bytes - 1);
+  }
+
   // Expands record `index` into row (d floats) and returns its factor n * s: finite and >= 0
   // exactly when the norm n is (s is finite and positive).
   HWY_INLINE float Expand(int64_t index, int64_t d, float* HWY_RESTRICT row) const {
@@ -182,6 +189,13 @@ bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
   bool norms_valid = true;
   for (int64_t t0 = task.t_begin; t0 < task.t_end; t0 += kTileKeys) {
     const int64_t n = std::min(kTileKeys, task.t_end - t0);
+    // The next tile's records, asked for now: a task reads one KV head's records, Hkv records
+    // apart and page after page, which the hardware prefetchers do not follow far enough ahead.
+    for (int64_t t = t0 + n; t < std::min(task.t_end, t0 + n + kTileKeys); ++t) {
+      const int64_t index = p.record(task.b, task.h, t);
+      p.k.Prefetch(index);
+      p.v.Prefetch(index);
+    }
     // The tile's records, read once for the whole group: page by page, one division per tile.
     int64_t page = t0 / p.page_size, slot_in_page = t0 % p.page_size;
     for (int64_t j = 0; j < n; ++j) {
