@@ -9,7 +9,8 @@
 //
 // Work: one task per (sequence, KV head, key range). A task reads each K and V record of its range
 // once for all G query heads of the GQA group: a tile of 64 tokens has its records expanded into
-// f32 centroid rows c[idx_j] (in L1: 64 x D floats, never the cache), then runs the f16 decode
+// f32 centroid rows c[idx_j] (64 x D floats for K and as many for V, in L1 and L2; never a
+// dequantized cache) while the next tile's records are prefetched, then runs the f16 decode
 // kernel's tile arithmetic (attention_tiles-inl.h): DotKeys for the scores, SoftmaxRow for the
 // online softmax, AccumulateRows for the value sum; the per-token factors n s scale the scores and
 // the probabilities. Split-K partial states are merged by log-sum-exp in split order (MergeRow),
