@@ -51,6 +51,12 @@ void turboquant_append_paged(const Tensor& k_new, const Tensor& v_new, const Pag
 // (n_t the record's norm, s_t = 1 in plain mode and 1 / ||c_K[idx_t]|| norm-corrected), the
 // softmax weights p_t accumulate o' = sum_t p_t n_t s_t c_V[idx_t] in V's rotated domain, and
 // out = R_V^T o' is rotated back once per query head.
+//
+// The argument checks cannot afford to scan the cache, so record contents are checked where they
+// are read: a record with a NaN, infinite or negative norm (no encoder writes one, so the cache is
+// corrupt) among the lengths[b] tokens read gets an error naming the first in (sequence, KV
+// head, token) order, keys before values, instead of a NaN output. Records past lengths[b] are
+// never read. The check costs one comparison per record, not a scan.
 void turboquant_decode_attention_paged(const Tensor& q, const PagedTurboQuantKV& cache, const Tensor& out,
                                        const AttentionOptions& options = {}, const RunOptions& run = {});
 

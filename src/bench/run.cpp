@@ -5,13 +5,17 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "decodelab/bench.h"
 #include "decodelab/router.h"
+#include "decodelab/turboquant_cache.h"
 #include "decodelab/verify.h"
+#include "kvquant/record.h"
 #include "router/autotune.h"
 #ifdef DECODELAB_HAS_CUDA
 #include "cuda/bench.h"
@@ -254,6 +258,96 @@ void add_decode(std::vector<BenchCase>& cases, const BenchOptions& o) {
   }
 }
 
+// Random bytes in every record of a TurboQuant pool u8 [num_pages, page_size, Hkv, R], each with
+// the norm sqrt(D) of an N(0, I) head vector: the kernels' cost does not depend on which indices
+// they read, and encoding hundreds of MB through the codec would take seconds per case.
+Array random_records(const std::vector<int64_t>& shape, int64_t d, uint64_t seed) {
+  Array a(DType::u8, std::span<const int64_t>(shape));
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  uint8_t* bytes = a.ptr<uint8_t>();
+  for (size_t i = 0; i < a.nbytes(); ++i) {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    bytes[i] = uint8_t(s >> 56);
+  }
+  const int64_t r = shape.back();
+  for (size_t at = 0; at < a.nbytes(); at += size_t(r)) detail::store_f32_le(bytes + at, float(std::sqrt(double(d))));
+  return a;
+}
+
+// Fused decode attention over the paged TurboQuant cache, the shapes of f16 decode attention
+// (add_decode) so the two compare row by row, and the append of one new token per sequence.
+void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  const DType t = DType::f16;
+  const int64_t e = int64_t(dtype_size(t)), page = 16;
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
+  if (!o.quick && o.device == Device::cpu) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+  // The issue's targets on the GPU (issue 5, Speed).
+  if (!o.quick && o.device == Device::cuda) shapes = {{1, 32768}, {1, 131072}, {16, 32768}, {16, 131072}};
+  std::vector<int> bit_widths = {4};
+  if (!o.quick) bit_widths = {4, 3, 2};
+  for (const int bits : bit_widths) {
+    // K and V at the same bits, the shipping rotation and scale; shared by the cases' arguments.
+    const auto codecs = std::make_shared<const std::pair<kvquant::TurboQuantMse, kvquant::TurboQuantMse>>(
+        kvquant::TurboQuantConfig{kD, bits, kvquant::RotationKind::hadamard, 1},
+        kvquant::TurboQuantConfig{kD, bits, kvquant::RotationKind::hadamard, 2});
+    const int64_t record = codecs->first.record_bytes();
+    for (const auto& [batch, length] : shapes) {
+      const int64_t pages_per_seq = length / page;
+      const int64_t bytes = 2 * batch * length * kHkv * record + batch * pages_per_seq * 4 + 2 * batch * kHq * kD * e;
+      const std::vector<int32_t> lens(static_cast<size_t>(batch), int32_t(length));
+      add_bench<TurboQuantDecodeAttentionPagedArgs>(
+          cases, o, t,
+          fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K/V {}/{}-bit", batch, length, kHq, kHkv, kD, page, bits, bits),
+          bytes, 4 * batch * kHq * length * kD, false,
+          [=] {
+            CaseData d;
+            d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
+            d.inputs.push_back(random_records({batch * pages_per_seq, page, kHkv, record}, kD, 2));
+            d.inputs.push_back(random_records({batch * pages_per_seq, page, kHkv, record}, kD, 3));
+            // Scattered pages, as add_decode's paged case.
+            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(verify::i32_array({batch}, lens));
+            d.outputs.push_back({t, {batch, kHq, kD}});
+            return d;
+          },
+          [codecs](auto in, auto out) {
+            return TurboQuantDecodeAttentionPagedArgs{
+                in[0], PagedTurboQuantKV{in[1], in[2], in[3], in[4], &codecs->first, &codecs->second}, out[0],
+                {true, 1.0f / 11.3137085f}, {}};
+          });
+    }
+    // One new token for each of `batch` sequences: read the new K and V rows, write their records.
+    for (const int64_t batch : {int64_t{1}, int64_t{16}}) {
+      const int64_t pages_per_seq = 8;
+      std::vector<int32_t> lengths;
+      for (int64_t b = 0; b < batch; ++b) lengths.push_back(int32_t(100 + b % 16));
+      add_bench<TurboQuantAppendPagedArgs>(
+          cases, o, t, fmt::format("{} sequences Hkv={} D={} page {} K/V {}/{}-bit", batch, kHkv, kD, page, bits, bits),
+          batch * kHkv * (2 * kD * e + 2 * record), 0, false,
+          [=] {
+            CaseData d;
+            d.inputs.push_back(uniform(t, {batch, kHkv, kD}, 1));
+            d.inputs.push_back(uniform(t, {batch, kHkv, kD}, 2));
+            d.inputs.push_back(Array(DType::u8, {batch * pages_per_seq, page, kHkv, record}));
+            d.inputs.push_back(Array(DType::u8, {batch * pages_per_seq, page, kHkv, record}));
+            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(verify::i32_array({batch}, lengths));
+            d.outputs.push_back({DType::u8, {batch * pages_per_seq, page, kHkv, record}, 2});
+            d.outputs.push_back({DType::u8, {batch * pages_per_seq, page, kHkv, record}, 3});
+            return d;
+          },
+          [codecs](auto in, auto out) {
+            return TurboQuantAppendPagedArgs{in[0], in[1],
+                                             PagedTurboQuantKV{out[0], out[1], in[4], in[5], &codecs->first, &codecs->second}, {}};
+          });
+    }
+  }
+}
+
 void add_prefill(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.quick) return;
   const DType t = DType::f16;
@@ -370,6 +464,7 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
   std::vector<BenchCase> cases;
   add_matvec(cases, o);
   add_decode(cases, o);
+  add_turboquant(cases, o);
   add_prefill(cases, o);
   add_layers(cases, o);
   return cases;

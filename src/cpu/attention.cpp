@@ -38,9 +38,6 @@ HWY_BEFORE_NAMESPACE();
 namespace decodelab::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Split-K: at least this many keys per split, and splits enough to make about kTargetTasks tasks.
-constexpr int64_t kMinSplitKeys = 64;
-constexpr int64_t kTargetTasks = 64;
 // DotTile: keys per tile. LaneTile: query rows per task.
 constexpr int64_t kDotTileKeys = 64;
 constexpr int64_t kLaneRows = 64;
@@ -166,7 +163,7 @@ Plan MakePlan(const Problem<T, KV>& p, AttentionVariant variant) {
   Plan plan = p.sq * group >= lanes ? Plan{true, false, lane_positions, LaneTileKeys(p.d), 1}
                                     : Plan{false, false, p.sq, kDotTileKeys, 1};
   const int64_t sets = p.batch * p.hkv * DivCeil(p.sq, plan.positions);
-  plan.max_splits = DivCeil(kTargetTasks, sets);
+  plan.max_splits = MaxSplits(sets);
   return plan;
 }
 
@@ -181,8 +178,7 @@ void MakeTasks(const Problem<T, KV>& p, const Plan& plan, std::vector<RowSet>& s
         for (int64_t g = 0; g < p.group(); g += heads) {
           RowSet set{b, h, block * plan.positions, std::min(p.sq, (block + 1) * plan.positions), g, g + heads};
           const int64_t keys = p.visible(b, set.i_end - 1);
-          const int64_t want = std::clamp(DivCeil(keys, kMinSplitKeys), int64_t{1}, plan.max_splits);
-          const int64_t chunk = RoundUp(DivCeil(keys, want), plan.tile);
+          const int64_t chunk = SplitKeys(keys, plan.max_splits, plan.tile);
           set.splits = DivCeil(keys, chunk);
           set.first_task = int64_t(tasks.size());
           for (int64_t s = 0; s < set.splits; ++s) {

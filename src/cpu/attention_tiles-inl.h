@@ -36,6 +36,22 @@ constexpr float kNoScore = -1e30f;
 inline int64_t DivCeil(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t RoundUp(int64_t a, int64_t b) { return DivCeil(a, b) * b; }
 
+// Split-K for decode: a row set's keys are split into at least kMinSplitKeys keys per split, and
+// into enough splits that all row sets together make about kTargetTasks tasks, so that B * Hkv
+// small still feeds the threads. The split points depend on the shape alone (never the thread
+// count), so every run merges the same partial states in the same order: the same bits.
+constexpr int64_t kMinSplitKeys = 64;
+constexpr int64_t kTargetTasks = 64;
+
+// The most splits a row set may have when there are `row_sets` of them.
+inline int64_t MaxSplits(int64_t row_sets) { return DivCeil(kTargetTasks, row_sets); }
+
+// The keys per split (the last may have fewer) of a row set of `keys` keys, tile-aligned.
+inline int64_t SplitKeys(int64_t keys, int64_t max_splits, int64_t tile) {
+  const int64_t want = std::clamp(DivCeil(keys, kMinSplitKeys), int64_t{1}, max_splits);
+  return RoundUp(DivCeil(keys, want), tile);
+}
+
 // Calls fn(std::integral_constant<int, k>) with k = count in 1..4: runtime block sizes to
 // compile-time ones, so that register blocks are arrays the compiler keeps in registers.
 template <class Fn>

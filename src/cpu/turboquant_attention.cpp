@@ -9,7 +9,8 @@
 //
 // Work: one task per (sequence, KV head, key range). A task reads each K and V record of its range
 // once for all G query heads of the GQA group: a tile of 64 tokens has its records expanded into
-// f32 centroid rows c[idx_j] (in L1: 64 x D floats, never the cache), then runs the f16 decode
+// f32 centroid rows c[idx_j] (64 x D floats for K and as many for V, in L1 and L2; never a
+// dequantized cache) while the next tile's records are prefetched, then runs the f16 decode
 // kernel's tile arithmetic (attention_tiles-inl.h): DotKeys for the scores, SoftmaxRow for the
 // online softmax, AccumulateRows for the value sum; the per-token factors n s scale the scores and
 // the probabilities. Split-K partial states are merged by log-sum-exp in split order (MergeRow),
@@ -21,10 +22,12 @@
 #define HWY_TARGET_INCLUDE "cpu/turboquant_attention.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "hwy/cache_control.h"
 #include "cpu/simd.h"
 #include "cpu/attention_tiles-inl.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -37,23 +40,45 @@ HWY_BEFORE_NAMESPACE();
 namespace decodelab::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Tokens per tile; split-K: at least kMinSplitKeys keys per split, splits enough for about
-// kTargetTasks tasks (as the f16 decode kernel).
+// Tokens per tile; split-K as the f16 decode kernel (attention_tiles-inl.h).
 constexpr int64_t kTileKeys = 64;
-constexpr int64_t kMinSplitKeys = 64;
-constexpr int64_t kTargetTasks = 64;
 
-// The D centroids c[idx_j] of a record's packed indices, into `row`. D is a multiple of 16, so
-// the indices come in groups of 8 that fill exactly kBits bytes of the little-endian bit stream
-// (kvquant.h): one group is one 8 * kBits-bit word, index i its bits [i * kBits, (i + 1) * kBits).
+// The D centroids c[idx_j] of a record's packed indices, into `row`, 16 at a time. D is a
+// multiple of 16, so the indices come in chunks of 16 that fill exactly 2 * kBits bytes of the
+// little-endian bit stream (kvquant.h): a chunk is one 16 * kBits-bit word (at most 64), made of
+// two 8-index groups of 8 * kBits bits (at most 32); index k of the chunk is bits
+// [kBits * (k % 8), kBits * (k % 8 + 1)) of group k / 8. Each lane takes its group's word, shifts
+// it by its own amount and masks: the index. The centroid lookup is a lane permute of the
+// codebook (at most 16 entries) where a vector holds 16 floats (AVX-512), a gather elsewhere.
+template <int kBits>
+constexpr std::array<uint32_t, 16> kChunkShifts = [] {
+  std::array<uint32_t, 16> shifts{};
+  for (int k = 0; k < 16; ++k) shifts[size_t(k)] = uint32_t(kBits * (k % 8));
+  return shifts;
+}();
+
 template <int kBits>
 void ExpandCentroids(const uint8_t* HWY_RESTRICT packed, const float* HWY_RESTRICT centroids, int64_t d,
                      float* HWY_RESTRICT row) {
-  constexpr uint32_t kMask = (1u << kBits) - 1;
-  for (int64_t j = 0; j < d; j += 8, packed += kBits) {
-    uint32_t word = 0;
-    for (int i = 0; i < kBits; ++i) word |= uint32_t(packed[i]) << (8 * i);
-    for (int i = 0; i < 8; ++i) row[j + i] = centroids[(word >> (kBits * i)) & kMask];
+  const DF df;
+  const hn::RebindToUnsigned<DF> du;
+  const hn::RebindToSigned<DF> di;
+  const int64_t N = int64_t(hn::Lanes(df));
+  const auto mask = hn::Set(du, (1u << kBits) - 1);
+  [[maybe_unused]] const VF table = hn::LoadU(df, centroids);  // the permute's source (16 lanes)
+  for (int64_t j = 0; j < d; j += 16, packed += 2 * kBits) {
+    uint64_t word = 0;
+    for (int i = 0; i < 2 * kBits; ++i) word |= uint64_t(packed[i]) << (8 * i);
+    const auto low = hn::Set(du, uint32_t(word)), high = hn::Set(du, uint32_t(word >> (8 * kBits)));
+    for (int64_t k = 0; k < 16; k += N) {
+      const auto words = hn::IfThenElse(hn::FirstN(du, size_t(std::max<int64_t>(0, 8 - k))), low, high);
+      const auto index = hn::BitCast(di, hn::And(words >> hn::LoadU(du, kChunkShifts<kBits>.data() + k), mask));
+      if constexpr (hn::MaxLanes(df) >= 16) {
+        hn::StoreU(hn::TableLookupLanes(table, hn::IndicesFromVec(df, index)), df, row + j + k);
+      } else {
+        hn::StoreU(hn::GatherIndex(df, centroids, index), df, row + j + k);
+      }
+    }
   }
 }
 
@@ -81,11 +106,19 @@ struct Codes {
     for (size_t i = 0; i < c.size(); ++i) centroids[i] = float(c[i]);
   }
 
-  // Expands record `index` into row (d floats) and returns its factor n * s.
+  float Norm(int64_t index) const { return detail::load_f32_le(pages + index * record_bytes); }
+
+  // Asks for record `index` (it may straddle two cache lines).
+  void Prefetch(int64_t index) const {
+    hwy::Prefetch(pages + index * record_bytes);
+    hwy::Prefetch(pages + (index + 1) * record_bytes - 1);
+  }
+
+  // Expands record `index` into row (d floats) and returns its factor n * s: finite and >= 0
+  // exactly when the norm n is (s is finite and positive).
   HWY_INLINE float Expand(int64_t index, int64_t d, float* HWY_RESTRICT row) const {
-    const uint8_t* record = pages + index * record_bytes;
-    expand(record + detail::kNormBytes, centroids, d, row);
-    const float norm = detail::load_f32_le(record);
+    expand(pages + index * record_bytes + detail::kNormBytes, centroids, d, row);
+    const float norm = Norm(index);
     if (!norm_corrected) return norm;
     const DF df;
     const int64_t N = int64_t(hn::Lanes(df));
@@ -106,6 +139,9 @@ struct Problem {
   int64_t batch, hq, hkv, d;
   Codes k, v;
   int64_t group() const { return hq / hkv; }
+  int64_t record(int64_t b, int64_t h, int64_t t) const {
+    return (int64_t(page_table[b * max_pages + t / page_size]) * page_size + t % page_size) * hkv + h;
+  }
 };
 
 // Keys [t_begin, t_end) of KV head h of sequence b; its splits are consecutive tasks.
@@ -119,11 +155,10 @@ struct HeadSplits {
 
 // Tasks for every (b, h) in order, each one's key range split in tile-aligned chunks.
 void MakeTasks(const Problem& p, std::vector<Task>& tasks, std::vector<HeadSplits>& heads) {
-  const int64_t max_splits = DivCeil(kTargetTasks, p.batch * p.hkv);
+  const int64_t max_splits = MaxSplits(p.batch * p.hkv);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t keys = p.lengths[b];
-    const int64_t want = std::clamp(DivCeil(keys, kMinSplitKeys), int64_t{1}, max_splits);
-    const int64_t chunk = RoundUp(DivCeil(keys, want), kTileKeys);
+    const int64_t chunk = SplitKeys(keys, max_splits, kTileKeys);
     for (int64_t h = 0; h < p.hkv; ++h) {
       heads.push_back({int64_t(tasks.size()), DivCeil(keys, chunk)});
       for (int64_t t = 0; t < keys; t += chunk) tasks.push_back({b, h, t, std::min(keys, t + chunk)});
@@ -131,8 +166,9 @@ void MakeTasks(const Problem& p, std::vector<Task>& tasks, std::vector<HeadSplit
   }
 }
 
-// One task: the G rotated query rows q [G][d] (pre-scaled) over its keys, into `slot`.
-void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, const PartialSlot& slot) {
+// One task: the G rotated query rows q [G][d] (pre-scaled) over its keys, into `slot`. Returns
+// whether every record it read had a valid norm (a corrupt one makes the slot NaN).
+bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, const PartialSlot& slot) {
   const DF df;
   const int64_t N = int64_t(hn::Lanes(df));
   const int64_t d = p.d, rows = p.group(), stride = RoundUp(kTileKeys, N);
@@ -151,14 +187,24 @@ void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
   std::fill(l, l + rows, 0.0f);
   std::fill(acc, acc + rows * d, 0.0f);
   const int32_t* pages = p.page_table + task.b * p.max_pages;
+  bool norms_valid = true;
   for (int64_t t0 = task.t_begin; t0 < task.t_end; t0 += kTileKeys) {
     const int64_t n = std::min(kTileKeys, task.t_end - t0);
+    // The next tile's records, asked for now: a task reads one KV head's records, Hkv records
+    // apart and page after page, which the hardware prefetchers do not follow far enough ahead.
+    for (int64_t t = t0 + n; t < std::min(task.t_end, t0 + n + kTileKeys); ++t) {
+      const int64_t index = p.record(task.b, task.h, t);
+      p.k.Prefetch(index);
+      p.v.Prefetch(index);
+    }
     // The tile's records, read once for the whole group: page by page, one division per tile.
     int64_t page = t0 / p.page_size, slot_in_page = t0 % p.page_size;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t index = (int64_t(pages[page]) * p.page_size + slot_in_page) * p.hkv + task.h;
       k_factor[size_t(j)] = p.k.Expand(index, d, k_rows.data() + j * d);
       v_factor[size_t(j)] = p.v.Expand(index, d, v_rows.data() + j * d);
+      // Noted without a branch; the record is named after all tasks ran (FailCorruptRecord).
+      norms_valid &= detail::is_valid_norm(k_factor[size_t(j)]) & detail::is_valid_norm(v_factor[size_t(j)]);
       if (++slot_in_page == p.page_size) {
         slot_in_page = 0;
         ++page;
@@ -193,6 +239,22 @@ void RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
       });
     }
   }
+  return norms_valid;
+}
+
+// A task saw a corrupt record: the first of its range, keys before values, as the reference
+// names it (it checks in the same order: sequence, KV head, token).
+[[noreturn]] void FailCorruptRecord(const Problem& p, const Task& task) {
+  const detail::ArgCheck check(TurboQuantDecodeAttentionPagedArgs::kOp);
+  for (int64_t t = task.t_begin; t < task.t_end; ++t) {
+    const int64_t index = p.record(task.b, task.h, t);
+    for (const auto& [codes, pool] : {std::pair{&p.k, "cache.k_pages"}, std::pair{&p.v, "cache.v_pages"}}) {
+      const float norm = codes->Norm(index);
+      if (!detail::is_valid_norm(norm)) detail::fail_paged_record_norm(check, pool, task.b, t, task.h, norm);
+    }
+  }
+  // Unreachable unless a valid norm gave an invalid factor, which Codes::Expand rules out.
+  detail::fail_paged_record_norm(check, "cache", task.b, task.t_begin, task.h, std::nanf(""));
 }
 
 void TurboQuantDecodeAttentionPaged(const TurboQuantDecodeAttentionPagedArgs& a) {
@@ -229,10 +291,14 @@ void TurboQuantDecodeAttentionPaged(const TurboQuantDecodeAttentionPagedArgs& a)
     std::vector<float> partials(tasks.size() * size_t(slot_floats));
     std::vector<PartialSlot> slots;
     for (size_t t = 0; t < tasks.size(); ++t) slots.push_back({partials.data() + t * size_t(slot_floats), rows, d});
+    std::vector<uint8_t> norms_valid(tasks.size());
     pool.parallel_for(int64_t(tasks.size()), [&](int64_t t) {
       const Task& task = tasks[size_t(t)];
-      RunTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * d, slots[size_t(t)]);
+      norms_valid[size_t(t)] = RunTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * d, slots[size_t(t)]);
     });
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      if (!norms_valid[t]) FailCorruptRecord(p, tasks[t]);
+    }
     // (3) Per query head: its splits merged, the mean o' rotated back, out = R_V^T o'.
     pool.parallel_for(heads, [&](int64_t i) {
       const int64_t b = i / p.hq, head = i % p.hq;

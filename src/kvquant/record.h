@@ -54,6 +54,13 @@ inline bool is_valid_norm(float norm) { return std::isfinite(norm) && norm >= 0.
   check.fail(name, "a finite norm >= 0", fmt::format("{}", norm));
 }
 
+// The record of token t of sequence b, KV head h in `pool` of a paged cache has a corrupt norm:
+// the error says where it is.
+[[noreturn]] inline void fail_paged_record_norm(const ArgCheck& check, std::string_view pool, int64_t b, int64_t t,
+                                                int64_t h, float norm) {
+  fail_record_norm(check, fmt::format("{}[sequence {}, token {}, KV head {}] norm", pool, b, t, h), norm);
+}
+
 // The norm at the head of a record, checked.
 inline float checked_record_norm(const ArgCheck& check, const uint8_t* record, std::string_view name) {
   const float norm = load_f32_le(record);

@@ -77,7 +77,8 @@ const Shape kAppend[] = {
 
 // The pools, page table and lengths of `s` with `extra` free slots after each length: every
 // record below a length encodes an N(0, 1) vector; every other byte is 0xFF, whose norm reads as
-// NaN, so a kernel that reads past a length or a page it does not own outputs NaN.
+// NaN, so a kernel that reads past a length or a page it does not own fails (a corrupt record,
+// turboquant_cache.h) or outputs NaN.
 struct Fixture {
   Array k_pages, v_pages, page_table, lengths;
 };
