@@ -61,8 +61,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_mma_kernel(Job
       const int64_t c = c0 + i * kWarps;
       if (c >= chunks) break;  // the same for the whole warp
       const int64_t u = c * 4 + t;
-      // The last chunk may hold fewer than 4 units.
-      mma_unit<M, T, kNTiles, kParts>(m, raw[i], x, k, batch, u, u < units, g, i * (kUnit / 4), acc);
+      const bool live = u < units;  // the last chunk may hold fewer than 4 units
+      XPairs<M, T, kNTiles> b;
+      load_x_unit<M, T, kNTiles>(x, k, batch, u, live, g, b);
+      mma_unit<M, T, kNTiles, kParts>(m, raw[i], b, live, i * (kUnit / 4), acc);
     }
   };
   constexpr int64_t kStride = kWarps * kUnroll;

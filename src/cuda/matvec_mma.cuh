@@ -84,20 +84,28 @@ __device__ __forceinline__ void load_x_pairs(const T* __restrict__ row, int64_t 
   }(std::make_integer_sequence<int, kWords>());
 }
 
-// One unit of rows g and g + 8 of the tile for every part: m[p] is part p's format M, raw[p][r]
-// its unit of row g + 8r (already loaded), `u` the unit's index in x's row, `live` false past the
-// row's end (then A and B are zero). The mma of step s go to chain (chain0 + s) % kChains.
-template <class M, class T, int kNTiles, int kParts, class Formats>
-__device__ __forceinline__ void mma_unit(const Formats& m, const typename M::Raw (&raw)[kParts][2],
-                                         const T* __restrict__ x, int64_t k, int batch, int64_t u, bool live, int g,
-                                         int chain0, MmaAccumulators<kParts, kNTiles>& acc) {
-  constexpr int kUnit = M::kUnit, kPairs = kUnit / 2;
-  uint32_t b[kNTiles][kPairs];
+// The B operand of one unit: input (nt * 8 + g)'s x over unit u as format M's pairs, zeros for
+// inputs past the batch or when `live` is false (past the row's end).
+template <class M, class T, int kNTiles>
+using XPairs = uint32_t[kNTiles][M::kUnit / 2];
+template <class M, class T, int kNTiles>
+__device__ __forceinline__ void load_x_unit(const T* __restrict__ x, int64_t k, int batch, int64_t u, bool live, int g,
+                                            XPairs<M, T, kNTiles>& b) {
 #pragma unroll
   for (int nt = 0; nt < kNTiles; ++nt) {
     const int input = nt * 8 + g;
     load_x_pairs<M>(x + int64_t(input < batch ? input : 0) * k, u, live && input < batch, b[nt]);
   }
+}
+
+// One unit of rows g and g + 8 of the tile for every part: m[p] is part p's format M, raw[p][r]
+// its unit of row g + 8r (already loaded), b the unit's x (load_x_unit), `live` false past the
+// row's end (then A is zero too). The mma of step s go to chain (chain0 + s) % kChains.
+template <class M, class T, int kNTiles, int kParts, class Formats>
+__device__ __forceinline__ void mma_unit(const Formats& m, const typename M::Raw (&raw)[kParts][2],
+                                         const XPairs<M, T, kNTiles>& b, bool live, int chain0,
+                                         MmaAccumulators<kParts, kNTiles>& acc) {
+  constexpr int kUnit = M::kUnit, kPairs = kUnit / 2;
 #pragma unroll
   for (int p = 0; p < kParts; ++p) {
     uint32_t a[2][kPairs];
