@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_staged_kernel(
       raw[p][0] = m[p].load(g, u);
       raw[p][1] = m[p].load(g + 8, u);
     }
-    mma_unit<Staged, T, kNTiles, kParts>(m, raw, b, true, int(c % kChains), acc);
+    mma_unit<Staged, T, kNTiles, kParts>(m, raw, b, true, 0, acc);  // a constant chain: acc stays in registers
   }
   wait_copies<0>();  // no copy may still be landing when the block's shared memory is reused
   reduce_and_store<kWarps, kParts, kNTiles>(jobs, job, n, row0, batch, acc, partial);
