@@ -156,7 +156,8 @@ class Codebook {
 //                 part of the record (4 of 68 bytes at D = 128, 4 bits), and f32 neither overflows
 //                 on large keys nor adds error to the codes.
 //   bytes [4, ..) the D indices, bit-packed as above.
-// Both scale modes read and write the same record.
+// Plain and norm-corrected read and write the same record; unbiased stores its scale s (below)
+// where the others store n, and decodes as plain does.
 
 enum class ScaleMode : uint8_t {
   // x~ = n * u~. E||u - u~||^2 is D * codebook.distortion(), the quantity the paper bounds; u~ is
@@ -168,9 +169,16 @@ enum class ScaleMode : uint8_t {
   // (0.0338 vs 0.0340, 0.00918 vs 0.00933): u lies on the sphere and u~ inside it, so plain's
   // per-coordinate centroids are not the best estimate of u given all D indices.
   norm_corrected,
+  // x~ = s * u~ with s = n / <y, y~> (y~ the centroids; <y, y~> > 0 unless n = 0, as every centroid
+  // has the sign of its coordinate), stored in the record in place of n. Then <x~, x> = ||x||^2
+  // exactly, so for any query direction independent of x the estimate <q, x~> is unbiased:
+  // E_q[<q, x~> <q, x>] / E_q[<q, x>^2] = <x~, x> / ||x||^2 = 1, where plain's ratio is
+  // <u~, u> (about 1 - D * distortion, e.g. 0.88 at 2 bits). The price is a longer x~ (its squared
+  // error grows). Decoders and the fused kernels treat the record as plain's: n is just s.
+  unbiased,
 };
 
-std::string_view scale_mode_name(ScaleMode mode);  // "plain", "norm_corrected"
+std::string_view scale_mode_name(ScaleMode mode);  // "plain", "norm_corrected", "unbiased"
 
 struct TurboQuantConfig {
   int64_t head_dim = 128;  // a multiple of 16 in [16, 256]

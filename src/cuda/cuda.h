@@ -93,6 +93,7 @@ std::string decode_block_supports(const DecodeBlockArgs& a);
 // the codecs' rotations are uploaded once per rotation (turboquant_tables.h). The append encodes
 // bit-exactly as TurboQuantMse::encode; the attention is fused (never decodes the cache).
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
+std::string turboquant_append_paged_supports(const TurboQuantAppendPagedArgs& a);
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a);
 

@@ -184,6 +184,16 @@ std::string staged_weight_supports(const Weight& w, int parts) {
 // The fused kernel of turboquant_attention.cu: its template set (head_dim, K and V bits) and the
 // 4-byte alignment its record copies need (records are 4 + D * bits / 8 bytes, a multiple of 4
 // for these D and bits, so aligned pools give aligned records).
+// The append kernel repeats the encoder's arithmetic for the plain and norm-corrected records.
+std::string turboquant_append_paged_supports(const TurboQuantAppendPagedArgs& a) {
+  for (const auto& [codec, name] : {std::pair{a.cache.k_codec, "K"}, std::pair{a.cache.v_codec, "V"}}) {
+    if (codec != nullptr && codec->config().scale == kvquant::ScaleMode::unbiased) {
+      return fmt::format("{} scale mode plain or norm_corrected (this kernel does not compute the unbiased scale), got unbiased", name);
+    }
+  }
+  return {};
+}
+
 std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a) {
   const int64_t d = a.q.dim(2);
   if (d != 64 && d != 96 && d != 128 && d != 256) return fmt::format("head_dim 64, 96, 128 or 256, got {}", d);

@@ -40,6 +40,7 @@ std::string_view scale_mode_name(ScaleMode mode) {
   switch (mode) {
     case ScaleMode::plain: return "plain";
     case ScaleMode::norm_corrected: return "norm_corrected";
+    case ScaleMode::unbiased: return "unbiased";
   }
   return "?";
 }
@@ -76,9 +77,14 @@ void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) 
   }
   rotation_.apply(y, y);
   std::vector<uint8_t> indices(static_cast<size_t>(d));
-  for (size_t j = 0; j < indices.size(); ++j) indices[j] = codebook_.index_of(y[j]);
+  double agreement = 0.0;  // <y, y~>, for the unbiased scale
+  for (size_t j = 0; j < indices.size(); ++j) {
+    indices[j] = codebook_.index_of(y[j]);
+    agreement += y[j] * codebook_.centroids()[indices[j]];
+  }
+  const double scale = config_.scale == ScaleMode::unbiased && norm > 0.0 ? norm / agreement : norm;
 
-  detail::store_f32_le(record.data(), float(norm));
+  detail::store_f32_le(record.data(), float(scale));
   pack_bits(indices, config_.bits, record.subspan(kNormBytes));
 }
 

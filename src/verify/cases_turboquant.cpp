@@ -66,6 +66,7 @@ const Shape kAttention[] = {
     {{3001}, 32, 4, 128, 128, 4, 2, ScaleMode::norm_corrected, ScaleMode::norm_corrected},  // GQA 8, thousands
     {{200, 1}, 4, 1, 256, 128, 2, 4, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::dense},  // D = 256
     {{64}, 32, 8, 128, 16, 3, 3, ScaleMode::plain, ScaleMode::plain, RotationKind::hadamard, 4.0},  // Llama-3-8B heads
+    {{33}, 8, 2, 128, 16, 2, 3, ScaleMode::unbiased, ScaleMode::unbiased},  // records holding the unbiased scale
 };
 
 // Appends: the new token at a page's last slot, at a page start, and at length 0.
@@ -73,6 +74,7 @@ const Shape kAppend[] = {
     {{15, 16, 0}, 4, 2, 128, 16, 4, 2, ScaleMode::plain, ScaleMode::norm_corrected},
     {{127, 5}, 6, 6, 96, 128, 3, 3, ScaleMode::norm_corrected, ScaleMode::plain},
     {{40}, 8, 1, 256, 16, 2, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::dense},
+    {{9}, 4, 2, 128, 16, 3, 2, ScaleMode::unbiased, ScaleMode::norm_corrected},
 };
 
 // The pools, page table and lengths of `s` with `extra` free slots after each length: every
