@@ -532,8 +532,11 @@ KvEvalResult run_kv_eval(const KvEvalOptions& o) {
     }
   }
   if (jobs.empty()) {
-    fail(kOp, "--bits", "a width that a selected codec has (f16: 16, turboquant: 1-4, qjl: 1, 2, 4, kivi: 2, 4)",
-         fmt::format("{}", fmt::join(o.bits, ",")));
+    std::vector<std::string> widths;
+    for (const CodecEntry& e : table) {
+      if (selected(o.codecs, e.name)) widths.push_back(fmt::format("{}: {}", e.name, fmt::join(e.bits, ",")));
+    }
+    fail(kOp, "--bits", fmt::format("a width of a selected codec ({})", fmt::join(widths, "; ")), fmt::format("{}", fmt::join(o.bits, ",")));
   }
 
   const Inputs in = make_inputs(o);
