@@ -57,4 +57,19 @@ int run_bench(const BenchCommandOptions& options);
 // Times the trusted candidates and writes the autotune cache.
 int run_tune(const BenchCommandOptions& options);
 
+struct KvEvalCommandOptions {
+  std::string input = "unit";  // unit, keys or a .npy path
+  int64_t dim = 128;
+  bool dim_given = false;      // a file's D is its own unless --dim says otherwise
+  int64_t count = 10000;
+  int64_t context = 1024;
+  uint64_t seed = 1;
+  std::vector<std::string> codecs;
+  std::vector<int> bits;
+  std::string json_path;       // write the records here when set
+};
+
+// Measures every selected KV codec and width, prints the table and writes the JSON.
+int run_kv_eval(const KvEvalCommandOptions& options);
+
 }  // namespace decodelab::cli

@@ -62,13 +62,28 @@ int main(int argc, char** argv) {
   tune_cmd->add_option("--device", tune.device, "cpu")->check(CLI::IsMember({"cpu"}));
   tune_cmd->add_flag("--quick", tune.quick, "only the small grid");
 
+  KvEvalCommandOptions kv;
+  CLI::App* kv_cmd = app.add_subcommand("kv-eval", "KV-cache codecs: distortion, inner-product bias, attention error, bytes, with the theory");
+  kv_cmd->add_option("--input", kv.input, "unit (random unit vectors), keys (synthetic keys: outlier channels, RoPE) or a .npy file [n, D]")
+      ->capture_default_str();
+  CLI::Option* dim_option = kv_cmd->add_option("--dim", kv.dim, "head dim D of generated inputs (a file's own by default)")
+                                ->capture_default_str();
+  kv_cmd->add_option("--count", kv.count, "keys measured")->capture_default_str()->check(CLI::PositiveNumber);
+  kv_cmd->add_option("--context", kv.context, "tokens per attention trial")->capture_default_str()->check(CLI::PositiveNumber);
+  kv_cmd->add_option("--seed", kv.seed, "seed of the inputs, rotations and sketches")->capture_default_str();
+  kv_cmd->add_option("--codec", kv.codecs, "only these codecs (f16, turboquant[.plain|.norm_corrected], qjl, kivi)")->delimiter(',');
+  kv_cmd->add_option("--bits", kv.bits, "only these bit widths (e.g. 2,4)")->delimiter(',');
+  kv_cmd->add_option("--json", kv.json_path, "write the records to this JSON file");
+
   CLI11_PARSE(app, argc, argv);
+  kv.dim_given = dim_option->count() > 0;
   try {
     if (app.got_subcommand("info")) return run_info();
     if (app.got_subcommand("verify")) return run_verify(verify);
     if (app.got_subcommand("bench")) return run_bench(bench);
     if (app.got_subcommand("tune")) return run_tune(tune);
     if (app.got_subcommand("generate")) return run_generate(gen);
+    if (app.got_subcommand("kv-eval")) return run_kv_eval(kv);
     // The main job: verify the default grid, then benchmark the quick grid.
     fmt::print("decodelab: verifying the default grid on the CPU (decodelab --help for more)\n");
     const int verified = run_verify(VerifyOptions{});

@@ -1,0 +1,582 @@
+// `decodelab kv-eval`'s evaluator: the inputs, the table of codecs, the figures and the JSON. What
+// is measured and the theory beside it are in include/decodelab/kv_eval.h.
+//
+// Every codec reduces to one question, "what do attention's dot products see?": the
+// reconstruction k~ of each key and v~ of each value. For the decoding codecs that is their
+// decoder's output; for QJL it is the vector whose inner products are the estimator. So the
+// figures are computed once, by one piece of code, for every codec, and adding a codec is one
+// class and one line of the table.
+#include "decodelab/kv_eval.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <numbers>
+#include <numeric>
+
+#include "decodelab/dtype.h"
+#include "decodelab/error.h"
+#include "decodelab/kvquant.h"
+#include "decodelab/layers.h"
+#include "decodelab/npy.h"
+#include "decodelab/router.h"
+#include "kvquant/record.h"
+#include "kvquant/seeded_stream.h"
+
+namespace decodelab::kvquant {
+namespace {
+
+constexpr std::string_view kOp = "kv-eval";
+// KIVI groups keys per channel over blocks of this many tokens. The key count is rounded down to
+// a multiple of it, so that every codec is measured on the same keys.
+constexpr int64_t kKiviKeyGroup = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+struct Inputs {
+  std::string description;
+  int64_t dim = 0;
+  int64_t count = 0;
+  std::vector<float> keys, queries, values;  // count x dim each, row-major
+};
+
+std::vector<float> gaussian(detail::SeededStream& stream, int64_t n) {
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = float(stream.normal());
+  return x;
+}
+
+// Each row scaled to unit norm, the normalization in double.
+void normalize_rows(std::vector<float>& x, int64_t dim) {
+  for (size_t row = 0; row < x.size(); row += size_t(dim)) {
+    double norm2 = 0.0;
+    for (size_t j = row; j < row + size_t(dim); ++j) norm2 += double(x[j]) * double(x[j]);
+    for (size_t j = row; j < row + size_t(dim); ++j) x[j] = float(double(x[j]) / std::sqrt(norm2));
+  }
+}
+
+// The "keys" generator of kv_eval.h: outlier channels, then RoPE at a random position.
+std::vector<float> synthetic_keys(detail::SeededStream& stream, int64_t count, int64_t dim) {
+  std::vector<double> gain(size_t(dim), 1.0);
+  for (int64_t picked = 0; picked < dim / 32;) {
+    const uint64_t c = stream.below(uint64_t(dim));
+    if (gain[c] == 1.0) {
+      gain[c] = 10.0;
+      ++picked;
+    }
+  }
+  const RopeParams rope{.theta = 500000.0f, .style = RopeStyle::half_split};
+  const int64_t half = dim / 2;
+  std::vector<float> keys(size_t(count * dim));
+  std::vector<double> k(static_cast<size_t>(dim));
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t c = 0; c < dim; ++c) k[size_t(c)] = gain[size_t(c)] * stream.normal();
+    const double position = double(stream.below(8192));
+    // Half-split RoPE: pair (i, i + D/2) turns by position * inv_frequency(i).
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = position * rope_inv_frequency(rope, int(dim), int(i));
+      const double a = k[size_t(i)], b = k[size_t(i + half)];
+      keys[size_t(t * dim + i)] = float(a * std::cos(angle) - b * std::sin(angle));
+      keys[size_t(t * dim + i + half)] = float(b * std::cos(angle) + a * std::sin(angle));
+    }
+  }
+  return keys;
+}
+
+// The first `count` rows of the file, checked: the codecs refuse non-finite entries, and a zero row
+// has no relative error.
+std::vector<float> file_keys(const NpyMatrix& m, const std::string& path, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    double norm2 = 0.0;
+    for (int64_t c = 0; c < m.cols; ++c) {
+      const float v = m.values[size_t(r * m.cols + c)];
+      if (!std::isfinite(v)) fail(kOp, fmt::format("--input {} row {} column {}", path, r, c), "a finite value", fmt::format("{}", v));
+      norm2 += double(v) * double(v);
+    }
+    if (norm2 == 0.0) fail(kOp, fmt::format("--input {} row {}", path, r), "a nonzero vector", "all zeros");
+  }
+  return {m.values.begin(), m.values.begin() + count * m.cols};
+}
+
+void check_dim(int64_t dim, std::string_view what) {
+  // TurboQuant's Hadamard rotation needs a multiple of 16; KIVI's value groups then divide D.
+  if (dim < 16 || dim > 256 || dim % 16 != 0) fail(kOp, what, "a multiple of 16 in [16, 256]", std::to_string(dim));
+}
+
+int64_t usable_count(int64_t count, std::string_view what) {
+  const int64_t usable = count / kKiviKeyGroup * kKiviKeyGroup;
+  if (usable == 0) fail(kOp, what, fmt::format("at least {} keys (one KIVI key block)", kKiviKeyGroup), std::to_string(count));
+  return usable;
+}
+
+Inputs make_inputs(const KvEvalOptions& o) {
+  if (o.count < 1) fail(kOp, "--count", "at least 1", std::to_string(o.count));
+  detail::SeededStream stream(o.seed);
+  Inputs in;
+  if (o.input == "unit" || o.input == "keys") {
+    check_dim(o.dim, "--dim");
+    in.dim = o.dim;
+    in.count = usable_count(o.count, "--count");
+    const int64_t n = in.count * in.dim;
+    if (o.input == "unit") {
+      in.description = "uniformly random unit vectors (keys and queries), N(0, I) values";
+      in.keys = gaussian(stream, n);
+      normalize_rows(in.keys, in.dim);
+      in.queries = gaussian(stream, n);
+      normalize_rows(in.queries, in.dim);
+    } else {
+      in.description = fmt::format("synthetic keys: N(0, 1) with {} outlier channels x10, half-split RoPE (theta 500000) at "
+                                   "positions in [0, 8192); N(0, I) queries and values", in.dim / 32);
+      in.keys = synthetic_keys(stream, in.count, in.dim);
+      in.queries = gaussian(stream, n);
+    }
+    in.values = gaussian(stream, n);
+    return in;
+  }
+  const NpyMatrix m = read_npy(o.input);
+  if (o.dim != 0 && o.dim != m.cols) {
+    fail(kOp, "--dim", fmt::format("{} columns (the file's D), or no --dim", m.cols), std::to_string(o.dim));
+  }
+  check_dim(m.cols, fmt::format("--input {} columns", o.input));
+  in.dim = m.cols;
+  in.count = usable_count(std::min(o.count, m.rows), fmt::format("--input {} rows", o.input));
+  in.description = fmt::format("{} rows of {} ({} x {}) as keys, N(0, I) queries and values", in.count, o.input, m.rows, m.cols);
+  in.keys = file_keys(m, o.input, in.count);
+  in.queries = gaussian(stream, in.count * in.dim);
+  in.values = gaussian(stream, in.count * in.dim);
+  return in;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The codecs
+
+struct Theory {
+  std::optional<double> distortion_exact{};
+  std::optional<double> distortion_lower_bound{};
+  std::optional<double> distortion_upper_bound{};
+  std::optional<double> slope{};
+  std::string note{};
+};
+
+struct PairVariance {
+  double exact = 0.0, bound = 0.0;
+};
+
+// One codec at one width, as the evaluator sees it (the file header says why reconstructions).
+class EvalCodec {
+ public:
+  virtual ~EvalCodec() = default;
+  virtual std::string config() const = 0;
+  virtual int64_t key_bytes() const = 0;    // per token and KV head
+  virtual int64_t value_bytes() const = 0;
+  // keys, values: n x D row-major, n a multiple of kKiviKeyGroup; out the same shape.
+  virtual void reconstruct_keys(std::span<const float> keys, std::span<double> out) const = 0;
+  virtual void reconstruct_values(std::span<const float> values, std::span<double> out) const = 0;
+  virtual Theory theory() const = 0;
+  // The variance of one pair's estimate over the codec's randomness, where it is known.
+  virtual std::optional<PairVariance> pair_variance(std::span<const float>, std::span<const float>) const {
+    return std::nullopt;
+  }
+};
+
+void round_through_f16(std::span<const float> x, std::span<double> out) {
+  for (size_t i = 0; i < x.size(); ++i) out[i] = f16_to_f32(f32_to_f16(x[i]));
+}
+
+// The paper's bounds on the MSE distortion of a unit vector at b bits (arXiv:2504.19874,
+// Theorems 1 and 3): every quantizer is above 4^-b, TurboQuant below (sqrt(3) pi / 2) 4^-b.
+double turboquant_lower_bound(int bits) { return std::pow(4.0, -bits); }
+double turboquant_upper_bound(int bits) { return std::sqrt(3.0) * std::numbers::pi / 2.0 * std::pow(4.0, -bits); }
+
+class F16Codec final : public EvalCodec {
+ public:
+  explicit F16Codec(int64_t dim) : dim_(dim) {}
+  std::string config() const override { return "keys and values rounded to f16"; }
+  int64_t key_bytes() const override { return 2 * dim_; }
+  int64_t value_bytes() const override { return 2 * dim_; }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_through_f16(keys, out); }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_through_f16(values, out); }
+  Theory theory() const override { return {.note = "none: the baseline (f16 rounding, relative error below 2^-11 per element)"}; }
+
+ private:
+  int64_t dim_;
+};
+
+class TurboQuantCodec final : public EvalCodec {
+ public:
+  // Keys and values get rotations of their own seeds, as a cache would.
+  TurboQuantCodec(int64_t dim, int bits, uint64_t seed, ScaleMode scale)
+      : keys_({dim, bits, RotationKind::hadamard, seed + 1, scale}),
+        values_({dim, bits, RotationKind::hadamard, seed + 2, scale}, keys_.codebook()) {}
+
+  std::string config() const override {
+    return fmt::format("hadamard rotation, Lloyd-Max codebook for D = {}, f32 norm", keys_.config().head_dim);
+  }
+  int64_t key_bytes() const override { return keys_.record_bytes(); }
+  int64_t value_bytes() const override { return values_.record_bytes(); }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_trip(keys_, keys, out); }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override {
+    round_trip(values_, values, out);
+  }
+  Theory theory() const override {
+    const TurboQuantConfig& c = keys_.config();
+    Theory t{.distortion_lower_bound = turboquant_lower_bound(c.bits), .distortion_upper_bound = turboquant_upper_bound(c.bits)};
+    if (c.scale == ScaleMode::plain) {
+      const double exact = double(c.head_dim) * keys_.codebook().distortion();
+      t.distortion_exact = exact;
+      t.slope = 1.0 - exact;
+      t.note = "exact: D x the Lloyd-Max distortion, slope 1 - that; bounds 4^-b and (sqrt(3) pi / 2) 4^-b (arXiv:2504.19874)";
+    } else {
+      t.note = "bounds 4^-b and (sqrt(3) pi / 2) 4^-b (arXiv:2504.19874); no exact value for the norm-corrected scale";
+    }
+    return t;
+  }
+
+ private:
+  static void round_trip(const TurboQuantMse& codec, std::span<const float> x, std::span<double> out) {
+    const size_t d = size_t(codec.config().head_dim);
+    std::vector<uint8_t> record(size_t(codec.record_bytes()));
+    std::vector<float> decoded(d);
+    for (size_t row = 0; row < x.size(); row += d) {
+      codec.encode(x.subspan(row, d), record);
+      codec.decode(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+    }
+  }
+
+  TurboQuantMse keys_;
+  TurboQuantMse values_;
+};
+
+class QjlCodec final : public EvalCodec {
+ public:
+  // `bits` sign bits per coordinate: m = bits * D.
+  QjlCodec(int64_t dim, int bits, uint64_t seed) : qjl_({dim, bits * dim, seed + 1}) {}
+
+  std::string config() const override { return "m = bits x D sign bits, f32 norm; values in f16"; }
+  int64_t key_bytes() const override { return qjl_.record_bytes(); }
+  int64_t value_bytes() const override { return 2 * qjl_.config().head_dim; }
+  // k~ = sqrt(pi/2) / m * ||k|| * S^T s, from the record as stored (its f32 norm and sign bits),
+  // so that <q, k~> is QjlKeys::estimate(q, record).
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override {
+    const size_t d = size_t(qjl_.config().head_dim), m = size_t(qjl_.config().sketch_dim);
+    const std::span<const double> sketch = qjl_.sketch();
+    std::vector<uint8_t> record(size_t(qjl_.record_bytes()));
+    std::vector<float> signs(m);
+    for (size_t row = 0; row < keys.size(); row += d) {
+      qjl_.encode(keys.subspan(row, d), record);
+      unpack_signs(std::span<const uint8_t>(record).subspan(detail::kNormBytes), signs);
+      const float norm = detail::load_f32_le(record.data());
+      const std::span<double> k = out.subspan(row, d);
+      std::fill(k.begin(), k.end(), 0.0);
+      for (size_t i = 0; i < m; ++i) {
+        for (size_t j = 0; j < d; ++j) k[j] += double(signs[i]) * sketch[i * d + j];
+      }
+      const double scale = std::sqrt(std::numbers::pi / 2.0) / double(m) * double(norm);
+      for (double& v : k) v *= scale;
+    }
+  }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_through_f16(values, out); }
+  Theory theory() const override {
+    const double d = double(qjl_.config().head_dim), m = double(qjl_.config().sketch_dim);
+    return {.distortion_exact = (std::numbers::pi * d / 2.0 - 1.0) / m,
+            .distortion_upper_bound = std::numbers::pi * d / (2.0 * m),
+            .slope = 1.0,
+            .note = "unbiased; exact variance ((pi/2)|q|^2|k|^2 - <q,k>^2) / m, bound (pi/2)|q|^2|k|^2 / m, distortion "
+                    "their sum over q = e_j (arXiv:2406.03482; kvquant.h)"};
+  }
+  std::optional<PairVariance> pair_variance(std::span<const float> q, std::span<const float> k) const override {
+    double qq = 0.0, kk = 0.0, qk = 0.0;
+    for (size_t j = 0; j < q.size(); ++j) {
+      qq += double(q[j]) * double(q[j]);
+      kk += double(k[j]) * double(k[j]);
+      qk += double(q[j]) * double(k[j]);
+    }
+    const double m = double(qjl_.config().sketch_dim);
+    const double bound = std::numbers::pi / 2.0 * qq * kk / m;
+    return PairVariance{bound - qk * qk / m, bound};
+  }
+
+ private:
+  QjlKeys qjl_;
+};
+
+class KiviEvalCodec final : public EvalCodec {
+ public:
+  // Value groups of 32 channels, or 16 where 32 does not divide D (D is a multiple of 16).
+  KiviEvalCodec(int64_t dim, int bits)
+      : kivi_({.head_dim = dim, .bits = bits, .key_group = kKiviKeyGroup, .value_group = std::gcd(dim, int64_t{32}),
+               .residual = 0}) {}
+
+  std::string config() const override {
+    return fmt::format("keys per channel over {} tokens, values per token in groups of {}, f32 min and scale, no f16 window",
+                       kivi_.config().key_group, kivi_.config().value_group);
+  }
+  // A key block's bytes shared by its G tokens.
+  int64_t key_bytes() const override { return kivi_.key_block_bytes() / kivi_.config().key_group; }
+  int64_t value_bytes() const override { return kivi_.value_record_bytes(); }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override {
+    const size_t block = size_t(kivi_.config().key_group * kivi_.config().head_dim);
+    std::vector<uint8_t> record(size_t(kivi_.key_block_bytes()));
+    std::vector<float> decoded(block);
+    for (size_t first = 0; first < keys.size(); first += block) {
+      kivi_.encode_keys(keys.subspan(first, block), record);
+      kivi_.decode_keys(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(first));
+    }
+  }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override {
+    const size_t d = size_t(kivi_.config().head_dim);
+    std::vector<uint8_t> record(size_t(kivi_.value_record_bytes()));
+    std::vector<float> decoded(d);
+    for (size_t row = 0; row < values.size(); row += d) {
+      kivi_.encode_value(values.subspan(row, d), record);
+      kivi_.decode_value(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+    }
+  }
+  Theory theory() const override {
+    return {.note = "none: min-max integer codes have no distortion theory (each element is within scale / 2 of its own)"};
+  }
+
+ private:
+  KiviCodec kivi_;
+};
+
+// The table: one line per codec. `bits` are the widths evaluated; make builds one width for D.
+struct CodecEntry {
+  std::string_view name;
+  std::vector<int> bits;
+  std::unique_ptr<EvalCodec> (*make)(int64_t dim, int bits, uint64_t seed);
+};
+
+const std::vector<CodecEntry>& codec_table() {
+  static const std::vector<CodecEntry> table{
+      {"f16", {16}, [](int64_t d, int, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<F16Codec>(d); }},
+      {"turboquant.plain", {1, 2, 3, 4},
+       [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<TurboQuantCodec>(d, b, s, ScaleMode::plain); }},
+      {"turboquant.norm_corrected", {1, 2, 3, 4},
+       [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> {
+         return std::make_unique<TurboQuantCodec>(d, b, s, ScaleMode::norm_corrected);
+       }},
+      {"qjl", {1, 2, 4}, [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, b, s); }},
+      {"kivi", {2, 4}, [](int64_t d, int b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, b); }},
+  };
+  return table;
+}
+
+// "turboquant" selects "turboquant" and "turboquant.*".
+bool selects(std::string_view filter, std::string_view name) {
+  return name == filter || (name.size() > filter.size() && name.starts_with(filter) && name[filter.size()] == '.');
+}
+
+bool selected(const std::vector<std::string>& filters, std::string_view name) {
+  return filters.empty() || std::any_of(filters.begin(), filters.end(), [&](const std::string& f) { return selects(f, name); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The figures
+
+// In double, for the exact figures and for the estimates alike.
+double dot(std::span<const float> a, std::span<const float> b) {
+  double sum = 0.0;
+  for (size_t j = 0; j < a.size(); ++j) sum += double(a[j]) * double(b[j]);
+  return sum;
+}
+
+double dot(std::span<const float> a, std::span<const double> b) {
+  double sum = 0.0;
+  for (size_t j = 0; j < a.size(); ++j) sum += double(a[j]) * b[j];
+  return sum;
+}
+
+// softmax(logits) . rows, in double: logits [L], rows [L, D], out [D].
+void attend(std::span<const double> logits, std::span<const double> rows, std::span<double> out) {
+  const double top = *std::max_element(logits.begin(), logits.end());
+  double total = 0.0;
+  std::fill(out.begin(), out.end(), 0.0);
+  for (size_t t = 0; t < logits.size(); ++t) {
+    const double p = std::exp(logits[t] - top);
+    total += p;
+    for (size_t j = 0; j < out.size(); ++j) out[j] += p * rows[t * out.size() + j];
+  }
+  for (double& v : out) v /= total;
+}
+
+KvEvalRecord evaluate(const EvalCodec& codec, const Inputs& in, int64_t context) {
+  const size_t d = size_t(in.dim), n = size_t(in.count);
+  std::vector<double> keys_out(n * d), values_out(n * d);
+  codec.reconstruct_keys(in.keys, keys_out);
+  codec.reconstruct_values(in.values, values_out);
+  const std::span<const float> keys(in.keys), queries(in.queries);
+  const std::span<const double> keys_hat(keys_out);
+
+  KvEvalRecord r;
+  r.config = codec.config();
+  r.vectors = in.count;
+  r.key_bytes = codec.key_bytes();
+  r.value_bytes = codec.value_bytes();
+  r.f16_bytes = 2 * in.dim;
+
+  // Distortion, and the pairs' sums for the regression of estimate on truth.
+  double distortion = 0.0, sum_t = 0.0, sum_e = 0.0, variance_exact = 0.0, variance_bound = 0.0;
+  std::vector<double> truth(n), estimate(n);
+  bool variance_known = false;
+  for (size_t i = 0; i < n; ++i) {
+    const std::span<const float> k = keys.subspan(i * d, d), q = queries.subspan(i * d, d);
+    const std::span<const double> k_hat = keys_hat.subspan(i * d, d);
+    double error2 = 0.0, norm2 = 0.0;
+    for (size_t j = 0; j < d; ++j) {
+      error2 += (double(k[j]) - k_hat[j]) * (double(k[j]) - k_hat[j]);
+      norm2 += double(k[j]) * double(k[j]);
+    }
+    distortion += error2 / norm2;
+    truth[i] = dot(q, k);
+    estimate[i] = dot(q, k_hat);
+    sum_t += truth[i];
+    sum_e += estimate[i];
+    if (const std::optional<PairVariance> v = codec.pair_variance(q, k)) {
+      variance_exact += v->exact;
+      variance_bound += v->bound;
+      variance_known = true;
+    }
+  }
+  const double count = double(n);
+  r.distortion = distortion / count;
+  const double mean_t = sum_t / count, mean_e = sum_e / count;
+  double stt = 0.0, ste = 0.0, see = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    stt += (truth[i] - mean_t) * (truth[i] - mean_t);
+    ste += (truth[i] - mean_t) * (estimate[i] - mean_e);
+    see += (estimate[i] - mean_e) * (estimate[i] - mean_e);
+  }
+  r.slope = ste / stt;
+  // Least squares: the residual variance over the spread of the truth.
+  r.slope_standard_error = std::sqrt(std::max(0.0, see - r.slope * ste) / (count - 2.0) / stt);
+  r.mean_error = mean_e - mean_t;
+  double error_sum2 = 0.0;
+  for (size_t i = 0; i < n; ++i) error_sum2 += (estimate[i] - truth[i] - r.mean_error) * (estimate[i] - truth[i] - r.mean_error);
+  r.error_variance = error_sum2 / (count - 1.0);
+  r.mean_error_standard_error = std::sqrt(r.error_variance / count);
+  if (variance_known) {
+    r.error_variance_exact = variance_exact / count;
+    r.error_variance_bound = variance_bound / count;
+  }
+
+  // Attention: trial t is query t over keys and values [t * context, (t + 1) * context).
+  const size_t l = size_t(context);
+  const double logit_scale = 1.0 / std::sqrt(double(in.dim));
+  std::vector<double> logits(l), logits_hat(l), out(d), out_hat(d);
+  std::vector<double> values_exact(in.values.begin(), in.values.end());
+  double score_error2 = 0.0, score_norm2 = 0.0, output_error2 = 0.0, output_norm2 = 0.0;
+  r.attention_trials = in.count / context;
+  for (size_t t = 0; t < size_t(r.attention_trials); ++t) {
+    const std::span<const float> q = queries.subspan(t * d, d);
+    const size_t first = t * l;
+    for (size_t s = 0; s < l; ++s) {
+      logits[s] = logit_scale * dot(q, keys.subspan((first + s) * d, d));
+      logits_hat[s] = logit_scale * dot(q, keys_hat.subspan((first + s) * d, d));
+      score_error2 += (logits_hat[s] - logits[s]) * (logits_hat[s] - logits[s]);
+      score_norm2 += logits[s] * logits[s];
+    }
+    attend(logits, std::span<const double>(values_exact).subspan(first * d, l * d), out);
+    attend(logits_hat, std::span<const double>(values_out).subspan(first * d, l * d), out_hat);
+    for (size_t j = 0; j < d; ++j) {
+      output_error2 += (out_hat[j] - out[j]) * (out_hat[j] - out[j]);
+      output_norm2 += out[j] * out[j];
+    }
+  }
+  r.score_relative_error = std::sqrt(score_error2 / score_norm2);
+  r.output_relative_error = std::sqrt(output_error2 / output_norm2);
+
+  const Theory theory = codec.theory();
+  r.distortion_exact = theory.distortion_exact;
+  r.distortion_lower_bound = theory.distortion_lower_bound;
+  r.distortion_upper_bound = theory.distortion_upper_bound;
+  r.slope_theory = theory.slope;
+  r.theory = theory.note;
+  return r;
+}
+
+nlohmann::json optional_json(const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); }
+
+}  // namespace
+
+std::vector<std::string> kv_eval_codec_names() {
+  std::vector<std::string> names;
+  for (const CodecEntry& e : codec_table()) names.emplace_back(e.name);
+  return names;
+}
+
+KvEvalResult run_kv_eval(const KvEvalOptions& o) {
+  const std::vector<CodecEntry>& table = codec_table();
+  for (const std::string& f : o.codecs) {
+    if (std::none_of(table.begin(), table.end(), [&](const CodecEntry& e) { return selects(f, e.name); })) {
+      fail(kOp, "--codec", fmt::format("one of {} or a prefix before a '.' (turboquant)", fmt::join(kv_eval_codec_names(), ", ")), f);
+    }
+  }
+  struct Job {
+    const CodecEntry* entry;
+    int bits;
+  };
+  std::vector<Job> jobs;
+  for (const CodecEntry& e : table) {
+    if (!selected(o.codecs, e.name)) continue;
+    for (int b : e.bits) {
+      if (o.bits.empty() || std::find(o.bits.begin(), o.bits.end(), b) != o.bits.end()) jobs.push_back({&e, b});
+    }
+  }
+  if (jobs.empty()) {
+    std::vector<std::string> widths;
+    for (const CodecEntry& e : table) {
+      if (selected(o.codecs, e.name)) widths.push_back(fmt::format("{}: {}", e.name, fmt::join(e.bits, ",")));
+    }
+    fail(kOp, "--bits", fmt::format("a width of a selected codec ({})", fmt::join(widths, "; ")), fmt::format("{}", fmt::join(o.bits, ",")));
+  }
+
+  const Inputs in = make_inputs(o);
+  if (o.context < 1 || o.context > in.count) {
+    fail(kOp, "--context", fmt::format("1 to {} tokens (the keys used)", in.count), std::to_string(o.context));
+  }
+  KvEvalResult result{o.input, in.description, in.dim, in.count, o.context, o.seed, {}};
+  for (const Job& job : jobs) {
+    if (o.progress) o.progress(fmt::format("kv-eval: {} {} bits", job.entry->name, job.bits));
+    const std::unique_ptr<EvalCodec> codec = job.entry->make(in.dim, job.bits, o.seed);
+    KvEvalRecord r = evaluate(*codec, in, o.context);
+    r.codec = job.entry->name;
+    r.bits = job.bits;
+    result.records.push_back(std::move(r));
+  }
+  return result;
+}
+
+std::string kv_eval_json(const KvEvalResult& result) {
+  nlohmann::json records = nlohmann::json::array();
+  for (const KvEvalRecord& r : result.records) {
+    records.push_back({{"codec", r.codec}, {"bits", r.bits}, {"config", r.config}, {"vectors", r.vectors},
+                       {"key_bytes", r.key_bytes}, {"value_bytes", r.value_bytes}, {"f16_bytes", r.f16_bytes},
+                       {"distortion", r.distortion}, {"distortion_exact", optional_json(r.distortion_exact)},
+                       {"distortion_lower_bound", optional_json(r.distortion_lower_bound)},
+                       {"distortion_upper_bound", optional_json(r.distortion_upper_bound)},
+                       {"slope", r.slope}, {"slope_standard_error", r.slope_standard_error},
+                       {"slope_theory", optional_json(r.slope_theory)}, {"mean_error", r.mean_error},
+                       {"mean_error_standard_error", r.mean_error_standard_error}, {"error_variance", r.error_variance},
+                       {"error_variance_exact", optional_json(r.error_variance_exact)},
+                       {"error_variance_bound", optional_json(r.error_variance_bound)},
+                       {"attention_trials", r.attention_trials}, {"score_relative_error", r.score_relative_error},
+                       {"output_relative_error", r.output_relative_error}, {"theory", r.theory}});
+  }
+  return nlohmann::json{{"schema", "decodelab.kv-eval/1"},
+                        {"build_id", build_id()},
+                        {"input", {{"source", result.input}, {"description", result.description}, {"dim", result.dim},
+                                   {"count", result.count}, {"context", result.context}, {"seed", result.seed}}},
+                        {"records", records}}
+      .dump(1);
+}
+
+}  // namespace decodelab::kvquant

@@ -1,0 +1,33 @@
+# cli_kv_eval: runs `decodelab kv-eval --count 2000 --json OUT` and checks that the JSON has the
+# schema and one record per codec and width, each with its figures. Run with
+# cmake -DCLI=<decodelab> -DOUT=<file.json> -P cli_kv_eval.cmake.
+execute_process(COMMAND ${CLI} kv-eval --count 2000 --json ${OUT} RESULT_VARIABLE rc OUTPUT_VARIABLE table)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "decodelab kv-eval exited with ${rc}:\n${table}")
+endif()
+# The table names every codec.
+foreach(codec f16 turboquant.plain turboquant.norm_corrected qjl kivi)
+  string(FIND "${table}" "${codec}" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "the table does not name ${codec}:\n${table}")
+  endif()
+endforeach()
+file(READ ${OUT} json)
+string(JSON schema GET "${json}" schema)
+if(NOT schema STREQUAL "decodelab.kv-eval/1")
+  message(FATAL_ERROR "schema: expected decodelab.kv-eval/1, got ${schema}")
+endif()
+# 1 f16 + 4 + 4 TurboQuant + 3 QJL + 2 KIVI.
+string(JSON records LENGTH "${json}" records)
+if(NOT records EQUAL 14)
+  message(FATAL_ERROR "records: expected 14 (one per codec and width), got ${records}")
+endif()
+math(EXPR last "${records} - 1")
+foreach(i RANGE ${last})
+  foreach(key codec bits key_bytes value_bytes distortion slope error_variance score_relative_error output_relative_error)
+    string(JSON value ERROR_VARIABLE missing GET "${json}" records ${i} ${key})
+    if(missing OR value STREQUAL "")
+      message(FATAL_ERROR "records[${i}].${key}: expected a value, got ${missing}")
+    endif()
+  endforeach()
+endforeach()
