@@ -33,7 +33,7 @@ TEST(KvEval, TurboQuantDistortionMatchesLloydMaxOnUnitVectors) {
   // relative spread of at most 0.24 (kvquant tests), so the mean's standard error is below 0.25%:
   // +-3% is 12 or more of them. Measured (seed 1): -0.14%, -0.34%, -0.32%, -0.43% at 1..4 bits.
   const KvEvalResult result = run_kv_eval(options_for({"turboquant"}));
-  ASSERT_EQ(result.records.size(), 8u);
+  ASSERT_EQ(result.records.size(), 12u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     std::cout << fmt::format("[ kv-eval  ] {} b={}: distortion {:.6f} (exact {}), slope {:.4f} +- {:.4f} (theory {})\n", r.codec, r.bits,
@@ -46,6 +46,14 @@ TEST(KvEval, TurboQuantDistortionMatchesLloydMaxOnUnitVectors) {
     EXPECT_LT(r.distortion, *r.distortion_upper_bound);
     if (r.codec == "turboquant.norm_corrected") {
       EXPECT_FALSE(r.distortion_exact.has_value());
+      continue;
+    }
+    if (r.codec == "turboquant.unbiased") {
+      // Slope 1 whatever the bits, where plain's is 0.64 at 1 bit: 0.02 is 4 standard errors there.
+      EXPECT_FALSE(r.distortion_exact.has_value());
+      ASSERT_TRUE(r.slope_theory);
+      EXPECT_DOUBLE_EQ(*r.slope_theory, 1.0);
+      EXPECT_NEAR(r.slope, 1.0, 0.02);
       continue;
     }
     ASSERT_TRUE(r.distortion_exact && r.slope_theory);
@@ -95,7 +103,7 @@ TEST(KvEval, BytesPerTokenByHand) {
   KvEvalOptions o = options_for({}, 1024);
   o.context = 512;
   const KvEvalResult result = run_kv_eval(o);
-  ASSERT_EQ(result.records.size(), 14u);
+  ASSERT_EQ(result.records.size(), 18u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     EXPECT_EQ(r.f16_bytes, 256);
@@ -135,8 +143,8 @@ TEST(KvEval, FiltersAndRefusals) {
   EXPECT_EQ(result.records[0].codec, "turboquant.plain");
   EXPECT_EQ(result.records[1].codec, "kivi");
   EXPECT_ERROR(run_kv_eval(options_for({"turbo"})),
-               "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, qjl, kivi or a prefix before a "
-               "'.' (turboquant), got turbo");
+               "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, qjl, kivi "
+               "or a prefix before a '.' (turboquant), got turbo");
   o.bits = {3};
   o.codecs = {"kivi"};
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --bits: expected a width of a selected codec (kivi: 2,4), got 3");

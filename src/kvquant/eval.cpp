@@ -231,6 +231,9 @@ class TurboQuantCodec final : public EvalCodec {
       t.distortion_exact = exact;
       t.slope = 1.0 - exact;
       t.note = "exact: D x the Lloyd-Max distortion, slope 1 - that; bounds 4^-b and (sqrt(3) pi / 2) 4^-b (arXiv:2504.19874)";
+    } else if (c.scale == ScaleMode::unbiased) {
+      t.slope = 1.0;  // <x~, x> = ||x||^2 for every vector (kvquant.h)
+      t.note = "slope exactly 1 by construction; bounds 4^-b and (sqrt(3) pi / 2) 4^-b (arXiv:2504.19874), no exact distortion";
     } else {
       t.note = "bounds 4^-b and (sqrt(3) pi / 2) 4^-b (arXiv:2504.19874); no exact value for the norm-corrected scale";
     }
@@ -355,15 +358,17 @@ struct CodecEntry {
   std::unique_ptr<EvalCodec> (*make)(int64_t dim, int bits, uint64_t seed);
 };
 
+template <ScaleMode kScale>
+std::unique_ptr<EvalCodec> make_turboquant(int64_t dim, int bits, uint64_t seed) {
+  return std::make_unique<TurboQuantCodec>(dim, bits, seed, kScale);
+}
+
 const std::vector<CodecEntry>& codec_table() {
   static const std::vector<CodecEntry> table{
       {"f16", {16}, [](int64_t d, int, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<F16Codec>(d); }},
-      {"turboquant.plain", {1, 2, 3, 4},
-       [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<TurboQuantCodec>(d, b, s, ScaleMode::plain); }},
-      {"turboquant.norm_corrected", {1, 2, 3, 4},
-       [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> {
-         return std::make_unique<TurboQuantCodec>(d, b, s, ScaleMode::norm_corrected);
-       }},
+      {"turboquant.plain", {1, 2, 3, 4}, make_turboquant<ScaleMode::plain>},
+      {"turboquant.norm_corrected", {1, 2, 3, 4}, make_turboquant<ScaleMode::norm_corrected>},
+      {"turboquant.unbiased", {1, 2, 3, 4}, make_turboquant<ScaleMode::unbiased>},
       {"qjl", {1, 2, 4}, [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, b, s); }},
       {"kivi", {2, 4}, [](int64_t d, int b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, b); }},
   };
