@@ -22,6 +22,7 @@
 
 #include "decodelab/kvquant.h"
 #include "error_of.h"
+#include "kv_statistics.h"
 #include "verify/random.h"
 
 namespace decodelab::kvquant {
@@ -593,12 +594,6 @@ TEST(KvTurboQuant, EncodeIsDeterministic) {
 // ---------------------------------------------------------------------------------------------
 // QJL keys
 
-double dot(std::span<const float> a, std::span<const float> b) {
-  double sum = 0.0;
-  for (size_t j = 0; j < a.size(); ++j) sum += double(a[j]) * double(b[j]);
-  return sum;
-}
-
 // (S x)_i from the codec's public sketch, in double.
 std::vector<double> project(const QjlKeys& qjl, std::span<const float> x) {
   const size_t m = size_t(qjl.config().sketch_dim), d = size_t(qjl.config().head_dim);
@@ -795,38 +790,13 @@ const QjlStatistics& qjl_statistics() {
   return stats;
 }
 
-// Mean of x and its standard error from the per-sketch means of consecutive groups of `group`.
-struct MeanAndError {
-  double mean = 0.0, standard_error = 0.0;
-};
-MeanAndError clustered_mean(const std::vector<double>& x, size_t group) {
-  const size_t groups = x.size() / group;
-  std::vector<double> means(groups, 0.0);
-  for (size_t i = 0; i < groups * group; ++i) means[i / group] += x[i] / double(group);
-  double mean = 0.0;
-  for (double v : means) mean += v / double(groups);
-  double var = 0.0;
-  for (double v : means) var += (v - mean) * (v - mean) / double(groups - 1);
-  return {mean, std::sqrt(var / double(groups))};
-}
-
 TEST(KvQjl, UnbiasedOverSketches) {
   const QjlStatistics& s = qjl_statistics();
   // Regression of estimate on truth over 10^4 random pairs: slope 1 +- 0.02 (dropping sqrt(pi/2)
   // gives 0.80, its square 0.64), mean error within 3 (clustered) standard errors of 0.
   const size_t n = s.truth.size();
   ASSERT_EQ(n, size_t(QjlStatistics::kSeeds * QjlStatistics::kPairsPerSeed));
-  double mt = 0.0, me = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    mt += s.truth[i] / double(n);
-    me += s.estimate256[i] / double(n);
-  }
-  double stt = 0.0, ste = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    stt += (s.truth[i] - mt) * (s.truth[i] - mt);
-    ste += (s.truth[i] - mt) * (s.estimate256[i] - me);
-  }
-  const double slope = ste / stt;
+  const double slope = regression_slope(s.truth, s.estimate256);
   std::vector<double> error(n);
   for (size_t i = 0; i < n; ++i) error[i] = s.estimate256[i] - s.truth[i];
   const MeanAndError bias = clustered_mean(error, QjlStatistics::kPairsPerSeed);

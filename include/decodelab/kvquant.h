@@ -1,5 +1,5 @@
-// KV-cache vector quantization, base layer, TurboQuant (MSE), QJL keys and KIVI, the CPU
-// reference in double.
+// KV-cache vector quantization, base layer, TurboQuant (MSE), QJL keys, KIVI and RaBitQ keys,
+// the CPU reference in double.
 //
 // - Bit packing of 1-4-bit indices and of sign bits.
 // - Rotations: a dense Haar-random orthogonal matrix (the reference) and a two-round randomized
@@ -16,6 +16,13 @@
 //   Quantization for KV Cache", arXiv:2402.02750 (ICML 2024). Asymmetric (min, scale) integer
 //   codes: keys per channel over blocks of G tokens, values per token in groups of channels, the
 //   most recent R tokens in full precision.
+// - RaBitQ keys: Gao, Long, "RaBitQ: Quantizing High-Dimensional Vectors with a Theoretical Error
+//   Bound for Approximate Nearest Neighbor Search", arXiv:2405.12497 (SIGMOD 2024), and its
+//   B-bit extension, Gao, Gou, Xu, Yang, Long, Wong, "Practical and Asymptotically Optimal
+//   Quantization of High-Dimensional Vectors in Euclidean Space for Approximate Nearest Neighbor
+//   Search", arXiv:2409.09913 (SIGMOD 2025). A key is stored as its norm, B bits per coordinate
+//   of its rotated direction and one correction factor; a query quantized to a few bits scores it
+//   by AND + popcount of bit planes, with an unbiased estimator and an explicit error bound.
 //
 // Everything here computes in double: it is the oracle that later CPU and CUDA codecs must match
 // code for code.
@@ -375,5 +382,130 @@ class KiviCache {
   std::vector<float> recent_keys_;       // full_precision_keys() x D
   std::vector<float> recent_values_;     // full_precision_values() x D
 };
+
+// ---------------------------------------------------------------------------------------------
+// RaBitQ keys: a key k of head_dim D as B bits per coordinate of its rotated direction plus two
+// numbers, for inner products with queries. B = 1 is RaBitQ (arXiv:2405.12497); B = 2..4 is
+// extended RaBitQ (arXiv:2409.09913), whose codebook at B = 1 is RaBitQ's exactly, so one codec
+// serves both.
+//
+// Codebook. The grid of half-integer points y, y_j in {-(2^B - 1)/2, ..., -1/2, 1/2, ...,
+// (2^B - 1)/2}, kept as the codes u_j = y_j + (2^B - 1)/2 in [0, 2^B); the codewords are the
+// directions of these points, rotated: o_bar = R^T y / ||y||, R the seeded rotation. At B = 1 it
+// is RaBitQ's randomly rotated hypercube {+-1/sqrt(D)}^D.
+//
+// Centroid. The paper quantizes each vector's offset from a centroid c (its IVF cluster's). KV
+// keys have no clusters: the default is c = 0; RabitqConfig::centroid may set one (a head's mean
+// key, from calibration), which pays when keys share a large common offset, since the error below
+// scales with ||k - c||. <q, k> = <q, c> + ||k - c|| <q, o>, and <q, c> is computed exactly.
+//
+// Encode: n = ||k - c||, o = (k - c) / n, o' = R o; u is the grid point whose direction is
+// nearest o' (largest <y, o'> / ||y||). At B = 1 that is y_j = sign(o'_j) / 2, o'_j = 0 taken
+// as +. At B > 1, the paper's rescaling search: the best y is the grid rounding of t o' for some
+// scale t > 0 (|y_j| = min(floor(t |o'_j|), 2^(B-1) - 1) + 1/2); as t grows, |y_j| steps up at
+// t = s / |o'_j|, s = 1 .. 2^(B-1) - 1, so the D (2^(B-1) - 1) steps are taken in order of t, the
+// cosine updated at each, and the best point kept. The record keeps n, u and the correction
+// <o_bar, o> = <y, o'> / ||y|| in (0, 1] (about sqrt(2/pi) = 0.80 at B = 1, nearer 1 with each
+// bit). A key equal to c (n = 0) has the codes of o' = 0 and correction 1; n = 0 zeroes its term.
+//
+// Estimator: <q, k>^ = <q, c> + n <o_bar, q> / <o_bar, o>, <o_bar, q> = <y, R q> / ||y||.
+// Unbiased over the rotation, with an error of known law (the paper's Theorem 3.2 for B = 1; the
+// extended paper carries it to every B). Write q = <q, o> o + q_perp. Given o' = R o the code is
+// fixed, while R q_perp / ||q_perp|| is uniform on the unit sphere of the D - 1 dimensions
+// orthogonal to o'; the part of y / ||y|| orthogonal to o' has length sqrt(1 - <o_bar, o>^2). So
+//   <q, k>^ - <q, k> = n ||q_perp|| sqrt(1 - <o_bar, o>^2) / <o_bar, o> * z,
+// z one coordinate of a uniformly random unit vector in D - 1 dimensions: mean 0, variance
+// 1 / (D - 1), whatever the code. Each extra bit brings <o_bar, o> nearer 1, which shrinks the error.
+// Error bound: a cap {z >= t} of that sphere has measure at most exp(-(D - 1) t^2 / 2) (Ball, "An
+// Elementary Introduction to Modern Convex Geometry", Lemma 2.2), so with ||q_perp|| <= ||q||,
+//   |<q, k>^ - <q, k>| <= n ||q|| sqrt(1 - <o_bar, o>^2) / <o_bar, o> * eps0 / sqrt(D - 1)
+// fails with probability at most 2 exp(-eps0^2 / 2) (rabitq_error_bound() and
+// rabitq_bound_failure_probability()). The paper states exp(-c0 eps0^2) for an unnamed constant
+// c0 and uses eps0 = 1.9; the cap bound gives c0 = 1/2 with a factor 2. The rate is loose: z is
+// nearly N(0, 1 / (D - 1)), and at D = 128, eps0 = 3 the bound fails for 0.24% of pairs with q
+// orthogonal to k (the exact tail of z; 0.19-0.35% measured at B = 1..4) where 2.2% is allowed
+// (KvRabitq.ErrorBoundFailsAtMostAtItsRate).
+//
+// Quantized query (the paper's section 3.3): q' = R q, v_l = min_j q'_j, step = (max_j q'_j -
+// v_l) / (2^Bq - 1), codes q_u_j = floor((q'_j - v_l) / step + r_j), r_j uniform in [0, 1) from
+// a seeded stream. Randomized rounding makes E[v_l + step q_u_j] = q'_j, so the estimate from the
+// quantized query is unbiased too, at a variance larger by at most n^2 step^2 / (4 <o_bar, o>^2)
+// (each coordinate's rounding error has variance <= step^2 / 4, weighted by y_j^2 / ||y||^2). The
+// error bound above is for the full-precision query (estimate()). At D = 128 a 4-bit query adds
+// about 6 to a mean squared error of 82 at B = 1 (|q|^2 = D, |k|^2 about 1.75 D), the paper's
+// regime, but 4.3 to 1.4 at B = 4 (KvRabitq.ExtendedErrorShrinksWithBitsAndStaysUnbiased): raise
+// query_bits with B, each query bit dividing the added variance by about 4.
+// Score, in integers but for the last line: with m = 2^B - 1, K_a the plane of bit a of the
+// key's codes and Q_b that of the query's,
+//   <u, q_u> = sum_{a, b} 2^(a+b) popcount(K_a & Q_b),   sum_j u_j = sum_a 2^a popcount(K_a),
+//   sum_j u_j^2 = sum_{a, a'} 2^(a+a') popcount(K_a & K_a'),
+//   S = 2 <u, q_u> - m sum_j q_u_j = <2y, q_u>,   T = 2 sum_j u_j - m D = sum_j 2 y_j,
+//   Y = 4 sum_j u_j^2 - 4 m sum_j u_j + m^2 D = ||2y||^2,
+//   score = <q, c> + n (step S + v_l T) / (sqrt(Y) <o_bar, o>),
+// which is the estimator with q' replaced by v_l + step q_u.
+//
+// Per-token record (record_bytes() = 8 + B * ceil(D / 8) bytes):
+//   bytes [0, 4)  n = ||k - c|| as an f32, little-endian (as TurboQuant's record).
+//   bytes [4, 8)  the correction <o_bar, o> as an f32.
+//   bytes [8, ..) B bit planes of ceil(D / 8) bytes, plane a (from a = 0) holding bit a of every
+//                 code: bit j % 8 of its byte j / 8 is bit a of u_j (pack_bits' 1-bit layout),
+//                 spare high bits zero and ignored when reading. Planes, not pack_bits(u, B):
+//                 the score ANDs and popcounts whole planes, 8 coordinates a byte. At B = 1 the
+//                 plane's bit j is 1 where o'_j >= 0, the opposite of pack_signs' convention: it
+//                 is the code u_j, not a sign.
+struct RabitqConfig {
+  int64_t head_dim = 128;  // D in [2, 4096], a multiple of 16 for the hadamard rotation
+  int bits = 1;            // B: 1 (RaBitQ) to 4 (extended RaBitQ)
+  int query_bits = 4;      // Bq in 1..8, the paper's 4 by default
+  RotationKind rotation = RotationKind::hadamard;
+  uint64_t seed = 0;       // the rotation's seed: same config, same codes
+  std::vector<float> centroid;  // c: empty for the zero centroid, else head_dim finite values
+};
+
+// A query quantized for score(): Bq-bit codes of its rotation, the affine map back, and <q, c>.
+struct RabitqQuery {
+  double lower = 0.0;          // v_l
+  double step = 0.0;           // 0 when every coordinate of q' is the same (then all codes 0)
+  double centroid_dot = 0.0;   // <q, c>, exact
+  std::vector<uint8_t> codes;  // q_u_j in [0, 2^Bq), head_dim of them
+};
+
+class RabitqKeys {
+ public:
+  // Builds the rotation.
+  explicit RabitqKeys(const RabitqConfig& config);
+
+  const RabitqConfig& config() const { return config_; }
+  const Rotation& rotation() const { return rotation_; }
+  int64_t record_bytes() const;
+
+  // k (head_dim finite values) into `record` (record_bytes()).
+  void encode(std::span<const float> k, std::span<uint8_t> record) const;
+  // `record` into x~ = c + (n / <o_bar, o>) o_bar (head_dim values): the vector whose inner
+  // product with any q is estimate(q, record), up to x~'s rounding to f32. Over rotations its
+  // mean is k (the estimator is unbiased for every q).
+  void decode(std::span<const uint8_t> record, std::span<float> x) const;
+  // The estimator with the full-precision query q (head_dim finite values), in double.
+  double estimate(std::span<const float> q, std::span<const uint8_t> record) const;
+
+  // q (head_dim finite values) rotated and quantized to query_bits by randomized rounding drawn
+  // from `rounding_seed`. Give it a seed other than the rotation's: both draw from decodelab's
+  // seeded stream, and a rounding correlated with the rotation's signs is not the paper's.
+  RabitqQuery quantize_query(std::span<const float> q, uint64_t rounding_seed) const;
+  // One quantized query against n keys: `records` holds n records back to back and scores[j]
+  // becomes the popcount score of record j, n = scores.size().
+  void score(const RabitqQuery& query, std::span<const uint8_t> records, std::span<double> scores) const;
+
+ private:
+  RabitqConfig config_;
+  Rotation rotation_;
+};
+
+// The error bound above for a key of norm n = key_norm (||k - c||, the record's) and correction
+// <o_bar, o> in (0, 1], a query of norm query_norm, head_dim dim >= 2 and eps0 >= 0:
+// n ||q|| sqrt(1 - correction^2) / correction * eps0 / sqrt(D - 1).
+double rabitq_error_bound(double key_norm, double query_norm, double correction, int64_t dim, double epsilon0);
+// The probability, at most, that the estimate of one pair misses that bound: min(1, 2 exp(-eps0^2 / 2)).
+double rabitq_bound_failure_probability(double epsilon0);
 
 }  // namespace decodelab::kvquant

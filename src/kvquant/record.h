@@ -35,15 +35,25 @@ inline void check_finite(const ArgCheck& check, std::span<const float> x, std::s
   }
 }
 
-// ||x|| in double, refusing non-finite entries and a norm that would not fit the record's f32
-// (each entry finite does not make the norm so: 64 entries of 1e38 have norm 8e38).
-inline double checked_norm(const ArgCheck& check, std::span<const float> x, std::string_view name) {
+// ||x - c|| in double (c empty: ||x||), refusing non-finite entries of x and a norm that would not
+// fit the record's f32 (each entry finite does not make the norm so: 64 entries of 1e38 have norm
+// 8e38). The difference is taken in double, so that x - c is not rounded to f32 first.
+inline double checked_distance(const ArgCheck& check, std::span<const float> x, std::span<const float> c,
+                               std::string_view name) {
   check_finite(check, x, name);
   double norm2 = 0.0;
-  for (float v : x) norm2 += double(v) * double(v);
+  for (size_t j = 0; j < x.size(); ++j) {
+    const double v = double(x[j]) - (c.empty() ? 0.0 : double(c[j]));
+    norm2 += v * v;
+  }
   const double norm = std::sqrt(norm2);
   if (!std::isfinite(float(norm))) check.fail(name, "a vector whose norm fits in f32", fmt::format("norm {:g}", norm));
   return norm;
+}
+
+// ||x||, checked as above.
+inline double checked_norm(const ArgCheck& check, std::span<const float> x, std::string_view name) {
+  return checked_distance(check, x, {}, name);
 }
 
 // No encoder writes a negative or non-finite norm, so a record holding one is corrupt.

@@ -1,5 +1,6 @@
 // The random stream behind every seeded piece of the KV codecs (the rotations' Gaussian matrix,
-// signs and permutation; QJL's Gaussian sketch). Internal to src/kvquant.
+// signs and permutation; QJL's Gaussian sketch; RaBitQ's randomized rounding of queries).
+// Internal to src/kvquant.
 #pragma once
 
 #include <cmath>
@@ -29,10 +30,13 @@ class SeededStream {
     return r % n;
   }
 
+  // Uniform in [0, 1), on the grid of 2^-53.
+  double uniform() { return double(engine_() >> 11) * 0x1p-53; }
+
   // N(0, 1) by Box-Muller from two 53-bit uniforms, u1 in (0, 1] so that log(u1) is finite.
   double normal() {
     const double u1 = double((engine_() >> 11) + 1) * 0x1p-53;
-    const double u2 = double(engine_() >> 11) * 0x1p-53;
+    const double u2 = uniform();
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
   }
 
