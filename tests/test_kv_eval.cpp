@@ -103,7 +103,7 @@ TEST(KvEval, BytesPerTokenByHand) {
   KvEvalOptions o = options_for({}, 1024);
   o.context = 512;
   const KvEvalResult result = run_kv_eval(o);
-  ASSERT_EQ(result.records.size(), 18u);
+  ASSERT_EQ(result.records.size(), 22u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     EXPECT_EQ(r.f16_bytes, 256);
@@ -119,6 +119,13 @@ TEST(KvEval, BytesPerTokenByHand) {
     } else if (r.codec == "qjl") {
       EXPECT_EQ(r.key_bytes, 4 + 16 * r.bits);  // f32 norm + m = b * 128 sign bits
       EXPECT_EQ(r.value_bytes, 256);            // f16 values
+    } else if (r.codec == "rabitq") {
+      EXPECT_EQ(r.key_bytes, 8 + 16 * r.bits);  // f32 norm and correction + b bit planes of 128
+      EXPECT_EQ(r.value_bytes, 256);            // f16 values
+      // Unbiased (the estimator with the full-precision query): within 3 standard errors of 1.
+      ASSERT_TRUE(r.slope_theory);
+      EXPECT_DOUBLE_EQ(*r.slope_theory, 1.0);
+      EXPECT_LE(std::fabs(r.slope - 1.0), 3.0 * r.slope_standard_error);
     } else {
       ASSERT_EQ(r.codec, "kivi");
       // A block of 32 keys: 128 f32 (min, scale) pairs + 32 * 128 b-bit codes; a value: 4 groups
@@ -143,8 +150,8 @@ TEST(KvEval, FiltersAndRefusals) {
   EXPECT_EQ(result.records[0].codec, "turboquant.plain");
   EXPECT_EQ(result.records[1].codec, "kivi");
   EXPECT_ERROR(run_kv_eval(options_for({"turbo"})),
-               "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, qjl, kivi "
-               "or a prefix before a '.' (turboquant), got turbo");
+               "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, rabitq, "
+               "qjl, kivi or a prefix before a '.' (turboquant), got turbo");
   o.bits = {3};
   o.codecs = {"kivi"};
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --bits: expected a width of a selected codec (kivi: 2,4), got 3");

@@ -358,6 +358,41 @@ struct CodecEntry {
   std::unique_ptr<EvalCodec> (*make)(int64_t dim, int bits, uint64_t seed);
 };
 
+// RaBitQ keys (B bits, zero centroid) with f16 values: decode() gives the vector whose dot product
+// with a query is the full-precision-query estimator, as QJL's reconstruction does.
+class RabitqCodec final : public EvalCodec {
+ public:
+  RabitqCodec(int64_t dim, int bits, uint64_t seed) : keys_(config_for(dim, bits, seed)) {}
+
+  std::string config() const override {
+    return "hadamard rotation, B bit planes, f32 norm and correction, zero centroid; values in f16";
+  }
+  int64_t key_bytes() const override { return keys_.record_bytes(); }
+  int64_t value_bytes() const override { return 2 * keys_.config().head_dim; }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override {
+    const size_t d = size_t(keys_.config().head_dim);
+    std::vector<uint8_t> record(size_t(keys_.record_bytes()));
+    std::vector<float> decoded(d);
+    for (size_t row = 0; row < keys.size(); row += d) {
+      keys_.encode(keys.subspan(row, d), record);
+      keys_.decode(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+    }
+  }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_through_f16(values, out); }
+  Theory theory() const override {
+    return {.slope = 1.0, .note = "unbiased estimator with the full-precision query (arXiv:2405.12497, 2409.09913; kvquant.h)"};
+  }
+
+ private:
+  static RabitqConfig config_for(int64_t dim, int bits, uint64_t seed) {
+    RabitqConfig c;
+    c.head_dim = dim, c.bits = bits, c.seed = seed + 1;
+    return c;
+  }
+  RabitqKeys keys_;
+};
+
 template <ScaleMode kScale>
 std::unique_ptr<EvalCodec> make_turboquant(int64_t dim, int bits, uint64_t seed) {
   return std::make_unique<TurboQuantCodec>(dim, bits, seed, kScale);
@@ -369,6 +404,7 @@ const std::vector<CodecEntry>& codec_table() {
       {"turboquant.plain", {1, 2, 3, 4}, make_turboquant<ScaleMode::plain>},
       {"turboquant.norm_corrected", {1, 2, 3, 4}, make_turboquant<ScaleMode::norm_corrected>},
       {"turboquant.unbiased", {1, 2, 3, 4}, make_turboquant<ScaleMode::unbiased>},
+      {"rabitq", {1, 2, 3, 4}, [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<RabitqCodec>(d, b, s); }},
       {"qjl", {1, 2, 4}, [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, b, s); }},
       {"kivi", {2, 4}, [](int64_t d, int b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, b); }},
   };
