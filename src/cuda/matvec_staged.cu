@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_staged_kernel(
   MmaAccumulators<kParts, kNTiles> acc = {};
   const int u = warp * 4 + t;  // this lane's unit in every stage
   // x comes through L1 from L2, one unit a lane per stage: loaded a stage ahead, so that its round
-  // trip overlaps the stage before (loaded on use, it stalled every stage: 2.4x slower than cuda.mma).
+  // trip overlaps the stage before. (Measured only as part of the whole kernel: docs/perf/NOTES.md.)
   XPairs<Staged, T, kNTiles> b_next;
   load_x_unit<Staged, T, kNTiles>(x, k, batch, u, true, g, b_next);
   for (int64_t c = 0; c < stages; ++c) {
