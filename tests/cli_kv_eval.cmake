@@ -17,7 +17,7 @@ string(JSON schema GET "${json}" schema)
 if(NOT schema STREQUAL "decodelab.kv-eval/1")
   message(FATAL_ERROR "schema: expected decodelab.kv-eval/1, got ${schema}")
 endif()
-# 1 f16 + 4 + 4 TurboQuant + 3 QJL + 2 KIVI.
+# 1 f16 + 3 x 4 TurboQuant + 4 RaBitQ + 3 QJL + 2 KIVI.
 string(JSON records LENGTH "${json}" records)
 if(NOT records EQUAL 22)
   message(FATAL_ERROR "records: expected 22 (one per codec and width), got ${records}")

@@ -33,6 +33,10 @@
 //   1 - D * distortion, because Lloyd-Max centroids are conditional means, so E[x~] = (1 - D *
 //   distortion) x: the MSE quantizer's estimates are biased toward zero.
 // - TurboQuant, norm-corrected: the same bounds; no exact value (kvquant.h: second order off plain).
+// - TurboQuant, unbiased: the same bounds; slope exactly 1 by construction (<x~, x> = ||x||^2 for
+//   every vector: kvquant.h); no exact distortion.
+// - RaBitQ keys with B bit planes (1: RaBitQ, 2-4: extended RaBitQ), zero centroid, estimated with
+//   the full-precision query: slope 1 (unbiased: kvquant.h); values in f16.
 // - QJL with m = bits * D sign bits: slope 1, distortion (pi D / 2 - 1) / m, bound pi D / (2 m);
 //   error variance exactly the mean over pairs of ((pi/2) |q|^2 |k|^2 - <q, k>^2) / m, bound
 //   (pi/2) |q|^2 |k|^2 / m (kvquant.h derives both). Values are stored in f16. All of these are
@@ -59,7 +63,7 @@ struct KvEvalOptions {
   int64_t context = 1024;      // tokens per attention trial, at most count
   uint64_t seed = 1;
   // Filters, empty for all: codec names (a name selects itself and the names below it:
-  // "turboquant" selects turboquant.plain and turboquant.norm_corrected) and bit widths.
+  // "turboquant" selects turboquant.plain, .norm_corrected and .unbiased) and bit widths.
   std::vector<std::string> codecs;
   std::vector<int> bits;
   std::function<void(const std::string&)> progress;  // one line per codec and width, or null

@@ -58,7 +58,7 @@ void turboquant_append_paged(const Tensor& k_new, const Tensor& v_new, const Pag
 // head, token) order, keys before values, instead of a NaN output. Records past lengths[b] are
 // never read. The check costs one comparison per record, not a scan. The reference and cpu
 // backends check; the cuda backend does not yet (it would need a flag read back after the launch,
-// a synchronization per call) and gives NaN outputs for such a cache.
+// a synchronization per call) and gives NaN or wrong outputs for such a cache.
 void turboquant_decode_attention_paged(const Tensor& q, const PagedTurboQuantKV& cache, const Tensor& out,
                                        const AttentionOptions& options = {}, const RunOptions& run = {});
 

@@ -65,7 +65,10 @@ void ExpandCentroids(const uint8_t* HWY_RESTRICT packed, const float* HWY_RESTRI
   const hn::RebindToSigned<DF> di;
   const int64_t N = int64_t(hn::Lanes(df));
   const auto mask = hn::Set(du, (1u << kBits) - 1);
-  [[maybe_unused]] const VF table = hn::LoadU(df, centroids);  // the permute's source (16 lanes)
+  // With exactly 16 lanes the codebook (at most 16 centroids, padded to 16) is one vector and a
+  // lookup is one permute; other widths gather.
+  constexpr bool kPermute = hn::MaxLanes(df) == 16;
+  const VF table = kPermute ? hn::LoadU(df, centroids) : hn::Zero(df);
   for (int64_t j = 0; j < d; j += 16, packed += 2 * kBits) {
     uint64_t word = 0;
     for (int i = 0; i < 2 * kBits; ++i) word |= uint64_t(packed[i]) << (8 * i);
@@ -73,7 +76,7 @@ void ExpandCentroids(const uint8_t* HWY_RESTRICT packed, const float* HWY_RESTRI
     for (int64_t k = 0; k < 16; k += N) {
       const auto words = hn::IfThenElse(hn::FirstN(du, size_t(std::max<int64_t>(0, 8 - k))), low, high);
       const auto index = hn::BitCast(di, hn::And(words >> hn::LoadU(du, kChunkShifts<kBits>.data() + k), mask));
-      if constexpr (hn::MaxLanes(df) >= 16) {
+      if constexpr (kPermute) {
         hn::StoreU(hn::TableLookupLanes(table, hn::IndicesFromVec(df, index)), df, row + j + k);
       } else {
         hn::StoreU(hn::GatherIndex(df, centroids, index), df, row + j + k);
@@ -114,8 +117,9 @@ struct Codes {
     hwy::Prefetch(pages + (index + 1) * record_bytes - 1);
   }
 
-  // Expands record `index` into row (d floats) and returns its factor n * s: finite and >= 0
-  // exactly when the norm n is (s is finite and positive).
+  // Expands record `index` into row (d floats) and returns its factor n * s (s finite and
+  // positive; n * s may overflow for a norm near FLT_MAX, norm-corrected, where the output then
+  // overflows too).
   HWY_INLINE float Expand(int64_t index, int64_t d, float* HWY_RESTRICT row) const {
     expand(pages + index * record_bytes + detail::kNormBytes, centroids, d, row);
     const float norm = Norm(index);
@@ -204,7 +208,7 @@ bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
       k_factor[size_t(j)] = p.k.Expand(index, d, k_rows.data() + j * d);
       v_factor[size_t(j)] = p.v.Expand(index, d, v_rows.data() + j * d);
       // Noted without a branch; the record is named after all tasks ran (FailCorruptRecord).
-      norms_valid &= detail::is_valid_norm(k_factor[size_t(j)]) & detail::is_valid_norm(v_factor[size_t(j)]);
+      norms_valid &= detail::is_valid_norm(p.k.Norm(index)) & detail::is_valid_norm(p.v.Norm(index));
       if (++slot_in_page == p.page_size) {
         slot_in_page = 0;
         ++page;
@@ -253,7 +257,7 @@ bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
       if (!detail::is_valid_norm(norm)) detail::fail_paged_record_norm(check, pool, task.b, t, task.h, norm);
     }
   }
-  // Unreachable unless a valid norm gave an invalid factor, which Codes::Expand rules out.
+  // Unreachable: the task's flag is set by exactly these norms.
   detail::fail_paged_record_norm(check, "cache", task.b, task.t_begin, task.h, std::nanf(""));
 }
 

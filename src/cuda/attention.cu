@@ -166,15 +166,6 @@ __device__ __forceinline__ int k_chunk(int t, int c) {
   return slice * 8 + ((c % 8) ^ mix);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 template <class T, int kD, bool kPaged>
 __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
@@ -214,10 +205,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
       const int t = i / S::kChunks, c = i % S::kChunks;
       if (first + t >= end) break;  // i grows with t: the rest are past the end too
       const int64_t at = kv_offset<kD, kPaged>(p, b, h, first + t) * int64_t(sizeof(T)) + c * 16;
-      cp_async16(k_tile + t * S::kRowBytes + k_chunk<S>(t, c) * 16, k + at);
-      cp_async16(v_tile + t * S::kRowBytes + c * 16, v + at);
+      copy_async<16>(k_tile + t * S::kRowBytes + k_chunk<S>(t, c) * 16, k + at);
+      copy_async<16>(v_tile + t * S::kRowBytes + c * 16, v + at);
     }
-    cp_async_commit();
+    commit_copies();
   };
 
   float acc[kMaxHeadsPerBlock][S::kDimsPerThread] = {};
@@ -226,9 +217,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeParams p) {
   for (int tile = 0; tile < tiles; ++tile) {
     if (tile + 1 < tiles) {
       load_tile(tile + 1);
-      cp_async_wait<1>();
+      wait_copies<1>();
     } else {
-      cp_async_wait<0>();
+      wait_copies<0>();
     }
     __syncthreads();
     const unsigned char* k_tile = smem + (tile % 2) * S::kStageBytes;

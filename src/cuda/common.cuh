@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -66,6 +67,41 @@ __device__ __forceinline__ void load_vec_stream(const T* __restrict__ p, float (
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < kVec<T>; ++i) out[i] = to_float(e[i]);
+}
+
+// Asynchronous copies into shared memory (PTX cp.async): kBytes (4, 8 or 16, both ends aligned to
+// it) a thread, landing without passing through registers. A thread commits its copies in groups
+// and waits for them in order; a barrier after the wait makes every thread's copies visible.
+// 16-byte copies skip L1 (.cg), the smaller ones cannot (.ca).
+template <int kBytes>
+__device__ __forceinline__ void copy_async(void* dst, const void* src) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned to = unsigned(__cvta_generic_to_shared(dst));
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(to), "l"(src), "n"(kBytes) : "memory");
+  }
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// cudaFuncSetAttribute for a kernel's dynamic shared memory, once per device (it costs a driver
+// call, and the attribute stays set).
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(int bytes) {
+  static std::atomic<uint64_t> done{0};
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const uint64_t bit = uint64_t(1) << (device % 64);
+  if (done.load() & bit) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) done.fetch_or(bit);
+  return e;
 }
 
 template <int kWidth>

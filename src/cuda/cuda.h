@@ -62,8 +62,9 @@ std::string matvec_mma_supports(const MatvecArgs& a);
 std::string matvec_multi_mma_supports(const MatvecMultiArgs& a);
 std::string output_projection_mma_supports(const OutputProjectionArgs& a);
 std::string mlp_block_mma_supports(const MlpBlockArgs& a);
-// matvec_staged.cu (cuda.staged): cuda.mma's multiply with the weights staged in shared memory by the
-// copy engine; K a whole number of stages (32 units of each row), 16-byte aligned arrays.
+// matvec_staged.cu (cuda.staged): cuda.mma's multiply with the weights staged in shared memory by
+// cp.async; K a whole number of stages (32 units of each row), 16-byte aligned arrays, one MLX
+// group size per launch.
 void matvec_staged(const MatvecArgs& a);
 void matvec_multi_staged(const MatvecMultiArgs& a);
 void output_projection_staged(const OutputProjectionArgs& a);

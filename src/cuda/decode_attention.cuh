@@ -172,20 +172,6 @@ cudaError_t launch_split_merge(DecodeParams p, int batch, cudaStream_t stream, L
   return cudaGetLastError();
 }
 
-// cudaFuncSetAttribute for a kernel's dynamic shared memory, once per device (it costs a driver
-// call, and the attribute stays set).
-template <auto kKernel>
-cudaError_t allow_dynamic_smem(int bytes) {
-  static std::atomic<uint64_t> done{0};
-  int device = 0;
-  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const uint64_t bit = uint64_t(1) << (device % 64);
-  if (done.load() & bit) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e == cudaSuccess) done.fetch_or(bit);
-  return e;
-}
-
 // attention_mma.cu: tensor-core scores and values, f16 and bf16, head_dim 64/128/256.
 template <class T, int kD, bool kPaged>
 cudaError_t launch_decode_mma(DecodeParams p, int batch, int64_t capacity, cudaStream_t stream);

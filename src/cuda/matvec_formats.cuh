@@ -41,7 +41,7 @@ __device__ __forceinline__ float code_mantissa(uint32_t word) {
 }
 
 // Where a format reads its bytes: global memory (streamed past L1, scales through the read-only
-// cache), or a shared-memory stage that the copy engine filled (matvec_tma.cu).
+// cache), or a shared-memory stage that cp.async copies filled (matvec_staged.cu).
 enum class Source { global, shared };
 
 template <Source S, class V>
@@ -64,7 +64,7 @@ __device__ __forceinline__ V read_cached(const V* p) {
 // ------------------------------------------------------------------------------------------------
 // Weight formats. Each has kUnit (inputs per lane per step), Raw (a unit as loaded), load() (issues
 // the unit's loads), decode() (Raw to kUnit f32 weights in input order) and kUnroll (units loaded
-// ahead per lane: about 64 bytes in flight). For the staged kernel (matvec_tma.cu) each also says
+// ahead per lane: about 64 bytes in flight). For the staged kernel (matvec_staged.cu) each also says
 // how a tile's rows are copied into shared memory: kUnitBytes (bytes of a unit in the row's main
 // array), unit_ptr() (where unit u of a row starts), side bytes (MLX's scales and biases, copied
 // once per tile) and staged(), the same format reading a stage in shared memory.

@@ -1,5 +1,5 @@
 // The tensor-core pieces of the decode matvecs shared by matvec_mma.cu (weights loaded into
-// registers) and matvec_staged.cu (weights staged in shared memory by the copy engine): a block owns
+// registers) and matvec_staged.cu (weights staged in shared memory by cp.async): a block owns
 // a tile of 16 rows of one job, and lane (g, t) = (lane / 4, lane % 4) multiplies one unit of rows
 // g and g + 8 of the tile into its accumulators per step; the warps' partial tiles are added in
 // shared memory at the end.

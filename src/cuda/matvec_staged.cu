@@ -8,9 +8,9 @@
 // and every warp loads and then multiplies in turn, so HBM idles while the SM computes (ncu,
 // MLX q4 4096 x 14336: DRAM 35% busy, a third of the stalls waiting on loads). Copies in flight
 // here cost shared memory, not registers, and loading overlaps the multiply. The multiply is
-// cuda.mma's (matvec_mma.cuh), reading each unit from the stage. (The copy engine's bulk copies,
-// one per row segment of 512 bytes issued by one thread, measured 2.4x slower than cuda.mma on
-// the H200: docs/perf/NOTES.md.)
+// cuda.mma's (matvec_mma.cuh), reading each unit from the stage. (A version with the copy
+// engine's bulk copies, one per row segment, was measured only while the accumulators were in
+// local memory, so how it compares is not known: docs/perf/NOTES.md.)
 //
 // Layout: a block owns a tile of 16 rows. A stage holds kStageUnits units of each of the 16 rows
 // (the rows of every part for the MLP), the block's threads copying it in 16-byte pieces. Warp w
@@ -38,23 +38,6 @@ struct StagePlan {
   static constexpr int64_t kStageBytes = kParts * kPartBytes;
   static constexpr int kStages = staged_stages(kStageBytes);
 };
-
-// ------------------------------------------------------------------------------------------------
-// Asynchronous copies into shared memory (PTX ISA: cp.async): 16 bytes a thread, landing without
-// passing through registers, counted in groups that a thread commits and waits for in order.
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-// 16 bytes (both ends 16-byte aligned) from global into shared memory, past L1.
-__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most kPending of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
 
 // ------------------------------------------------------------------------------------------------
 // The kernel.
@@ -89,13 +72,13 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_staged_kernel(
         for (int i = threadIdx.x; i < kTileRows * kPieces; i += kWarps * 32) {
           const int r = i / kPieces, piece = i % kPieces;
           const int64_t row = row0 + r < n ? row0 + r : n - 1;
-          copy16_async(buffer + p * Plan::kPartBytes + r * Plan::kRowBytes + piece * 16,
+          copy_async<16>(buffer + p * Plan::kPartBytes + r * Plan::kRowBytes + piece * 16,
                        m.unit_ptr(row, c * kStageUnits) + piece * 16);
         }
         const int64_t side_copy = m.side_bytes(n - row0 < kTileRows ? n - row0 : kTileRows);
         for (int a = 0; a < M::kSideArrays && c == 0; ++a) {
           for (int64_t i = threadIdx.x; i < side_copy / 16; i += kWarps * 32) {
-            copy16_async(side + (p * M::kSideArrays + a) * tile_side + i * 16, m.side_ptr(a, row0) + i * 16);
+            copy_async<16>(side + (p * M::kSideArrays + a) * tile_side + i * 16, m.side_ptr(a, row0) + i * 16);
           }
         }
       }
@@ -144,11 +127,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_staged_kernel(
 template <int kNTiles, int kParts, class M, class T>
 void launch(const Jobs<M, T>& jobs, const T* x, int64_t k, int batch, cudaStream_t s, const char* op) {
   using Plan = StagePlan<M, kParts>;
-  const auto kernel = matvec_staged_kernel<M, T, kNTiles, kParts>;
-  // Past 48 KB a kernel's dynamic shared memory must be allowed explicitly, once.
-  static const cudaError_t allowed =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSharedLimit));
-  check_launch(allowed, op);
+  constexpr auto kernel = matvec_staged_kernel<M, T, kNTiles, kParts>;
+  // Past 48 KB a kernel's dynamic shared memory must be allowed explicitly (once per device).
+  check_launch(allow_dynamic_smem<kernel>(int(kStagedSharedLimit)), op);
   const int64_t bytes = Plan::kStages * Plan::kStageBytes + kParts * M::kSideArrays * jobs.m[0].side_bytes(kTileRows);
   kernel<<<tile_count<kParts>(jobs), kWarps * 32, size_t(bytes), s>>>(jobs, x, k, batch);
   check_launch(cudaGetLastError(), op);

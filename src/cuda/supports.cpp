@@ -148,7 +148,7 @@ std::string mlp_block_mma_supports(const MlpBlockArgs& a) {
   return mlp_block_supports(a);
 }
 
-// cuda.staged: cuda.mma's conditions, and the copy engine's (matvec_staged.cu): K a whole number of
+// cuda.staged: cuda.mma's conditions, and the staging's (matvec_staged.cu): K a whole number of
 // stages, every array and row 16-byte aligned (MLX: K / group_size a multiple of 8), and the
 // stages plus a tile's MLX scales and biases within the shared memory a block may have.
 std::string staged_weight_supports(const Weight& w, int parts) {
@@ -211,9 +211,17 @@ std::string matvec_staged_supports(const MatvecArgs& a) {
   return matvec_mma_supports(a);
 }
 
+// One launch lays out every part's MLX scales with the first weight's group size.
+std::string same_group_size(const Weight& first, const Weight& w) {
+  if (!first.is_quantized || !w.is_quantized || first.quantized.spec.group_size == w.quantized.spec.group_size) return {};
+  return fmt::format("one MLX group size for the weights of a launch, got {} and {}", first.quantized.spec.group_size,
+                     w.quantized.spec.group_size);
+}
+
 std::string matvec_multi_staged_supports(const MatvecMultiArgs& a) {
   for (int i = 0; i < a.count; ++i) {
     if (std::string why = staged_weight_supports(a.w[size_t(i)], 1); !why.empty()) return why;
+    if (std::string why = same_group_size(a.w[0], a.w[size_t(i)]); !why.empty()) return why;
   }
   return matvec_multi_mma_supports(a);
 }
@@ -227,6 +235,7 @@ std::string mlp_block_staged_supports(const MlpBlockArgs& a) {
   for (const Weight* w : {&a.gate, &a.up}) {
     if (std::string why = staged_weight_supports(*w, 2); !why.empty()) return why;
   }
+  if (std::string why = same_group_size(a.gate, a.up); !why.empty()) return why;
   if (std::string why = staged_weight_supports(a.down, 1); !why.empty()) return why;
   return mlp_block_mma_supports(a);
 }

@@ -104,15 +104,6 @@ __device__ __forceinline__ void expand_chunk(const uint32_t* row, int c, const f
   }
 }
 
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 template <int kD, int kKBits, int kVBits>
 __global__ void __launch_bounds__(kThreads) split_kernel(const __grid_constant__ TqParams tq, DecodeParams p) {
@@ -161,13 +152,13 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const __grid_constant__
     constexpr int kKBytes = S::kKWords * 4, kVBytes = S::kVWords * 4;
     for (int i = tid; i < count * S::kKWords; i += kThreads) {
       const int t = i / S::kKWords, w = i % S::kKWords;
-      cp_async4(k_tile + t * S::kKRow + w, tq.k.pages + rec[t] * kKBytes + w * 4);
+      copy_async<4>(k_tile + t * S::kKRow + w, tq.k.pages + rec[t] * kKBytes + w * 4);
     }
     for (int i = tid; i < count * S::kVWords; i += kThreads) {
       const int t = i / S::kVWords, w = i % S::kVWords;
-      cp_async4(v_tile + t * S::kVRow + w, tq.v.pages + rec[t] * kVBytes + w * 4);
+      copy_async<4>(v_tile + t * S::kVRow + w, tq.v.pages + rec[t] * kVBytes + w * 4);
     }
-    cp_async_commit();
+    commit_copies();
   };
 
   // The value phase's thread: token share `share`, coordinates [8 * group, 8 * group + 8), whose
@@ -182,9 +173,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const __grid_constant__
   for (int tile = 0; tile < tiles; ++tile) {
     if (tile + 1 < tiles) {
       load_tile(tile + 1);
-      cp_async_wait<1>();
+      wait_copies<1>();
     } else {
-      cp_async_wait<0>();
+      wait_copies<0>();
     }
     __syncthreads();
     const uint32_t* k_tile = smem + (tile % 2) * S::kStageWords;

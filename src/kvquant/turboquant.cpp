@@ -83,6 +83,11 @@ void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) 
     agreement += y[j] * codebook_.centroids()[indices[j]];
   }
   const double scale = config_.scale == ScaleMode::unbiased && norm > 0.0 ? norm / agreement : norm;
+  // The unbiased scale exceeds the norm (by 1 / <y, y~>, about 1.14 at 2 bits): near FLT_MAX it
+  // would not fit the record's f32.
+  if (!std::isfinite(float(scale))) {
+    check.fail("x", "a norm whose unbiased scale fits an f32", fmt::format("norm {} (scale {})", norm, scale));
+  }
 
   detail::store_f32_le(record.data(), float(scale));
   pack_bits(indices, config_.bits, record.subspan(kNormBytes));

@@ -54,8 +54,7 @@ int run_bench(const BenchCommandOptions& options) {
              gpu ? "; graph: the same launches replayed from a CUDA graph, without the host's launch cost" : "");
   for (const std::string& why : result.refused) fmt::print("not timed: {}\n", why);
   if (!options.json_path.empty()) {
-    std::ofstream(options.json_path) << bench_json(result) << '\n';
-    fmt::print("results: {}\n", options.json_path);
+    write_json("bench", options.json_path, bench_json(result));
   }
   return 0;
 }

@@ -72,4 +72,8 @@ struct KvEvalCommandOptions {
 // Measures every selected KV codec and width, prints the table and writes the JSON.
 int run_kv_eval(const KvEvalCommandOptions& options);
 
+// Writes `json` and a newline to `path` (`command`'s --json) and says so; a path that cannot be
+// written is an error naming it, not a silent success.
+void write_json(const char* command, const std::string& path, const std::string& json);
+
 }  // namespace decodelab::cli

@@ -72,8 +72,7 @@ int run_kv_eval(const KvEvalCommandOptions& o) {
     fmt::print("{}: {}; theory: {}\n", r.codec, r.config, r.theory);
   }
   if (!o.json_path.empty()) {
-    std::ofstream(o.json_path) << kvquant::kv_eval_json(result) << '\n';
-    fmt::print("results: {}\n", o.json_path);
+    write_json("kv-eval", o.json_path, kvquant::kv_eval_json(result));
   }
   return 0;
 }

@@ -5,8 +5,17 @@
 #include <fmt/format.h>
 
 #include <exception>
+#include <fstream>
 
 #include "commands.h"
+#include "decodelab/error.h"
+
+void decodelab::cli::write_json(const char* command, const std::string& path, const std::string& json) {
+  std::ofstream file(path);
+  file << json << '\n';
+  if (!file.flush()) fail(command, "--json", "a file this process can write", path);
+  fmt::print("results: {}\n", path);
+}
 
 int main(int argc, char** argv) {
   using namespace decodelab::cli;
@@ -71,7 +80,7 @@ int main(int argc, char** argv) {
   kv_cmd->add_option("--count", kv.count, "keys measured")->capture_default_str()->check(CLI::PositiveNumber);
   kv_cmd->add_option("--context", kv.context, "tokens per attention trial")->capture_default_str()->check(CLI::PositiveNumber);
   kv_cmd->add_option("--seed", kv.seed, "seed of the inputs, rotations and sketches")->capture_default_str();
-  kv_cmd->add_option("--codec", kv.codecs, "only these codecs (f16, turboquant[.plain|.norm_corrected], qjl, kivi)")->delimiter(',');
+  kv_cmd->add_option("--codec", kv.codecs, "only these codecs (f16, turboquant[.plain|.norm_corrected|.unbiased], rabitq, qjl, kivi)")->delimiter(',');
   kv_cmd->add_option("--bits", kv.bits, "only these bit widths (e.g. 2,4)")->delimiter(',');
   kv_cmd->add_option("--json", kv.json_path, "write the records to this JSON file");
 

@@ -88,8 +88,8 @@ int run_verify(const VerifyOptions& options) {
   fmt::print(" in {:.1f} s (seed {}, build {})\n", seconds, options.seed, build_id());
 
   if (!options.json_path.empty()) {
-    std::ofstream(options.json_path) << nlohmann::json{{"schema", 1}, {"build_id", build_id()},
-                                                       {"seed", options.seed}, {"cases", cases}}.dump(1) << '\n';
+    write_json("verify", options.json_path,
+               nlohmann::json{{"schema", 1}, {"build_id", build_id()}, {"seed", options.seed}, {"cases", cases}}.dump(1));
   }
   if (options.write_trust) {
     // One store per chip; a record is written only for what ran on that chip.
