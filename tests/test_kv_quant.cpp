@@ -1,7 +1,7 @@
 // KV-cache quantization, base layer, TurboQuant (MSE) and QJL keys: bit-packing round trips and
 // layout, orthogonality and randomness of the rotations, the Lloyd-Max codebook against
 // computations that share none of its code, TurboQuant's measured distortion against the
-// codebook's exact value and the paper's bounds, and QJL's record layout, unbiasedness over
+// codebook's exact value and the paper's bounds (split widths too), and QJL's record layout, unbiasedness over
 // sketches, exact variance and 1/sqrt(m) scaling, and KIVI's exact levels, record bytes, scale / 2
 // error bound, per-channel advantage on outlier-channel keys and its cache's full-precision
 // window. Every statistical test uses fixed seeds and states its tolerance in
@@ -591,6 +591,89 @@ TEST(KvTurboQuant, EncodeIsDeterministic) {
   }
 }
 
+// Split widths: 2.5 and 3.5 bits as the first D / 2 rotated coordinates at one bit more.
+TEST(KvTurboQuant, SplitWidthDistortionIsTheMeanOfItsTwoWidths) {
+  // 20000 unit vectors at D = 128, as DistortionMatchesLloydMaxAtD128 (relative SE below 0.25%,
+  // so +-3% is 12 of them). Exact: 64 distortion(b + 1) + 64 distortion(b). A split that took all
+  // 128 at b bits (or b + 1) misses it by 40% or more.
+  const int64_t d = 128;
+  Rng rng(2026);
+  std::vector<std::vector<float>> vectors;
+  for (int i = 0; i < 20000; ++i) vectors.push_back(random_unit_vector(rng, d));
+  for (int bits : {2, 3}) {
+    SCOPED_TRACE(fmt::format("{}.5 bits", bits));
+    const TurboQuantConfig config{d, bits, RotationKind::hadamard, 77, ScaleMode::plain, d / 2};
+    ASSERT_DOUBLE_EQ(config.bits_per_coordinate(), bits + 0.5);
+    const double low = double(d) * Codebook::lloyd_max(d, bits).distortion();
+    const double high = double(d) * Codebook::lloyd_max(d, bits + 1).distortion();
+    const double exact = 0.5 * low + 0.5 * high;
+    const Distortion m = measure(config, vectors);
+    std::cout << fmt::format("TurboQuant D=128 b={}.5 (64 at {}, 64 at {}): {:.6f} (exact {:.6f}, {:+.2f}%), "
+                             "integer widths {:.6f} and {:.6f}\n",
+                             bits, bits + 1, bits, m.plain, exact, 100.0 * (m.plain / exact - 1.0), low, high);
+    EXPECT_NEAR(m.plain / exact, 1.0, 0.03);
+    EXPECT_LT(m.plain, low);
+    EXPECT_GT(m.plain, high);
+    EXPECT_GT(m.plain, lower_bound(bits) * std::pow(4.0, -0.5));  // 4^-2.5: any quantizer at that rate
+    EXPECT_LT(m.corrected_mismatch, 1e-6);
+  }
+}
+
+TEST(KvTurboQuant, SplitWidthRecordLayoutAndRoundTrip) {
+  // D = 64, 2.5 bits (h = 32): 4 + 32 * 3 / 8 + 32 * 2 / 8 = 4 + 12 + 8 = 24 bytes, which must hold
+  // the norm, then the first 32 indices at 3 bits, then the last 32 at 2.
+  const int64_t d = 64;
+  const TurboQuantMse split({d, 2, RotationKind::hadamard, 5, ScaleMode::plain, 32});
+  const TurboQuantMse plain({d, 2, RotationKind::hadamard, 5, ScaleMode::plain});
+  ASSERT_EQ(split.record_bytes(), 24);
+  ASSERT_EQ(plain.record_bytes(), 20);  // the integer width's record is unchanged
+  ASSERT_NE(split.high_codebook(), nullptr);
+  EXPECT_EQ(split.high_codebook()->bits(), 3);
+  EXPECT_EQ(plain.high_codebook(), nullptr);
+  Rng rng(9);
+  std::vector<float> x = random_unit_vector(rng, d);
+  for (float& v : x) v *= 3.0f;
+  std::vector<uint8_t> record(24), plain_record(20);
+  split.encode(x, record);
+  plain.encode(x, plain_record);
+  // By hand: rotate x / |x|, take the nearest centroid of each half's codebook.
+  std::vector<double> y(static_cast<size_t>(d));
+  double norm2 = 0.0;
+  for (float v : x) norm2 += double(v) * double(v);
+  for (size_t j = 0; j < y.size(); ++j) y[j] = double(x[j]) / std::sqrt(norm2);
+  split.rotation().apply(y, y);
+  std::vector<uint8_t> high(32), low(32), want_high(32), want_low(32);
+  unpack_bits(std::span<const uint8_t>(record).subspan(4, 12), 3, high);
+  unpack_bits(std::span<const uint8_t>(record).subspan(16, 8), 2, low);
+  for (size_t j = 0; j < 32; ++j) {
+    want_high[j] = split.high_codebook()->index_of(y[j]);
+    want_low[j] = split.codebook().index_of(y[32 + j]);
+  }
+  EXPECT_EQ(high, want_high);
+  EXPECT_EQ(low, want_low);
+  EXPECT_EQ(std::bit_cast<float>(uint32_t(record[0]) | uint32_t(record[1]) << 8 | uint32_t(record[2]) << 16 |
+                                 uint32_t(record[3]) << 24),
+            float(std::sqrt(norm2)));
+  // The low half's codes are the 2-bit codec's for those coordinates (same rotation and codebook).
+  std::vector<uint8_t> plain_indices(64);
+  unpack_bits(std::span<const uint8_t>(plain_record).subspan(4), 2, plain_indices);
+  EXPECT_TRUE(std::equal(low.begin(), low.end(), plain_indices.begin() + 32));
+  // Decode: R^T of the centroids, scaled by the norm; encode(decode(x)) gives the same codes.
+  std::vector<float> decoded(static_cast<size_t>(d)), again(static_cast<size_t>(d));
+  split.decode(record, decoded);
+  std::vector<double> yhat(static_cast<size_t>(d));
+  for (size_t j = 0; j < 32; ++j) {
+    yhat[j] = split.high_codebook()->centroids()[high[j]];
+    yhat[32 + j] = split.codebook().centroids()[low[j]];
+  }
+  split.rotation().apply_inverse(yhat, yhat);
+  for (size_t j = 0; j < decoded.size(); ++j) EXPECT_NEAR(decoded[j], std::sqrt(norm2) * yhat[j], 1e-5) << j;
+  std::vector<uint8_t> record2(24);
+  split.encode(decoded, record2);
+  split.decode(record2, again);
+  for (size_t j = 0; j < decoded.size(); ++j) EXPECT_NEAR(again[j], decoded[j], 0.05f) << j;
+}
+
 // ---------------------------------------------------------------------------------------------
 // QJL keys
 
@@ -1161,6 +1244,19 @@ TEST(KvErrors, TurboQuant) {
   EXPECT_ERROR(tq.decode(record, short_x), "turboquant.decode: x: expected 64 values (head_dim), got 63");
   record[3] = 0xBF;  // f32 sign bit set: a negative norm no encoder writes
   EXPECT_ERROR(tq.decode(record, x), "turboquant.decode: record norm: expected a finite norm >= 0, got -0.5");
+}
+
+TEST(KvErrors, TurboQuantSplit) {
+  EXPECT_ERROR(TurboQuantMse({128, 2, RotationKind::hadamard, 0, ScaleMode::plain, 128}),
+               "turboquant: config.high_bits_channels: expected h in [0, 128) (head_dim), got 128");
+  EXPECT_ERROR(TurboQuantMse({128, 2, RotationKind::hadamard, 0, ScaleMode::plain, -1}),
+               "turboquant: config.high_bits_channels: expected h in [0, 128) (head_dim), got -1");
+  EXPECT_ERROR(TurboQuantMse({128, 4, RotationKind::hadamard, 0, ScaleMode::plain, 64}),
+               "turboquant: config.bits: expected 1, 2 or 3 with high_bits_channels > 0 (its channels take bits + 1 <= 4), got 4");
+  const TurboQuantMse split({64, 2, RotationKind::hadamard, 0, ScaleMode::plain, 32});
+  std::vector<float> x(64, 0.5f);
+  std::vector<uint8_t> short_record(20);
+  EXPECT_ERROR(split.encode(x, short_record), "turboquant.encode: record: expected 24 bytes (record_bytes()), got 20 bytes");
 }
 
 TEST(KvErrors, Qjl) {

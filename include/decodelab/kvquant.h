@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -158,13 +159,32 @@ class Codebook {
 // codebook for this D to y_j (the coordinates of y have the density above); pack the indices.
 // Decode: unpack, y~_j = centroid[index_j], u~ = R^T y~, x~ = scale * u~.
 //
-// Per-token record (record_bytes() = 4 + ceil(D * bits / 8) bytes, byte-aligned only):
+// Per-token record of an integer width (high_bits_channels = 0; record_bytes() =
+// 4 + ceil(D * bits / 8) bytes, byte-aligned only):
 //   bytes [0, 4)  the norm n as an f32, little-endian. f32 rather than f16: the norm is a small
 //                 part of the record (4 of 68 bytes at D = 128, 4 bits), and f32 neither overflows
 //                 on large keys nor adds error to the codes.
 //   bytes [4, ..) the D indices, bit-packed as above.
 // Plain and norm-corrected read and write the same record; unbiased stores its scale s (below)
 // where the others store n, and decodes as plain does.
+//
+// Fractional widths by splitting channels (high_bits_channels = h > 0): the first h coordinates
+// of y = R u take b + 1 bits with the Lloyd-Max codebook for (D, b + 1), the other D - h take b
+// bits with the codebook for (D, b), so a vector costs b + h / D bits per coordinate (2.5 bits at
+// D = 128 is b = 2, h = 64; 3.5 is b = 3, h = 64). Which coordinates get the wider codes does not
+// matter: after a random rotation every coordinate of y has the same density (Lemma 1), so any
+// fixed set of h of them gives the same expected error, D * distortion = h * distortion(b + 1) +
+// (D - h) * distortion(b); the first h is the choice that keeps each part contiguous. The scale
+// modes apply unchanged (<y, y~> and ||y~|| are over all D coordinates). Record
+// (record_bytes() = 4 + ceil(h * (b + 1) / 8) + ceil((D - h) * b / 8) bytes):
+//   bytes [0, 4)        the norm (or the unbiased scale), f32, as above.
+//   then                the h high-width indices, pack_bits at b + 1 bits, ceil(h * (b + 1) / 8)
+//                       bytes (index j is coordinate j);
+//   then                the D - h low-width indices, pack_bits at b bits (index j is coordinate
+//                       h + j), each part starting on a byte.
+// With h = 0 the record is the integer-width record above, byte for byte. The fused attention
+// kernels read one width from config().bits, so the paged cache ops refuse a split codec
+// (turboquant_cache.h); encode() and decode() are its reference.
 
 enum class ScaleMode : uint8_t {
   // x~ = n * u~. E||u - u~||^2 is D * codebook.distortion(), the quantity the paper bounds; u~ is
@@ -193,17 +213,29 @@ struct TurboQuantConfig {
   RotationKind rotation = RotationKind::hadamard;
   uint64_t seed = 0;       // the rotation's seed: same config, same codes
   ScaleMode scale = ScaleMode::plain;
+  // h in [0, head_dim): the first h rotated coordinates take bits + 1 bits (bits <= 3 then), the
+  // rest `bits`; 0 (the default) for an integer width. See the split record above.
+  int64_t high_bits_channels = 0;
+
+  // bits + high_bits_channels / head_dim: 2.5 for {128, 2, ..., high_bits_channels = 64}.
+  double bits_per_coordinate() const { return double(bits) + double(high_bits_channels) / double(head_dim); }
 };
 
 class TurboQuantMse {
  public:
-  // Builds the rotation and computes the codebook for (head_dim, bits).
+  // Builds the rotation and computes the codebook for (head_dim, bits), and for a split width
+  // the one for (head_dim, bits + 1).
   explicit TurboQuantMse(const TurboQuantConfig& config);
-  // With a codebook computed before; it must be for head_dim and bits.
+  // With a codebook computed before; it must be for head_dim and bits (a split width's wider
+  // codebook is computed here).
   TurboQuantMse(const TurboQuantConfig& config, Codebook codebook);
 
   const TurboQuantConfig& config() const { return config_; }
+  // The codebook of the `bits`-bit coordinates (all of them at an integer width).
   const Codebook& codebook() const { return codebook_; }
+  // A split width's codebook for the first high_bits_channels coordinates, at bits + 1; null at
+  // an integer width.
+  const Codebook* high_codebook() const { return high_codebook_ ? &*high_codebook_ : nullptr; }
   const Rotation& rotation() const { return rotation_; }
   int64_t record_bytes() const;
 
@@ -216,6 +248,7 @@ class TurboQuantMse {
   TurboQuantConfig config_;
   Rotation rotation_;
   Codebook codebook_;
+  std::optional<Codebook> high_codebook_;
 };
 
 // ---------------------------------------------------------------------------------------------
