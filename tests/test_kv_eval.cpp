@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iostream>
 #include <numbers>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
@@ -32,7 +33,7 @@ TEST(KvEval, TurboQuantDistortionMatchesLloydMaxOnUnitVectors) {
   // 10^4 unit vectors at D = 128 (9984, whole KIVI blocks). The per-vector squared error has a
   // relative spread of at most 0.24 (kvquant tests), so the mean's standard error is below 0.25%:
   // +-3% is 12 or more of them. Measured (seed 1): -0.14%, -0.34%, -0.32%, -0.43% at 1..4 bits.
-  const KvEvalResult result = run_kv_eval(options_for({"turboquant"}));
+  const KvEvalResult result = run_kv_eval(options_for({"turboquant.plain", "turboquant.norm_corrected", "turboquant.unbiased"}));
   ASSERT_EQ(result.records.size(), 12u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
@@ -65,6 +66,55 @@ TEST(KvEval, TurboQuantDistortionMatchesLloydMaxOnUnitVectors) {
   }
 }
 
+TEST(KvEval, SplitWidthsAndTheInnerProductVariant) {
+  // turboquant.split at 2.5 and 3.5 bits: distortion within 3% of the mean of the two widths'
+  // exact values (relative SE below 0.25%), strictly between them; turboquant.prod at 2..4 bits:
+  // slope 1 within 4 of its standard errors (on unit vectors <q, k> spreads only +-0.09, so the SE
+  // is about 0.0075 at b = 2, and one sketch moves the slope by up to 0.55%, kv_eval.h; the +-0.02
+  // test over 1000 codecs is KvTurboQuantProd.Unbiased), mean error within 3 SE of 0, and a score
+  // error several times the plain MSE row's at the same bits (kvquant.h), printed.
+  const KvEvalResult result = run_kv_eval(options_for({"turboquant.split", "turboquant.prod", "turboquant.plain"}));
+  ASSERT_EQ(result.records.size(), 4u + 2u + 3u);
+  auto plain_at = [&](double bits) -> const KvEvalRecord& {
+    for (const KvEvalRecord& r : result.records) {
+      if (r.codec == "turboquant.plain" && r.bits == bits) return r;
+    }
+    throw std::runtime_error("no plain row");
+  };
+  for (const KvEvalRecord& r : result.records) {
+    SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
+    if (r.codec == "turboquant.split") {
+      const KvEvalRecord& below = plain_at(std::floor(r.bits));
+      const KvEvalRecord& above = plain_at(std::ceil(r.bits));
+      std::cout << fmt::format("[ kv-eval  ] {} b={}: distortion {:.6f} (exact {:.6f}), between {:.6f} and {:.6f}, {} bytes\n",
+                               r.codec, r.bits, r.distortion, r.distortion_exact.value_or(0), above.distortion, below.distortion,
+                               r.key_bytes);
+      ASSERT_TRUE(r.distortion_exact && r.distortion_lower_bound && r.distortion_upper_bound);
+      EXPECT_DOUBLE_EQ(*r.distortion_exact, 0.5 * (*below.distortion_exact + *above.distortion_exact));
+      EXPECT_NEAR(r.distortion / *r.distortion_exact, 1.0, 0.03);
+      EXPECT_LT(r.distortion, below.distortion);
+      EXPECT_GT(r.distortion, above.distortion);
+      EXPECT_GT(r.distortion, *r.distortion_lower_bound);
+      EXPECT_LT(r.distortion, *r.distortion_upper_bound);
+      EXPECT_EQ(r.key_bytes, 4 + int64_t(16 * r.bits));
+    } else if (r.codec == "turboquant.prod") {
+      const KvEvalRecord& mse = plain_at(r.bits);
+      std::cout << fmt::format("[ kv-eval  ] {} b={}: slope {:.4f} +- {:.4f}, score error variance {:.3e} vs plain {:.3e} ({:.2f}x), "
+                               "logit error {:.4f} vs {:.4f}, distortion {:.4f} (exact {:.4f})\n",
+                               r.codec, r.bits, r.slope, r.slope_standard_error, r.error_variance, mse.error_variance,
+                               r.error_variance / mse.error_variance, r.score_relative_error, mse.score_relative_error,
+                               r.distortion, r.distortion_exact.value_or(0));
+      EXPECT_LT(std::fabs(r.slope - 1.0), 4.0 * r.slope_standard_error);
+      EXPECT_LT(std::fabs(r.mean_error), 3.0 * r.mean_error_standard_error);
+      EXPECT_GT(r.error_variance, mse.error_variance);
+      // In expectation over sketches; one sketch moves it a few percent, as for the qjl rows: 10%.
+      ASSERT_TRUE(r.distortion_exact);
+      EXPECT_NEAR(r.distortion / *r.distortion_exact, 1.0, 0.10);
+      EXPECT_EQ(r.key_bytes, 8 + int64_t(16 * r.bits));  // two f32 norms, (b - 1) * 128 index bits, 128 sign bits
+    }
+  }
+}
+
 TEST(KvEval, QjlIsUnbiasedWithItsVariance) {
   // On unit vectors the slope's standard error is sqrt((pi/2) (D/m) / n): at n = 10^4 it is 0.0125
   // for m = D, so +-0.02 would be 1.6 standard errors. The counts below make it 0.005 at every m,
@@ -78,7 +128,7 @@ TEST(KvEval, QjlIsUnbiasedWithItsVariance) {
   // 1.563 at m = D), so they are held to 10% of the exact value: a missing sqrt(pi/2) would be 20%+.
   for (const auto& [bits, count] : {std::pair{1, 64000}, std::pair{2, 32000}, std::pair{4, 16000}}) {
     KvEvalOptions o = options_for({"qjl"}, count);
-    o.bits = {bits};
+    o.bits = {double(bits)};
     const KvEvalResult result = run_kv_eval(o);
     ASSERT_EQ(result.records.size(), 1u);
     const KvEvalRecord& r = result.records[0];
@@ -103,7 +153,7 @@ TEST(KvEval, BytesPerTokenByHand) {
   KvEvalOptions o = options_for({}, 1024);
   o.context = 512;
   const KvEvalResult result = run_kv_eval(o);
-  ASSERT_EQ(result.records.size(), 22u);
+  ASSERT_EQ(result.records.size(), 27u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     EXPECT_EQ(r.f16_bytes, 256);
@@ -113,8 +163,11 @@ TEST(KvEval, BytesPerTokenByHand) {
       EXPECT_EQ(r.key_bytes, 256);
       EXPECT_EQ(r.value_bytes, 256);
       EXPECT_LT(r.distortion, 1e-7);  // f16 rounding: at most 2^-22 relative per element squared
+    } else if (r.codec == "turboquant.prod") {
+      EXPECT_EQ(r.key_bytes, 8 + 16 * r.bits);    // f32 norm, (b - 1)-bit indices, f32 residual norm, 128 signs
+      EXPECT_EQ(r.value_bytes, 4 + 16 * r.bits);  // TurboQuant (MSE) values at b bits
     } else if (r.codec.starts_with("turboquant")) {
-      EXPECT_EQ(r.key_bytes, 4 + 16 * r.bits);  // f32 norm + 128 indices of b bits
+      EXPECT_EQ(r.key_bytes, 4 + 16 * r.bits);  // f32 norm + 128 indices of b bits (2.5: 64 of 3, 64 of 2)
       EXPECT_EQ(r.value_bytes, r.key_bytes);
     } else if (r.codec == "qjl") {
       EXPECT_EQ(r.key_bytes, 4 + 16 * r.bits);  // f32 norm + m = b * 128 sign bits
@@ -150,8 +203,8 @@ TEST(KvEval, FiltersAndRefusals) {
   EXPECT_EQ(result.records[0].codec, "turboquant.plain");
   EXPECT_EQ(result.records[1].codec, "kivi");
   EXPECT_ERROR(run_kv_eval(options_for({"turbo"})),
-               "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, rabitq, "
-               "qjl, kivi or a prefix before a '.' (turboquant), got turbo");
+               "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, "
+               "turboquant.split, turboquant.prod, rabitq, qjl, kivi or a prefix before a '.' (turboquant), got turbo");
   o.bits = {3};
   o.codecs = {"kivi"};
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --bits: expected a width of a selected codec (kivi: 2,4), got 3");

@@ -1,7 +1,8 @@
 // KV-cache quantization, base layer, TurboQuant (MSE) and QJL keys: bit-packing round trips and
 // layout, orthogonality and randomness of the rotations, the Lloyd-Max codebook against
 // computations that share none of its code, TurboQuant's measured distortion against the
-// codebook's exact value and the paper's bounds, and QJL's record layout, unbiasedness over
+// codebook's exact value and the paper's bounds (split widths too), the inner-product variant's
+// unbiasedness, variance and score variance against the MSE quantizer, and QJL's record layout, unbiasedness over
 // sketches, exact variance and 1/sqrt(m) scaling, and KIVI's exact levels, record bytes, scale / 2
 // error bound, per-channel advantage on outlier-channel keys and its cache's full-precision
 // window. Every statistical test uses fixed seeds and states its tolerance in
@@ -591,6 +592,244 @@ TEST(KvTurboQuant, EncodeIsDeterministic) {
   }
 }
 
+// Split widths: 2.5 and 3.5 bits as the first D / 2 rotated coordinates at one bit more.
+TEST(KvTurboQuant, SplitWidthDistortionIsTheMeanOfItsTwoWidths) {
+  // 20000 unit vectors at D = 128, as DistortionMatchesLloydMaxAtD128 (relative SE below 0.25%,
+  // so +-3% is 12 of them). Exact: 64 distortion(b + 1) + 64 distortion(b). A split that took all
+  // 128 at b bits (or b + 1) misses it by 40% or more.
+  const int64_t d = 128;
+  Rng rng(2026);
+  std::vector<std::vector<float>> vectors;
+  for (int i = 0; i < 20000; ++i) vectors.push_back(random_unit_vector(rng, d));
+  for (int bits : {2, 3}) {
+    SCOPED_TRACE(fmt::format("{}.5 bits", bits));
+    const TurboQuantConfig config{d, bits, RotationKind::hadamard, 77, ScaleMode::plain, d / 2};
+    ASSERT_DOUBLE_EQ(config.bits_per_coordinate(), bits + 0.5);
+    const double low = double(d) * Codebook::lloyd_max(d, bits).distortion();
+    const double high = double(d) * Codebook::lloyd_max(d, bits + 1).distortion();
+    const double exact = 0.5 * low + 0.5 * high;
+    const Distortion m = measure(config, vectors);
+    std::cout << fmt::format("TurboQuant D=128 b={}.5 (64 at {}, 64 at {}): {:.6f} (exact {:.6f}, {:+.2f}%), "
+                             "integer widths {:.6f} and {:.6f}\n",
+                             bits, bits + 1, bits, m.plain, exact, 100.0 * (m.plain / exact - 1.0), low, high);
+    EXPECT_NEAR(m.plain / exact, 1.0, 0.03);
+    EXPECT_LT(m.plain, low);
+    EXPECT_GT(m.plain, high);
+    EXPECT_GT(m.plain, lower_bound(bits) * std::pow(4.0, -0.5));  // 4^-2.5: any quantizer at that rate
+    EXPECT_LT(m.corrected_mismatch, 1e-6);
+  }
+}
+
+TEST(KvTurboQuant, SplitWidthRecordLayoutAndRoundTrip) {
+  // D = 64, 2.5 bits (h = 32): 4 + 32 * 3 / 8 + 32 * 2 / 8 = 4 + 12 + 8 = 24 bytes, which must hold
+  // the norm, then the first 32 indices at 3 bits, then the last 32 at 2.
+  const int64_t d = 64;
+  const TurboQuantMse split({d, 2, RotationKind::hadamard, 5, ScaleMode::plain, 32});
+  const TurboQuantMse plain({d, 2, RotationKind::hadamard, 5, ScaleMode::plain});
+  ASSERT_EQ(split.record_bytes(), 24);
+  ASSERT_EQ(plain.record_bytes(), 20);  // the integer width's record is unchanged
+  ASSERT_NE(split.high_codebook(), nullptr);
+  EXPECT_EQ(split.high_codebook()->bits(), 3);
+  EXPECT_EQ(plain.high_codebook(), nullptr);
+  Rng rng(9);
+  std::vector<float> x = random_unit_vector(rng, d);
+  for (float& v : x) v *= 3.0f;
+  std::vector<uint8_t> record(24), plain_record(20);
+  split.encode(x, record);
+  plain.encode(x, plain_record);
+  // By hand: rotate x / |x|, take the nearest centroid of each half's codebook.
+  std::vector<double> y(static_cast<size_t>(d));
+  double norm2 = 0.0;
+  for (float v : x) norm2 += double(v) * double(v);
+  for (size_t j = 0; j < y.size(); ++j) y[j] = double(x[j]) / std::sqrt(norm2);
+  split.rotation().apply(y, y);
+  std::vector<uint8_t> high(32), low(32), want_high(32), want_low(32);
+  unpack_bits(std::span<const uint8_t>(record).subspan(4, 12), 3, high);
+  unpack_bits(std::span<const uint8_t>(record).subspan(16, 8), 2, low);
+  for (size_t j = 0; j < 32; ++j) {
+    want_high[j] = split.high_codebook()->index_of(y[j]);
+    want_low[j] = split.codebook().index_of(y[32 + j]);
+  }
+  EXPECT_EQ(high, want_high);
+  EXPECT_EQ(low, want_low);
+  EXPECT_EQ(std::bit_cast<float>(uint32_t(record[0]) | uint32_t(record[1]) << 8 | uint32_t(record[2]) << 16 |
+                                 uint32_t(record[3]) << 24),
+            float(std::sqrt(norm2)));
+  // The low half's codes are the 2-bit codec's for those coordinates (same rotation and codebook).
+  std::vector<uint8_t> plain_indices(64);
+  unpack_bits(std::span<const uint8_t>(plain_record).subspan(4), 2, plain_indices);
+  EXPECT_TRUE(std::equal(low.begin(), low.end(), plain_indices.begin() + 32));
+  // Decode: R^T of the centroids, scaled by the norm; encode(decode(x)) gives the same codes.
+  std::vector<float> decoded(static_cast<size_t>(d)), again(static_cast<size_t>(d));
+  split.decode(record, decoded);
+  std::vector<double> yhat(static_cast<size_t>(d));
+  for (size_t j = 0; j < 32; ++j) {
+    yhat[j] = split.high_codebook()->centroids()[high[j]];
+    yhat[32 + j] = split.codebook().centroids()[low[j]];
+  }
+  split.rotation().apply_inverse(yhat, yhat);
+  for (size_t j = 0; j < decoded.size(); ++j) EXPECT_NEAR(decoded[j], std::sqrt(norm2) * yhat[j], 1e-5) << j;
+  std::vector<uint8_t> record2(24);
+  split.encode(decoded, record2);
+  split.decode(record2, again);
+  for (size_t j = 0; j < decoded.size(); ++j) EXPECT_NEAR(again[j], decoded[j], 0.05f) << j;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TurboQuant (inner product)
+
+// 1000 codecs (rotation seed s, sketch seed s + 5000) x 10 pairs at D = 128, b = 3 (2-bit MSE +
+// 1-bit QJL). The pairs as QJL's: q ~ N(0, I), k = s (rho q + sqrt(1 - rho^2) g). Errors sharing a
+// codec are uncorrelated (q -> -q flips them), so standard errors are clustered over codecs. The
+// exact conditional variance of each pair, from its residual r (kvquant.h), is kept beside it.
+struct ProdStatistics {
+  static constexpr int64_t kDim = 128;
+  static constexpr int kCodecs = 1000;
+  static constexpr int kPairsPerCodec = 10;
+  std::vector<double> truth, estimate, variance, bound;
+};
+
+const ProdStatistics& prod_statistics() {
+  static const ProdStatistics stats = [] {
+    ProdStatistics s;
+    const int64_t d = ProdStatistics::kDim;
+    const Codebook book = Codebook::lloyd_max(d, 2);
+    Rng rng(4077);
+    std::uniform_real_distribution<double> rho_of(-1.0, 1.0), scale_of(0.5, 2.0);
+    std::vector<float> q(static_cast<size_t>(d)), k(static_cast<size_t>(d)), mse_k(static_cast<size_t>(d)), r(static_cast<size_t>(d));
+    for (int c = 0; c < ProdStatistics::kCodecs; ++c) {
+      const TurboQuantProd prod({d, 3, RotationKind::hadamard, uint64_t(c), uint64_t(c) + 5000}, book);
+      std::vector<uint8_t> record(size_t(prod.record_bytes()));
+      const size_t mse_bytes = size_t(prod.mse().record_bytes());
+      for (int p = 0; p < ProdStatistics::kPairsPerCodec; ++p) {
+        for (float& v : q) v = float(rng.normal());
+        const double rho = rho_of(rng.engine()), scale = scale_of(rng.engine());
+        for (size_t j = 0; j < k.size(); ++j) {
+          k[j] = float(scale * (rho * double(q[j]) + std::sqrt(1.0 - rho * rho) * rng.normal()));
+        }
+        prod.encode(k, record);
+        s.truth.push_back(dot(q, k));
+        s.estimate.push_back(prod.estimate(q, record));
+        prod.mse().decode(std::span<const uint8_t>(record).first(mse_bytes), mse_k);
+        for (size_t j = 0; j < r.size(); ++j) r[j] = float(double(k[j]) - double(mse_k[j]));
+        const double qr = dot(q, r), m = double(d);
+        s.bound.push_back(std::numbers::pi / 2.0 * dot(q, q) * dot(r, r) / m);
+        s.variance.push_back(s.bound.back() - qr * qr / m);
+      }
+    }
+    return s;
+  }();
+  return stats;
+}
+
+TEST(KvTurboQuantProd, Unbiased) {
+  // Slope 1 +- 0.02 over 10^4 pairs (<q, k> spreads over +-128, the error's std is about 3.5: the
+  // slope is measured to about 0.05%; the MSE stage alone has slope 0.88), mean error within 3
+  // clustered standard errors of 0.
+  const ProdStatistics& s = prod_statistics();
+  const size_t n = s.truth.size();
+  ASSERT_EQ(n, size_t(ProdStatistics::kCodecs * ProdStatistics::kPairsPerCodec));
+  const double slope = regression_slope(s.truth, s.estimate);
+  std::vector<double> error(n);
+  for (size_t i = 0; i < n; ++i) error[i] = s.estimate[i] - s.truth[i];
+  const MeanAndError bias = clustered_mean(error, ProdStatistics::kPairsPerCodec);
+  std::cout << fmt::format("TurboQuantProd D=128 b=3, {} pairs over {} codecs: slope {:.5f}, mean error {:+.4f} "
+                           "(SE {:.4f}, {:+.2f} SE)\n",
+                           n, ProdStatistics::kCodecs, slope, bias.mean, bias.standard_error, bias.mean / bias.standard_error);
+  EXPECT_NEAR(slope, 1.0, 0.02);
+  EXPECT_LT(std::fabs(bias.mean), 3.0 * bias.standard_error);
+}
+
+TEST(KvTurboQuantProd, VarianceIsQjlsWithTheResidualWithinTheBound) {
+  // error^2 / exact conditional variance has mean 1 (4 clustered SE); / the bound, mean <= 1 + 3 SE.
+  // Dropping the residual norm (||r|| = 1) would put the ratio near 1 / E||r||^2 (about 1/0.12).
+  const ProdStatistics& s = prod_statistics();
+  const size_t n = s.truth.size();
+  std::vector<double> to_exact(n), to_bound(n);
+  for (size_t i = 0; i < n; ++i) {
+    const double e = s.estimate[i] - s.truth[i];
+    to_exact[i] = e * e / s.variance[i];
+    to_bound[i] = e * e / s.bound[i];
+  }
+  const MeanAndError exact = clustered_mean(to_exact, ProdStatistics::kPairsPerCodec);
+  const MeanAndError bound = clustered_mean(to_bound, ProdStatistics::kPairsPerCodec);
+  std::cout << fmt::format("TurboQuantProd D=128 b=3: error^2 / exact variance {:.4f} (SE {:.4f}), / bound {:.4f} (SE {:.4f})\n",
+                           exact.mean, exact.standard_error, bound.mean, bound.standard_error);
+  EXPECT_LT(std::fabs(exact.mean - 1.0), 4.0 * exact.standard_error);
+  EXPECT_LT(bound.mean, 1.0 + 3.0 * bound.standard_error);
+}
+
+TEST(KvTurboQuantProd, ScoreVarianceVsMseAtEqualBits) {
+  // The caveat, measured: 10^4 independent unit (q, k) pairs at D = 128, the score error's
+  // variance of TurboQuantProd at b bits over TurboQuantMse (plain) at b bits. Theory (kvquant.h):
+  // (pi/2 - 1/D) distortion(b - 1) / distortion(b), the distortions D x Lloyd-Max; held to 10%
+  // (the variances' relative standard errors are about 2% each).
+  const int64_t d = 128;
+  const int pairs = 10000;
+  Rng rng(515);
+  std::vector<std::vector<float>> qs, ks;
+  for (int i = 0; i < pairs; ++i) {
+    qs.push_back(random_unit_vector(rng, d));
+    ks.push_back(random_unit_vector(rng, d));
+  }
+  for (int bits = 2; bits <= 4; ++bits) {
+    SCOPED_TRACE(fmt::format("bits {}", bits));
+    const TurboQuantProd prod({d, bits, RotationKind::hadamard, 11, 12});
+    const TurboQuantMse mse({d, bits, RotationKind::hadamard, 11, ScaleMode::plain});
+    std::vector<uint8_t> prod_record(size_t(prod.record_bytes())), mse_record(size_t(mse.record_bytes()));
+    std::vector<float> decoded(static_cast<size_t>(d));
+    std::vector<double> prod_error(pairs), mse_error(pairs);
+    for (int i = 0; i < pairs; ++i) {
+      const double truth = dot(qs[size_t(i)], ks[size_t(i)]);
+      prod.encode(ks[size_t(i)], prod_record);
+      prod_error[size_t(i)] = prod.estimate(qs[size_t(i)], prod_record) - truth;
+      mse.encode(ks[size_t(i)], mse_record);
+      mse.decode(mse_record, decoded);
+      mse_error[size_t(i)] = dot(qs[size_t(i)], decoded) - truth;
+    }
+    auto variance = [](const std::vector<double>& e) {
+      double mean = 0.0, sum2 = 0.0;
+      for (double v : e) mean += v / double(e.size());
+      for (double v : e) sum2 += (v - mean) * (v - mean);
+      return sum2 / double(e.size() - 1);
+    };
+    const double ratio = variance(prod_error) / variance(mse_error);
+    const double theory = (std::numbers::pi / 2.0 - 1.0 / double(d)) * Codebook::lloyd_max(d, bits - 1).distortion() /
+                          Codebook::lloyd_max(d, bits).distortion();
+    std::cout << fmt::format("TurboQuant D=128 b={}: score error variance prod {:.3e} ({} bytes), mse {:.3e} ({} bytes), "
+                             "ratio {:.2f} (theory {:.2f})\n",
+                             bits, variance(prod_error), prod.record_bytes(), variance(mse_error), mse.record_bytes(), ratio, theory);
+    EXPECT_GT(ratio, 1.0);
+    EXPECT_NEAR(ratio / theory, 1.0, 0.10);
+  }
+}
+
+TEST(KvTurboQuantProd, RecordIsTheMseRecordThenTheResidualsQjlRecord) {
+  const int64_t d = 64;
+  const TurboQuantProd prod({d, 3, RotationKind::hadamard, 3, 4});
+  ASSERT_EQ(prod.record_bytes(), 4 + 16 + 4 + 8);
+  EXPECT_EQ(prod.mse().config().bits, 2);
+  EXPECT_EQ(prod.qjl().config().sketch_dim, d);
+  EXPECT_EQ(prod.qjl().config().seed, 4u);
+  Rng rng(31);
+  std::vector<float> x = random_unit_vector(rng, d), q = random_unit_vector(rng, d);
+  for (float& v : x) v *= 2.0f;
+  std::vector<uint8_t> record(32), mse_record(20), qjl_record(12);
+  prod.encode(x, record);
+  prod.mse().encode(x, mse_record);
+  EXPECT_TRUE(std::equal(mse_record.begin(), mse_record.end(), record.begin()));
+  std::vector<float> mse_x(static_cast<size_t>(d)), r(static_cast<size_t>(d)), decoded(static_cast<size_t>(d));
+  prod.mse().decode(mse_record, mse_x);
+  for (size_t j = 0; j < r.size(); ++j) r[j] = float(double(x[j]) - double(mse_x[j]));
+  prod.qjl().encode(r, qjl_record);
+  EXPECT_TRUE(std::equal(qjl_record.begin(), qjl_record.end(), record.begin() + 20));
+  // The estimate is <q, x~_mse> + QJL's estimate of <q, r>, and <q, decode()> is the estimate.
+  const double want = dot(q, mse_x) + prod.qjl().estimate(q, qjl_record);
+  EXPECT_NEAR(prod.estimate(q, record), want, 1e-12);
+  prod.decode(record, decoded);
+  EXPECT_NEAR(dot(q, decoded), want, 1e-5);
+}
+
 // ---------------------------------------------------------------------------------------------
 // QJL keys
 
@@ -1161,6 +1400,45 @@ TEST(KvErrors, TurboQuant) {
   EXPECT_ERROR(tq.decode(record, short_x), "turboquant.decode: x: expected 64 values (head_dim), got 63");
   record[3] = 0xBF;  // f32 sign bit set: a negative norm no encoder writes
   EXPECT_ERROR(tq.decode(record, x), "turboquant.decode: record norm: expected a finite norm >= 0, got -0.5");
+}
+
+TEST(KvErrors, TurboQuantSplit) {
+  EXPECT_ERROR(TurboQuantMse({128, 2, RotationKind::hadamard, 0, ScaleMode::plain, 128}),
+               "turboquant: config.high_bits_channels: expected h in [0, 128) (head_dim), got 128");
+  EXPECT_ERROR(TurboQuantMse({128, 2, RotationKind::hadamard, 0, ScaleMode::plain, -1}),
+               "turboquant: config.high_bits_channels: expected h in [0, 128) (head_dim), got -1");
+  EXPECT_ERROR(TurboQuantMse({128, 4, RotationKind::hadamard, 0, ScaleMode::plain, 64}),
+               "turboquant: config.bits: expected 1, 2 or 3 with high_bits_channels > 0 (its channels take bits + 1 <= 4), got 4");
+  const TurboQuantMse split({64, 2, RotationKind::hadamard, 0, ScaleMode::plain, 32});
+  std::vector<float> x(64, 0.5f);
+  std::vector<uint8_t> short_record(20);
+  EXPECT_ERROR(split.encode(x, short_record), "turboquant.encode: record: expected 24 bytes (record_bytes()), got 20 bytes");
+}
+
+TEST(KvErrors, TurboQuantProd) {
+  EXPECT_ERROR(TurboQuantProd({72, 3}), "turboquant_prod: config.head_dim: expected head_dim D a multiple of 16 in [16, 256], got D = 72");
+  EXPECT_ERROR(TurboQuantProd({128, 1}),
+               "turboquant_prod: config.bits: expected 2, 3, 4 or 5 (b - 1 = 1..4 bits of MSE codes, 1 of QJL signs), got 1");
+  EXPECT_ERROR(TurboQuantProd({128, 6}),
+               "turboquant_prod: config.bits: expected 2, 3, 4 or 5 (b - 1 = 1..4 bits of MSE codes, 1 of QJL signs), got 6");
+  EXPECT_ERROR(TurboQuantProd({128, 3, RotationKind::hadamard, 7, 7}),
+               "turboquant_prod: config.sketch_seed: expected a seed other than config.seed = 7 (the rotation's), got 7");
+  EXPECT_ERROR(TurboQuantProd({128, 3}, Codebook::lloyd_max(128, 3)),
+               "turboquant: codebook: expected a codebook for D = 128, bits = 2 (the config's), got D = 128, bits = 3");
+  const TurboQuantProd prod({64, 3});  // 20 + 12 bytes
+  std::vector<float> x(64, 0.5f), short_x(63);
+  std::vector<uint8_t> record(32), short_record(31);
+  EXPECT_ERROR(prod.encode(short_x, record), "turboquant_prod.encode: x: expected 64 values (head_dim), got 63");
+  EXPECT_ERROR(prod.encode(x, short_record), "turboquant_prod.encode: record: expected 32 bytes (record_bytes()), got 31 bytes");
+  EXPECT_ERROR(prod.decode(short_record, x), "turboquant_prod.decode: record: expected 32 bytes (record_bytes()), got 31 bytes");
+  EXPECT_ERROR(prod.estimate(short_x, record), "turboquant_prod.estimate: q: expected 64 values (head_dim), got 63");
+  prod.encode(x, record);
+  record[20] = record[21] = record[22] = 0;
+  record[23] = 0xBF;  // the residual norm (bytes 20-23) 0xBF000000 = -0.5, which no encoder writes
+  EXPECT_ERROR(prod.estimate(x, record), "turboquant_prod.estimate: record residual norm: expected a finite norm >= 0, got -0.5");
+  EXPECT_ERROR(prod.decode(record, x), "turboquant_prod.decode: record residual norm: expected a finite norm >= 0, got -0.5");
+  x[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_ERROR(prod.estimate(x, record), "turboquant_prod.estimate: q[3]: expected a finite value, got nan");
 }
 
 TEST(KvErrors, Qjl) {

@@ -37,6 +37,13 @@
 //   every vector: kvquant.h); no exact distortion.
 // - RaBitQ keys with B bit planes (1: RaBitQ, 2-4: extended RaBitQ), zero centroid, estimated with
 //   the full-precision query: slope 1 (unbiased: kvquant.h); values in f16.
+// - TurboQuant, split (turboquant.split, 2.5 and 3.5 bits: the first D / 2 rotated coordinates at
+//   3 (4) bits, the rest at 2 (3), plain scale): distortion exactly the mean of the two widths'
+//   (h distortion(b + 1) + (D - h) distortion(b)), slope 1 - that; lower bound 4^-bits, upper the
+//   mean of the two widths' upper bounds.
+// - TurboQuant, inner product (turboquant.prod, b = 2..4 bits: b - 1 MSE + 1 QJL with m = D on the
+//   residual; keys only, values are TurboQuant (MSE, plain) at b bits): slope 1, distortion
+//   (pi/2 - 1/D) D distortion(b - 1) in expectation over sketches (QJL's on the residual).
 // - QJL with m = bits * D sign bits: slope 1, distortion (pi D / 2 - 1) / m, bound pi D / (2 m);
 //   error variance exactly the mean over pairs of ((pi/2) |q|^2 |k|^2 - <q, k>^2) / m, bound
 //   (pi/2) |q|^2 |k|^2 / m (kvquant.h derives both). Values are stored in f16. All of these are
@@ -65,13 +72,13 @@ struct KvEvalOptions {
   // Filters, empty for all: codec names (a name selects itself and the names below it:
   // "turboquant" selects turboquant.plain, .norm_corrected and .unbiased) and bit widths.
   std::vector<std::string> codecs;
-  std::vector<int> bits;
+  std::vector<double> bits;  // 2.5 and 3.5 select turboquant.split's widths
   std::function<void(const std::string&)> progress;  // one line per codec and width, or null
 };
 
 struct KvEvalRecord {
   std::string codec;   // "turboquant.plain", "qjl", ...
-  int bits = 0;        // bits per coordinate (QJL: sketch size m / D; f16: 16)
+  double bits = 0;     // bits per coordinate (2.5, 3.5: turboquant.split; QJL: sketch size m / D; f16: 16)
   std::string config;  // the codec's parameters in words ("hadamard rotation", "m = 256", ...)
   int64_t vectors = 0; // keys measured (KIVI: whole blocks of 32 only)
 

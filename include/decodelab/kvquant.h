@@ -8,6 +8,8 @@
 // - TurboQuant (MSE): Zandieh, Daliri, Hadian, Mirrokni, "TurboQuant: Online Vector Quantization
 //   with Near-optimal Distortion Rate", arXiv:2504.19874 (2025), Algorithm 1. A vector is stored
 //   as its norm plus one codebook index per coordinate of its rotated direction.
+// - TurboQuant (inner product): the same paper's Algorithm 2, TurboQuant (MSE) at b - 1 bits plus
+//   a 1-bit QJL sketch of the residual; an option with unbiased inner products.
 // - QJL keys: Zandieh, Daliri, Han, "QJL: 1-Bit Quantized JL Transform for KV Cache Quantization
 //   with Zero Overhead", arXiv:2406.03482 (2024). A key is stored as its norm plus the m sign bits
 //   of a seeded Gaussian sketch S k; a full-precision query q scores it with the unbiased
@@ -29,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -158,13 +161,32 @@ class Codebook {
 // codebook for this D to y_j (the coordinates of y have the density above); pack the indices.
 // Decode: unpack, y~_j = centroid[index_j], u~ = R^T y~, x~ = scale * u~.
 //
-// Per-token record (record_bytes() = 4 + ceil(D * bits / 8) bytes, byte-aligned only):
+// Per-token record of an integer width (high_bits_channels = 0; record_bytes() =
+// 4 + ceil(D * bits / 8) bytes, byte-aligned only):
 //   bytes [0, 4)  the norm n as an f32, little-endian. f32 rather than f16: the norm is a small
 //                 part of the record (4 of 68 bytes at D = 128, 4 bits), and f32 neither overflows
 //                 on large keys nor adds error to the codes.
 //   bytes [4, ..) the D indices, bit-packed as above.
 // Plain and norm-corrected read and write the same record; unbiased stores its scale s (below)
 // where the others store n, and decodes as plain does.
+//
+// Fractional widths by splitting channels (high_bits_channels = h > 0): the first h coordinates
+// of y = R u take b + 1 bits with the Lloyd-Max codebook for (D, b + 1), the other D - h take b
+// bits with the codebook for (D, b), so a vector costs b + h / D bits per coordinate (2.5 bits at
+// D = 128 is b = 2, h = 64; 3.5 is b = 3, h = 64). Which coordinates get the wider codes does not
+// matter: after a random rotation every coordinate of y has the same density (Lemma 1), so any
+// fixed set of h of them gives the same expected error, D * distortion = h * distortion(b + 1) +
+// (D - h) * distortion(b); the first h is the choice that keeps each part contiguous. The scale
+// modes apply unchanged (<y, y~> and ||y~|| are over all D coordinates). Record
+// (record_bytes() = 4 + ceil(h * (b + 1) / 8) + ceil((D - h) * b / 8) bytes):
+//   bytes [0, 4)        the norm (or the unbiased scale), f32, as above.
+//   then                the h high-width indices, pack_bits at b + 1 bits, ceil(h * (b + 1) / 8)
+//                       bytes (index j is coordinate j);
+//   then                the D - h low-width indices, pack_bits at b bits (index j is coordinate
+//                       h + j), each part starting on a byte.
+// With h = 0 the record is the integer-width record above, byte for byte. The fused attention
+// kernels read one width from config().bits, so the paged cache ops refuse a split codec
+// (turboquant_cache.h); encode() and decode() are its reference.
 
 enum class ScaleMode : uint8_t {
   // x~ = n * u~. E||u - u~||^2 is D * codebook.distortion(), the quantity the paper bounds; u~ is
@@ -193,17 +215,29 @@ struct TurboQuantConfig {
   RotationKind rotation = RotationKind::hadamard;
   uint64_t seed = 0;       // the rotation's seed: same config, same codes
   ScaleMode scale = ScaleMode::plain;
+  // h in [0, head_dim): the first h rotated coordinates take bits + 1 bits (bits <= 3 then), the
+  // rest `bits`; 0 (the default) for an integer width. See the split record above.
+  int64_t high_bits_channels = 0;
+
+  // bits + high_bits_channels / head_dim: 2.5 for {128, 2, ..., high_bits_channels = 64}.
+  double bits_per_coordinate() const { return double(bits) + double(high_bits_channels) / double(head_dim); }
 };
 
 class TurboQuantMse {
  public:
-  // Builds the rotation and computes the codebook for (head_dim, bits).
+  // Builds the rotation and computes the codebook for (head_dim, bits), and for a split width
+  // the one for (head_dim, bits + 1).
   explicit TurboQuantMse(const TurboQuantConfig& config);
-  // With a codebook computed before; it must be for head_dim and bits.
+  // With a codebook computed before; it must be for head_dim and bits (a split width's wider
+  // codebook is computed here).
   TurboQuantMse(const TurboQuantConfig& config, Codebook codebook);
 
   const TurboQuantConfig& config() const { return config_; }
+  // The codebook of the `bits`-bit coordinates (all of them at an integer width).
   const Codebook& codebook() const { return codebook_; }
+  // A split width's codebook for the first high_bits_channels coordinates, at bits + 1; null at
+  // an integer width.
+  const Codebook* high_codebook() const { return high_codebook_ ? &*high_codebook_ : nullptr; }
   const Rotation& rotation() const { return rotation_; }
   int64_t record_bytes() const;
 
@@ -216,6 +250,7 @@ class TurboQuantMse {
   TurboQuantConfig config_;
   Rotation rotation_;
   Codebook codebook_;
+  std::optional<Codebook> high_codebook_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -278,6 +313,67 @@ class QjlKeys {
 
   QjlConfig config_;
   std::vector<double> sketch_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// TurboQuant (inner product), an option, not the default: arXiv:2504.19874, Algorithm 2. b bits
+// per coordinate = TurboQuant (MSE) at b - 1 bits (plain scale) + 1-bit QJL with m = D on the
+// residual r = x - x~_mse, for unbiased inner products <q, x> with full-precision queries.
+//
+// Encode: the MSE record of x; x~_mse = its decoding (f32, as any decoder sees it); r = x - x~_mse;
+// the QJL record of r (||r|| and sign(S r)), S the m x D Gaussian sketch of sketch_seed.
+// Estimate: <q, x>^ = <q, x~_mse> + sqrt(pi/2) / m * ||r|| * <S q, sign(S r)>. Decode: x~ =
+// x~_mse + sqrt(pi/2) / m * ||r|| * S^T sign(S r) (the paper's DeQuant_prod), whose inner product
+// with any q is the estimate.
+// Unbiased: given the rotation, r is fixed and QJL's estimate of <q, r> is unbiased over S
+// (QjlKeys above), so E_S <q, x>^ = <q, x~_mse> + <q, r> = <q, x>, for every q and x.
+// Variance over S, given the rotation (QJL's, with r for k):
+//   Var <q, x>^ = ((pi/2) ||q||^2 ||r||^2 - <q, r>^2) / m  <=  (pi/2) ||q||^2 ||r||^2 / m,
+// with E ||r||^2 = ||x||^2 * D * distortion(b - 1) (TurboQuant's plain distortion at b - 1 bits).
+// The caveat (issue 5): for a q independent of x, the plain MSE quantizer at the same b has score
+// error variance about ||q||^2 ||x||^2 distortion(b), this one about (pi/2 - 1/D) ||q||^2 ||x||^2
+// distortion(b - 1): 4-6x larger at b = 2..4, D = 128 (KvTurboQuantProd.ScoreVarianceVsMse).
+// Unbiased, but noisier, and attention's softmax is hurt more by the noise than by the MSE
+// quantizer's shrinkage; hence an option.
+//
+// Per-token record (record_bytes() = 4 + ceil(D (b - 1) / 8) + 4 + ceil(D / 8) bytes; 56 at
+// D = 128, b = 3, where TurboQuantMse at 3 bits takes 52):
+//   bytes [0, M)        the TurboQuantMse record of x at b - 1 bits, M = its record_bytes();
+//   bytes [M, M + 4)    ||r|| as an f32, little-endian;
+//   bytes [M + 4, ..)   the D sign bits of S r in pack_signs' layout.
+// That is the MSE record followed by the QjlKeys record of r.
+struct TurboQuantProdConfig {
+  int64_t head_dim = 128;  // a multiple of 16 in [16, 256]
+  int bits = 3;            // b in 2..5: b - 1 bits of MSE codes, 1 of QJL signs
+  RotationKind rotation = RotationKind::hadamard;
+  uint64_t seed = 0;         // the rotation's seed
+  // The sketch's; must differ from seed: both draw from decodelab's seeded stream, and a dense
+  // rotation of the same seed orthogonalizes the very draws that make S (QjlKeys above).
+  uint64_t sketch_seed = 1;
+};
+
+class TurboQuantProd {
+ public:
+  explicit TurboQuantProd(const TurboQuantProdConfig& config);
+  // With the codebook of the MSE stage computed before: for head_dim and bits - 1.
+  TurboQuantProd(const TurboQuantProdConfig& config, Codebook mse_codebook);
+
+  const TurboQuantProdConfig& config() const { return config_; }
+  const TurboQuantMse& mse() const { return mse_; }  // the b - 1-bit stage
+  const QjlKeys& qjl() const { return qjl_; }        // the residual's sketch, m = D
+  int64_t record_bytes() const { return mse_.record_bytes() + qjl_.record_bytes(); }
+
+  // x (head_dim finite values) into `record` (record_bytes()).
+  void encode(std::span<const float> x, std::span<uint8_t> record) const;
+  // `record` into x~ = x~_mse + the residual's QJL reconstruction (head_dim values).
+  void decode(std::span<const uint8_t> record, std::span<float> x) const;
+  // The estimate of <q, x> for q (head_dim finite values), in double.
+  double estimate(std::span<const float> q, std::span<const uint8_t> record) const;
+
+ private:
+  TurboQuantProdConfig config_;
+  TurboQuantMse mse_;
+  QjlKeys qjl_;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 // of k_pages (values likewise with Rv), and holds TurboQuantMse's record: bytes [0, 4) the norm as
 // a little-endian f32, bytes [4, R) the D codebook indices of the rotated direction, bit-packed
 // (kvquant.h). Keys and values have their own codec, so their own bits (1-4), rotation seed and
-// scale mode; both have the queries' head_dim. At D = 128 a 4-bit token costs 68 + 68 bytes per
+// scale mode; both have the queries' head_dim and one integer width: a split-width codec
+// (high_bits_channels > 0, kvquant.h) is refused, as no kernel expands two widths. At D = 128 a 4-bit token costs 68 + 68 bytes per
 // KV head against 512 in f16, a 2-bit one 36 + 36.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an

@@ -190,8 +190,8 @@ void round_through_f16(std::span<const float> x, std::span<double> out) {
 
 // The paper's bounds on the MSE distortion of a unit vector at b bits (arXiv:2504.19874,
 // Theorems 1 and 3): every quantizer is above 4^-b, TurboQuant below (sqrt(3) pi / 2) 4^-b.
-double turboquant_lower_bound(int bits) { return std::pow(4.0, -bits); }
-double turboquant_upper_bound(int bits) { return std::sqrt(3.0) * std::numbers::pi / 2.0 * std::pow(4.0, -bits); }
+double turboquant_lower_bound(double bits) { return std::pow(4.0, -bits); }
+double turboquant_upper_bound(double bits) { return std::sqrt(3.0) * std::numbers::pi / 2.0 * std::pow(4.0, -bits); }
 
 class F16Codec final : public EvalCodec {
  public:
@@ -210,12 +210,19 @@ class F16Codec final : public EvalCodec {
 class TurboQuantCodec final : public EvalCodec {
  public:
   // Keys and values get rotations of their own seeds, as a cache would.
-  TurboQuantCodec(int64_t dim, int bits, uint64_t seed, ScaleMode scale)
-      : keys_({dim, bits, RotationKind::hadamard, seed + 1, scale}),
-        values_({dim, bits, RotationKind::hadamard, seed + 2, scale}, keys_.codebook()) {}
+  // high_bits_channels > 0: a split width (kvquant.h), bits + high_bits_channels / dim.
+  TurboQuantCodec(int64_t dim, int bits, uint64_t seed, ScaleMode scale, int64_t high_bits_channels = 0)
+      : keys_({dim, bits, RotationKind::hadamard, seed + 1, scale, high_bits_channels}),
+        values_({dim, bits, RotationKind::hadamard, seed + 2, scale, high_bits_channels}, keys_.codebook()) {}
 
   std::string config() const override {
-    return fmt::format("hadamard rotation, Lloyd-Max codebook for D = {}, f32 norm", keys_.config().head_dim);
+    const TurboQuantConfig& c = keys_.config();
+    if (c.high_bits_channels > 0) {
+      return fmt::format("hadamard rotation, first {} rotated coordinates at {} bits and {} at {}, Lloyd-Max codebooks "
+                         "for D = {}, f32 norm",
+                         c.high_bits_channels, c.bits + 1, c.head_dim - c.high_bits_channels, c.bits, c.head_dim);
+    }
+    return fmt::format("hadamard rotation, Lloyd-Max codebook for D = {}, f32 norm", c.head_dim);
   }
   int64_t key_bytes() const override { return keys_.record_bytes(); }
   int64_t value_bytes() const override { return values_.record_bytes(); }
@@ -225,6 +232,19 @@ class TurboQuantCodec final : public EvalCodec {
   }
   Theory theory() const override {
     const TurboQuantConfig& c = keys_.config();
+    if (c.high_bits_channels > 0) {
+      // Split: the mean over coordinates of the two widths' exact distortions, and of their upper
+      // bounds (the paper's bound is per integer width); the lower bound 4^-b holds at any rate.
+      const double high = double(c.high_bits_channels) / double(c.head_dim);
+      const double exact = double(c.high_bits_channels) * keys_.high_codebook()->distortion() +
+                           double(c.head_dim - c.high_bits_channels) * keys_.codebook().distortion();
+      return {.distortion_exact = exact,
+              .distortion_lower_bound = turboquant_lower_bound(c.bits_per_coordinate()),
+              .distortion_upper_bound = high * turboquant_upper_bound(c.bits + 1) + (1.0 - high) * turboquant_upper_bound(c.bits),
+              .slope = 1.0 - exact,
+              .note = "exact: h x the Lloyd-Max distortion at b + 1 bits + (D - h) x that at b, slope 1 - that; bounds 4^-bits "
+                      "and the mean of the two widths' (sqrt(3) pi / 2) 4^-b (arXiv:2504.19874)"};
+    }
     Theory t{.distortion_lower_bound = turboquant_lower_bound(c.bits), .distortion_upper_bound = turboquant_upper_bound(c.bits)};
     if (c.scale == ScaleMode::plain) {
       const double exact = double(c.head_dim) * keys_.codebook().distortion();
@@ -253,6 +273,57 @@ class TurboQuantCodec final : public EvalCodec {
   }
 
   TurboQuantMse keys_;
+  TurboQuantMse values_;
+};
+
+// TurboQuant (inner product) keys at b bits, with TurboQuant (MSE, plain) values at the same b:
+// the variant is for scores; values are weighted sums, and the default serves them.
+class TurboQuantProdCodec final : public EvalCodec {
+ public:
+  TurboQuantProdCodec(int64_t dim, int bits, uint64_t seed)
+      : keys_({.head_dim = dim, .bits = bits, .rotation = RotationKind::hadamard, .seed = seed + 1, .sketch_seed = seed + 3}),
+        values_({dim, bits, RotationKind::hadamard, seed + 2, ScaleMode::plain}) {}
+
+  std::string config() const override {
+    return "hadamard rotation, b - 1-bit MSE codes + f32 norm, m = D QJL signs of the residual + f32 residual norm; values "
+           "TurboQuant (MSE) at b bits";
+  }
+  int64_t key_bytes() const override { return keys_.record_bytes(); }
+  int64_t value_bytes() const override { return values_.record_bytes(); }
+  // decode() is x~_mse + the residual's QJL reconstruction: <q, x~> is the estimator.
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override {
+    const size_t d = size_t(keys_.config().head_dim);
+    std::vector<uint8_t> record(size_t(keys_.record_bytes()));
+    std::vector<float> decoded(d);
+    for (size_t row = 0; row < keys.size(); row += d) {
+      keys_.encode(keys.subspan(row, d), record);
+      keys_.decode(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+    }
+  }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override {
+    const size_t d = size_t(values_.config().head_dim);
+    std::vector<uint8_t> record(size_t(values_.record_bytes()));
+    std::vector<float> decoded(d);
+    for (size_t row = 0; row < values.size(); row += d) {
+      values_.encode(values.subspan(row, d), record);
+      values_.decode(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+    }
+  }
+  // k~ - k = r~ - r, QJL's reconstruction error of the residual: E ||r~ - r||^2 = (pi D / 2 - 1) /
+  // m ||r||^2 over the sketch (as the qjl row's), m = D, and E ||r||^2 = D distortion(b - 1).
+  Theory theory() const override {
+    const double d = double(keys_.config().head_dim);
+    return {.distortion_exact = (std::numbers::pi / 2.0 - 1.0 / d) * d * keys_.mse().codebook().distortion(),
+            .slope = 1.0,
+            .note = "unbiased (arXiv:2504.19874, Algorithm 2); distortion (pi/2 - 1/D) x the b - 1-bit MSE distortion; error "
+                    "variance over the sketch ((pi/2)|q|^2|r|^2 - <q,r>^2) / D, r the MSE residual (kvquant.h); several "
+                    "times the MSE quantizer's at equal bits"};
+  }
+
+ private:
+  TurboQuantProd keys_;
   TurboQuantMse values_;
 };
 
@@ -352,10 +423,11 @@ class KiviEvalCodec final : public EvalCodec {
 };
 
 // The table: one line per codec. `bits` are the widths evaluated; make builds one width for D.
+// Bits are per coordinate, fractional for the split widths.
 struct CodecEntry {
   std::string_view name;
-  std::vector<int> bits;
-  std::unique_ptr<EvalCodec> (*make)(int64_t dim, int bits, uint64_t seed);
+  std::vector<double> bits;
+  std::unique_ptr<EvalCodec> (*make)(int64_t dim, double bits, uint64_t seed);
 };
 
 // RaBitQ keys (B bits, zero centroid) with f16 values: decode() gives the vector whose dot product
@@ -394,19 +466,27 @@ class RabitqCodec final : public EvalCodec {
 };
 
 template <ScaleMode kScale>
-std::unique_ptr<EvalCodec> make_turboquant(int64_t dim, int bits, uint64_t seed) {
-  return std::make_unique<TurboQuantCodec>(dim, bits, seed, kScale);
+std::unique_ptr<EvalCodec> make_turboquant(int64_t dim, double bits, uint64_t seed) {
+  return std::make_unique<TurboQuantCodec>(dim, int(bits), seed, kScale);
+}
+
+// 2.5 bits: the first D / 2 rotated coordinates at 3 bits, the other D / 2 at 2 (plain scale).
+std::unique_ptr<EvalCodec> make_turboquant_split(int64_t dim, double bits, uint64_t seed) {
+  const int low = int(std::floor(bits));
+  return std::make_unique<TurboQuantCodec>(dim, low, seed, ScaleMode::plain, std::llround((bits - low) * double(dim)));
 }
 
 const std::vector<CodecEntry>& codec_table() {
   static const std::vector<CodecEntry> table{
-      {"f16", {16}, [](int64_t d, int, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<F16Codec>(d); }},
+      {"f16", {16}, [](int64_t d, double, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<F16Codec>(d); }},
       {"turboquant.plain", {1, 2, 3, 4}, make_turboquant<ScaleMode::plain>},
       {"turboquant.norm_corrected", {1, 2, 3, 4}, make_turboquant<ScaleMode::norm_corrected>},
       {"turboquant.unbiased", {1, 2, 3, 4}, make_turboquant<ScaleMode::unbiased>},
-      {"rabitq", {1, 2, 3, 4}, [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<RabitqCodec>(d, b, s); }},
-      {"qjl", {1, 2, 4}, [](int64_t d, int b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, b, s); }},
-      {"kivi", {2, 4}, [](int64_t d, int b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, b); }},
+      {"turboquant.split", {2.5, 3.5}, make_turboquant_split},
+      {"turboquant.prod", {2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<TurboQuantProdCodec>(d, int(b), s); }},
+      {"rabitq", {1, 2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<RabitqCodec>(d, int(b), s); }},
+      {"qjl", {1, 2, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, int(b), s); }},
+      {"kivi", {2, 4}, [](int64_t d, double b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, int(b)); }},
   };
   return table;
 }
@@ -563,12 +643,12 @@ KvEvalResult run_kv_eval(const KvEvalOptions& o) {
   }
   struct Job {
     const CodecEntry* entry;
-    int bits;
+    double bits;
   };
   std::vector<Job> jobs;
   for (const CodecEntry& e : table) {
     if (!selected(o.codecs, e.name)) continue;
-    for (int b : e.bits) {
+    for (double b : e.bits) {
       if (o.bits.empty() || std::find(o.bits.begin(), o.bits.end(), b) != o.bits.end()) jobs.push_back({&e, b});
     }
   }
@@ -599,7 +679,9 @@ KvEvalResult run_kv_eval(const KvEvalOptions& o) {
 std::string kv_eval_json(const KvEvalResult& result) {
   nlohmann::json records = nlohmann::json::array();
   for (const KvEvalRecord& r : result.records) {
-    records.push_back({{"codec", r.codec}, {"bits", r.bits}, {"config", r.config}, {"vectors", r.vectors},
+    // Integer widths stay JSON integers; the split widths are 2.5 and 3.5.
+    const nlohmann::json bits = r.bits == std::floor(r.bits) ? nlohmann::json(int64_t(r.bits)) : nlohmann::json(r.bits);
+    records.push_back({{"codec", r.codec}, {"bits", bits}, {"config", r.config}, {"vectors", r.vectors},
                        {"key_bytes", r.key_bytes}, {"value_bytes", r.value_bytes}, {"f16_bytes", r.f16_bytes},
                        {"distortion", r.distortion}, {"distortion_exact", optional_json(r.distortion_exact)},
                        {"distortion_lower_bound", optional_json(r.distortion_lower_bound)},

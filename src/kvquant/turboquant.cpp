@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "core/check.h"
@@ -22,7 +23,21 @@ const TurboQuantConfig& checked(const TurboQuantConfig& config) {
   const detail::ArgCheck check("turboquant");
   check.head_dim(config.head_dim, "config.head_dim");
   if (config.bits < 1 || config.bits > 4) check.fail("config.bits", "1, 2, 3 or 4", std::to_string(config.bits));
+  // h = head_dim would be the integer width bits + 1, spelled another way: refused, so that one
+  // width has one config and one record.
+  if (config.high_bits_channels < 0 || config.high_bits_channels >= config.head_dim) {
+    check.fail("config.high_bits_channels", fmt::format("h in [0, {}) (head_dim)", config.head_dim),
+               std::to_string(config.high_bits_channels));
+  }
+  if (config.high_bits_channels > 0 && config.bits == 4) {
+    check.fail("config.bits", "1, 2 or 3 with high_bits_channels > 0 (its channels take bits + 1 <= 4)", "4");
+  }
   return config;
+}
+
+std::optional<Codebook> high_codebook_for(const TurboQuantConfig& config) {
+  if (config.high_bits_channels == 0) return std::nullopt;
+  return Codebook::lloyd_max(config.head_dim, config.bits + 1);
 }
 
 // Both directions take one vector of head_dim values and one record.
@@ -48,12 +63,14 @@ std::string_view scale_mode_name(ScaleMode mode) {
 TurboQuantMse::TurboQuantMse(const TurboQuantConfig& config)
     : config_(checked(config)),
       rotation_(Rotation::make(config.rotation, config.head_dim, config.seed)),
-      codebook_(Codebook::lloyd_max(config.head_dim, config.bits)) {}
+      codebook_(Codebook::lloyd_max(config.head_dim, config.bits)),
+      high_codebook_(high_codebook_for(config)) {}
 
 TurboQuantMse::TurboQuantMse(const TurboQuantConfig& config, Codebook codebook)
     : config_(checked(config)),
       rotation_(Rotation::make(config.rotation, config.head_dim, config.seed)),
-      codebook_(std::move(codebook)) {
+      codebook_(std::move(codebook)),
+      high_codebook_(high_codebook_for(config)) {
   // The coordinates of a rotated unit vector have scale 1/sqrt(D) for this D: a codebook fitted
   // to another D would quantize every coordinate on the wrong scale, silently.
   if (codebook_.dim() != config.head_dim || codebook_.bits() != config.bits) {
@@ -63,7 +80,10 @@ TurboQuantMse::TurboQuantMse(const TurboQuantConfig& config, Codebook codebook)
   }
 }
 
-int64_t TurboQuantMse::record_bytes() const { return kNormBytes + packed_bytes(config_.head_dim, config_.bits); }
+int64_t TurboQuantMse::record_bytes() const {
+  const int64_t h = config_.high_bits_channels;
+  return kNormBytes + (h > 0 ? packed_bytes(h, config_.bits + 1) : 0) + packed_bytes(config_.head_dim - h, config_.bits);
+}
 
 void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) const {
   const detail::ArgCheck check("turboquant.encode");
@@ -78,9 +98,11 @@ void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) 
   rotation_.apply(y, y);
   std::vector<uint8_t> indices(static_cast<size_t>(d));
   double agreement = 0.0;  // <y, y~>, for the unbiased scale
+  const size_t h = size_t(config_.high_bits_channels);
   for (size_t j = 0; j < indices.size(); ++j) {
-    indices[j] = codebook_.index_of(y[j]);
-    agreement += y[j] * codebook_.centroids()[indices[j]];
+    const Codebook& book = j < h ? *high_codebook_ : codebook_;
+    indices[j] = book.index_of(y[j]);
+    agreement += y[j] * book.centroids()[indices[j]];
   }
   const double scale = config_.scale == ScaleMode::unbiased && norm > 0.0 ? norm / agreement : norm;
   // The unbiased scale exceeds the norm (by 1 / <y, y~>, about 1.14 at 2 bits): near FLT_MAX it
@@ -90,7 +112,14 @@ void TurboQuantMse::encode(std::span<const float> x, std::span<uint8_t> record) 
   }
 
   detail::store_f32_le(record.data(), float(scale));
-  pack_bits(indices, config_.bits, record.subspan(kNormBytes));
+  const std::span<const uint8_t> all(indices);
+  std::span<uint8_t> codes = record.subspan(kNormBytes);
+  if (h > 0) {
+    const size_t high_bytes = size_t(packed_bytes(int64_t(h), config_.bits + 1));
+    pack_bits(all.first(h), config_.bits + 1, codes.first(high_bytes));
+    codes = codes.subspan(high_bytes);
+  }
+  pack_bits(all.subspan(h), config_.bits, codes);
 }
 
 void TurboQuantMse::decode(std::span<const uint8_t> record, std::span<float> x) const {
@@ -100,11 +129,18 @@ void TurboQuantMse::decode(std::span<const uint8_t> record, std::span<float> x) 
   const float norm = detail::checked_record_norm(check, record.data(), "record norm");
 
   std::vector<uint8_t> indices(static_cast<size_t>(d));
-  unpack_bits(record.subspan(kNormBytes), config_.bits, indices);
+  const size_t h = size_t(config_.high_bits_channels);
+  std::span<const uint8_t> codes = record.subspan(kNormBytes);
+  if (h > 0) {
+    const size_t high_bytes = size_t(packed_bytes(int64_t(h), config_.bits + 1));
+    unpack_bits(codes.first(high_bytes), config_.bits + 1, std::span<uint8_t>(indices).first(h));
+    codes = codes.subspan(high_bytes);
+  }
+  unpack_bits(codes, config_.bits, std::span<uint8_t>(indices).subspan(h));
   std::vector<double> y(static_cast<size_t>(d));
   double length2 = 0.0;
   for (size_t j = 0; j < y.size(); ++j) {
-    y[j] = codebook_.centroids()[indices[j]];
+    y[j] = (j < h ? *high_codebook_ : codebook_).centroids()[indices[j]];
     length2 += y[j] * y[j];
   }
   rotation_.apply_inverse(y, y);

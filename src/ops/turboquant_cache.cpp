@@ -24,6 +24,13 @@ const kvquant::TurboQuantMse& check_codec(const ArgCheck& c, const kvquant::Turb
     c.fail(name, fmt::format("a codec for head_dim D = {} (of {})", d, d_of),
            fmt::format("a codec for D = {}", codec->config().head_dim));
   }
+  // Every backend's kernels, the reference's included, expand one width of codes from
+  // config().bits; a split record would be read at the wrong offsets, so it is refused here once.
+  if (codec->config().high_bits_channels != 0) {
+    c.fail(name, "a codec of one integer width (the fused kernels do not implement split widths)",
+           fmt::format("a split {:g}-bit codec (high_bits_channels = {})", codec->config().bits_per_coordinate(),
+                       codec->config().high_bits_channels));
+  }
   return *codec;
 }
 

@@ -65,7 +65,7 @@ struct KvEvalCommandOptions {
   int64_t context = 1024;
   uint64_t seed = 1;
   std::vector<std::string> codecs;
-  std::vector<int> bits;
+  std::vector<double> bits;
   std::string json_path;       // write the records here when set
 };
 
