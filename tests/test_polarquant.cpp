@@ -137,10 +137,30 @@ TEST(KvPolarQuant, CodebooksMatchClosedForms) {
   }
 }
 
+// The largest |cell mean of the samples - centroid| over the cells, in standard errors of the mean.
+double worst_centroid_miss(const PolarAngleCodebook& book, const std::vector<double>& angles) {
+  const size_t cells = book.centroids().size();
+  std::vector<double> sum(cells, 0.0), sum2(cells, 0.0);
+  std::vector<int> count(cells, 0);
+  for (double a : angles) {
+    const uint8_t i = book.index_of(a);
+    sum[i] += a, sum2[i] += a * a, ++count[i];
+  }
+  double worst = 0.0;
+  for (size_t k = 0; k < cells; ++k) {
+    if (count[k] < 2) continue;
+    const double mean = sum[k] / count[k];
+    const double se = std::sqrt(std::max(sum2[k] / count[k] - mean * mean, 1e-300) / count[k]);
+    worst = std::max(worst, std::fabs(mean - book.centroids()[k]) / se);
+  }
+  return worst;
+}
+
 TEST(KvPolarQuant, CodebooksMeetTheLloydMaxConditionsOnSamples) {
   // 40000 sampled angles per level (1 .. 7): each centroid within 4 standard errors of the mean
   // of its cell's samples, and the sample distortion and mean cosine within 4 standard errors of
-  // the codebook's values. A codebook fitted to the next level's density misses by 10+.
+  // the codebook's values. So that the check is seen to fail, the codebook of the next level
+  // (k doubled) misses the centroid condition by more than 4 standard errors in some cell.
   Rng rng(617);
   for (int level = 1; level <= 7; ++level) {
     std::vector<double> angles(40000);
@@ -167,6 +187,7 @@ TEST(KvPolarQuant, CodebooksMeetTheLloydMaxConditionsOnSamples) {
         const double se = std::sqrt(std::max(sum2[k] / count[k] - mean * mean, 0.0) / count[k]);
         EXPECT_LT(std::fabs(mean - book.centroids()[k]), 4.0 * se + 1e-12) << "cell " << k;
       }
+      EXPECT_GT(worst_centroid_miss(PolarAngleCodebook::lloyd_max(level + 1, bits), angles), 4.0);
       auto mean_and_se = [](const std::vector<double>& v) {
         double m = 0.0, m2 = 0.0;
         for (double x : v) m += x / double(v.size()), m2 += x * x / double(v.size());
