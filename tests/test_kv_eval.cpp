@@ -149,11 +149,29 @@ TEST(KvEval, QjlIsUnbiasedWithItsVariance) {
   }
 }
 
+TEST(KvEval, PolarQuantDistortionAndSlopeMatchTheirPrediction) {
+  // 10^4 unit vectors at D = 128: the distortion within 3% of 2 (1 - prod_l c_l) and the slope
+  // within 3 standard errors (+ 0.2% for the Hadamard rotation) of prod_l c_l (kvquant.h).
+  const KvEvalResult result = run_kv_eval(options_for({"polarquant"}));
+  ASSERT_EQ(result.records.size(), 3u);
+  for (const KvEvalRecord& r : result.records) {
+    SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
+    std::cout << fmt::format("[ kv-eval  ] polarquant b={}: distortion {:.6f} (exact {:.6f}), slope {:.4f} +- {:.4f} (theory {:.4f}), "
+                             "{} bytes\n", r.bits, r.distortion, *r.distortion_exact, r.slope, r.slope_standard_error, *r.slope_theory,
+                             r.key_bytes);
+    ASSERT_TRUE(r.distortion_exact && r.slope_theory);
+    EXPECT_NEAR(r.distortion / *r.distortion_exact, 1.0, 0.03);
+    EXPECT_LT(std::fabs(r.slope - *r.slope_theory), 3.0 * r.slope_standard_error + 0.002);
+  }
+  EXPECT_GT(result.records[0].distortion, result.records[1].distortion);
+  EXPECT_GT(result.records[1].distortion, result.records[2].distortion);
+}
+
 TEST(KvEval, BytesPerTokenByHand) {
   KvEvalOptions o = options_for({}, 1024);
   o.context = 512;
   const KvEvalResult result = run_kv_eval(o);
-  ASSERT_EQ(result.records.size(), 27u);
+  ASSERT_EQ(result.records.size(), 30u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     EXPECT_EQ(r.f16_bytes, 256);
@@ -179,6 +197,12 @@ TEST(KvEval, BytesPerTokenByHand) {
       ASSERT_TRUE(r.slope_theory);
       EXPECT_DOUBLE_EQ(*r.slope_theory, 1.0);
       EXPECT_LE(std::fabs(r.slope - 1.0), 3.0 * r.slope_standard_error);
+    } else if (r.codec == "polarquant") {
+      // 1 f32 radius + 64 level-1 indices of b bits + 63 angles of ceil(b / 2) bits above, each
+      // of the 6 levels above starting on a byte (32 + 16 + 8 + 4 + 2 + 1 angles).
+      const int upper = (r.bits + 1) / 2;
+      EXPECT_EQ(r.key_bytes, 4 + 8 * r.bits + (32 * upper + 7) / 8 + (16 * upper + 7) / 8 + upper + 1 + 1 + 1);
+      EXPECT_EQ(r.value_bytes, r.key_bytes);
     } else {
       ASSERT_EQ(r.codec, "kivi");
       // A block of 32 keys: 128 f32 (min, scale) pairs + 32 * 128 b-bit codes; a value: 4 groups
@@ -204,7 +228,7 @@ TEST(KvEval, FiltersAndRefusals) {
   EXPECT_EQ(result.records[1].codec, "kivi");
   EXPECT_ERROR(run_kv_eval(options_for({"turbo"})),
                "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, "
-               "turboquant.split, turboquant.prod, rabitq, qjl, kivi or a prefix before a '.' (turboquant), got turbo");
+               "turboquant.split, turboquant.prod, rabitq, qjl, polarquant, kivi or a prefix before a '.' (turboquant), got turbo");
   o.bits = {3};
   o.codecs = {"kivi"};
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --bits: expected a width of a selected codec (kivi: 2,4), got 3");

@@ -49,6 +49,9 @@
 //   (pi/2) |q|^2 |k|^2 / m (kvquant.h derives both). Values are stored in f16. All of these are
 //   expectations over sketches; one sketch's figures differ by a few percent (its slope by the
 //   relative deviation of its mean row norm, standard deviation 1/sqrt(2 m D): 0.55% at m = D).
+// - PolarQuant (b bits at level 1, ceil(b / 2) above, every level 2^L divides D, keys and values):
+//   distortion exactly 2 (1 - prod_l c_l), slope prod_l c_l, c_l = E cos(psi_l - psi~_l), in
+//   expectation over a Haar rotation (kvquant.h derives both).
 // - KIVI (keys per channel over blocks of 32 tokens, values per token in groups of 32 channels;
 //   the full-precision window is off, so the figures are the quantizer's own): no theory.
 // - f16: the baseline, keys and values rounded to f16; no theory.

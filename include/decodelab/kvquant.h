@@ -26,6 +26,10 @@
 //   of its rotated direction and one correction factor; a query quantized to a few bits scores it
 //   by AND + popcount of bit planes, with an unbiased estimator and an explicit error bound.
 //
+// - PolarQuant: Han, Kacham, Karbasi, Mirrokni, Zandieh, "PolarQuant: Quantizing KV Caches with
+//   Polar Transformation", arXiv:2502.02617 (2025). A vector is rotated, transformed into polar
+//   coordinates level by level, and stored as its top radii plus per-level angle codebook indices.
+//
 // Everything here computes in double: it is the oracle that later CPU and CUDA codecs must match
 // code for code.
 #pragma once
@@ -603,5 +607,126 @@ class RabitqKeys {
 double rabitq_error_bound(double key_norm, double query_norm, double correction, int64_t dim, double epsilon0);
 // The probability, at most, that the estimate of one pair misses that bound: min(1, 2 exp(-eps0^2 / 2)).
 double rabitq_bound_failure_probability(double epsilon0);
+
+// ---------------------------------------------------------------------------------------------
+// PolarQuant: Han, Kacham, Karbasi, Mirrokni, Zandieh, "PolarQuant: Quantizing KV Caches with
+// Polar Transformation", arXiv:2502.02617 (2025). A vector is rotated, turned into polar
+// coordinates recursively, and stored as its top-level radii plus one codebook index per angle.
+//
+// Polar transform of y in R^D with L levels, D a multiple of 2^L (D = 2^L: one radius, the norm):
+//   level 0 radii are the coordinates, r0_i = y_i;
+//   level 1, i in [0, D/2): theta1_i = atan2(y_{2i+1}, y_{2i}) in [0, 2 pi), r1_i = |(y_{2i}, y_{2i+1})|;
+//   level l >= 2, i in [0, D/2^l): theta_l_i = atan2(r_{l-1, 2i+1}, r_{l-1, 2i}) in [0, pi/2],
+//                                 r_l_i = |(r_{l-1, 2i}, r_{l-1, 2i+1})|.
+// So angle i of level l and radius r_l_i describe coordinates [i 2^l, (i+1) 2^l) of y, and the
+// D / 2^L radii of level L with the D - D / 2^L angles describe y exactly. The inverse runs top
+// down: r_{l-1, 2i} = r_l_i cos(theta_l_i), r_{l-1, 2i+1} = r_l_i sin(theta_l_i).
+//
+// Angle densities (the paper's Lemma on the polar transform of a Gaussian, derived here in the
+// form the codebooks use). The angles depend only on the direction of y; after a Haar rotation
+// that direction is uniform, the direction of g ~ N(0, I_D), so take y = g. Level 1: (g_{2i},
+// g_{2i+1}) is rotation invariant, so theta1 is uniform on [0, 2 pi). Level l >= 2: the two
+// children are the norms a, b of two independent Gaussian blocks of k = 2^(l-1) coordinates, with
+// joint density proportional to a^(k-1) b^(k-1) exp(-(a^2 + b^2) / 2); in polar form a = rho cos
+// psi, b = rho sin psi (Jacobian rho) this is rho^(2k-1) exp(-rho^2 / 2) cos^(k-1) psi sin^(k-1) psi,
+// a product: psi is independent of rho, with density on [0, pi/2]
+//   f_l(psi) = Gamma(k) / (2^(k-2) Gamma(k/2)^2) sin^(k-1)(2 psi),   k = 2^(l-1),
+// symmetric about pi/4 with standard deviation about 1 / (2 sqrt(k)). Applying the same
+// factorization at every node, all the angles and the top radii are mutually independent.
+//
+// Codebooks: per level and bit width, the Lloyd-Max quantizer of f_l (squared angle error),
+// computed by the iteration of Codebook::lloyd_max with Gauss-Legendre cell integrals. Level 1's
+// density is uniform, so its codebook is the uniform one: 2^b cells of width 2 pi / 2^b, each
+// centroid at its cell's middle.
+//
+// Error, exactly, under a Haar rotation: decoding keeps each radius's length (cos^2 + sin^2 = 1),
+// so with u the direction of a block and u~ its decoding, ||u - u~||^2 = 2 (1 - <u, u~>). At a
+// node, <u, u~> = cos psi cos psi~ <u_a, u~_a> + sin psi sin psi~ <u_b, u~_b>, and the children's
+// agreements are independent of psi with a common mean, so E<u, u~> = prod_l c_l, where
+// c_l = E[cos(psi - psi~)] under f_l (PolarAngleCodebook::mean_cosine()). Hence
+//   E ||x - x~||^2 / ||x||^2 = 2 (1 - prod_{l=1..L} c_l)   (PolarQuant::expected_distortion()),
+// up to the f32 rounding of the radii, and for a query q independent of x, E<q, x~> <q, x> /
+// E<q, x>^2 = E<x~, x> / ||x||^2 = prod_l c_l: the estimates are biased short by that factor.
+
+// The density f_l above at angle psi (level 1: 1 / (2 pi) on [0, 2 pi]); 0 outside the range.
+double polar_angle_density(int level, double angle);
+
+class PolarAngleCodebook {
+ public:
+  // level 1..12 (blocks of up to 4096 coordinates), bits 1..4.
+  static PolarAngleCodebook lloyd_max(int level, int bits);
+
+  int level() const { return level_; }
+  int bits() const { return bits_; }
+  double lower() const;  // 0
+  double upper() const;  // 2 pi at level 1, pi / 2 above
+  std::span<const double> centroids() const { return centroids_; }    // 2^bits, ascending
+  std::span<const double> boundaries() const { return boundaries_; }  // 2^bits - 1 midpoints
+  double distortion() const { return distortion_; }      // E[(psi - c(psi))^2] under f_l
+  double mean_cosine() const { return mean_cosine_; }    // c_l = E[cos(psi - c(psi))] under f_l
+  // Index of the nearest centroid; a value exactly on a boundary goes to the upper centroid.
+  uint8_t index_of(double angle) const;
+
+ private:
+  PolarAngleCodebook(int level, int bits) : level_(level), bits_(bits) {}
+
+  int level_;
+  int bits_;
+  std::vector<double> centroids_;
+  std::vector<double> boundaries_;
+  double distortion_ = 0.0;
+  double mean_cosine_ = 0.0;
+};
+
+// Per-token record (record_bytes() = 4 D / 2^L + sum_l ceil((D / 2^l) b_l / 8) bytes):
+//   bytes [0, 4R)  the R = D / 2^L radii of level L as f32, little-endian, radius i at 4i (at
+//                  D = 2^L the one radius is ||x||). f32 for TurboQuant's reasons.
+//   then, for l = 1 .. L, the D / 2^l angle indices of level l at b_l bits, angle i as value i of
+//                  its own pack_bits stream (each level starts on a byte).
+// At D = 128 with the paper's widths (4 bits at level 1, 2 above) that is 4 + 32 + (8 + 4 + 2 +
+// 1 + 1 + 1) = 53 bytes, 3.3 bits per coordinate.
+struct PolarQuantConfig {
+  // D in [2, 4096], a multiple of 2^L (and of 16 for the hadamard rotation). D = 96 = 3 x 32
+  // takes at most L = 5 levels and stores three radii.
+  int64_t head_dim = 128;
+  // b_l = bits[l - 1], each 1..4; L = bits.size() in 1..12. Empty: L = the largest with 2^L
+  // dividing D, 4 bits at level 1 and 2 above (the paper's widths).
+  std::vector<int> bits;
+  RotationKind rotation = RotationKind::hadamard;
+  uint64_t seed = 0;  // the rotation's seed: same config, same codes
+};
+
+// The paper's widths for D: countr_zero(D) levels (at most 12), 4 bits at level 1, 2 above.
+std::vector<int> polarquant_default_bits(int64_t head_dim);
+
+class PolarQuant {
+ public:
+  // Builds the rotation and one codebook per level.
+  explicit PolarQuant(const PolarQuantConfig& config);
+
+  const PolarQuantConfig& config() const { return config_; }  // bits filled in
+  int levels() const { return int(config_.bits.size()); }
+  const Rotation& rotation() const { return rotation_; }
+  const PolarAngleCodebook& codebook(int level) const;  // level 1..levels()
+  int64_t record_bytes() const;
+  // 2 (1 - prod_l c_l): E ||x - x~||^2 / ||x||^2 under a Haar rotation (derived above).
+  double expected_distortion() const;
+
+  // x (head_dim finite values) into `record` (record_bytes()).
+  void encode(std::span<const float> x, std::span<uint8_t> record) const;
+  // `record` (record_bytes()) into x (head_dim values).
+  void decode(std::span<const uint8_t> record, std::span<float> x) const;
+
+ private:
+  PolarQuantConfig config_;
+  Rotation rotation_;
+  std::vector<PolarAngleCodebook> codebooks_;
+};
+
+// The polar transform without quantization, in double, for tests and backends: y (D values, D a
+// multiple of 2^levels) into the D / 2^levels top radii and the angles, level 1 first (D / 2 of
+// them), then level 2, ...; and back.
+void polar_transform(std::span<const double> y, int levels, std::vector<double>& radii, std::vector<double>& angles);
+void polar_inverse(std::span<const double> radii, std::span<const double> angles, int levels, std::span<double> y);
 
 }  // namespace decodelab::kvquant

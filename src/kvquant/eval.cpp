@@ -465,6 +465,52 @@ class RabitqCodec final : public EvalCodec {
   RabitqKeys keys_;
 };
 
+// PolarQuant keys and values (each its own rotation seed): `bits` at level 1 and ceil(bits / 2)
+// at every level above, 4 and 2 being the paper's widths, as many levels as 2^L divides D.
+class PolarQuantCodec final : public EvalCodec {
+ public:
+  PolarQuantCodec(int64_t dim, int bits, uint64_t seed)
+      : keys_({dim, widths(dim, bits), RotationKind::hadamard, seed + 1}),
+        values_({dim, widths(dim, bits), RotationKind::hadamard, seed + 2}) {}
+
+  std::string config() const override {
+    return fmt::format("hadamard rotation, {} levels, {} bits at level 1 and {} above, {} f32 radii", keys_.levels(),
+                       keys_.config().bits[0], keys_.config().bits.back(), keys_.config().head_dim >> keys_.levels());
+  }
+  int64_t key_bytes() const override { return keys_.record_bytes(); }
+  int64_t value_bytes() const override { return values_.record_bytes(); }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_trip(keys_, keys, out); }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_trip(values_, values, out); }
+  Theory theory() const override {
+    const double exact = keys_.expected_distortion();
+    return {.distortion_exact = exact,
+            .slope = 1.0 - exact / 2.0,
+            .note = "exact under a Haar rotation: 2 (1 - prod_l E cos(psi_l - psi~_l)), slope prod_l E cos(psi_l - psi~_l) "
+                    "(norm kept exactly; arXiv:2502.02617, kvquant.h)"};
+  }
+
+ private:
+  static std::vector<int> widths(int64_t dim, int bits) {
+    std::vector<int> w = polarquant_default_bits(dim);
+    std::fill(w.begin(), w.end(), (bits + 1) / 2);
+    w[0] = bits;
+    return w;
+  }
+  static void round_trip(const PolarQuant& codec, std::span<const float> x, std::span<double> out) {
+    const size_t d = size_t(codec.config().head_dim);
+    std::vector<uint8_t> record(size_t(codec.record_bytes()));
+    std::vector<float> decoded(d);
+    for (size_t row = 0; row < x.size(); row += d) {
+      codec.encode(x.subspan(row, d), record);
+      codec.decode(record, decoded);
+      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+    }
+  }
+
+  PolarQuant keys_;
+  PolarQuant values_;
+};
+
 template <ScaleMode kScale>
 std::unique_ptr<EvalCodec> make_turboquant(int64_t dim, double bits, uint64_t seed) {
   return std::make_unique<TurboQuantCodec>(dim, int(bits), seed, kScale);
@@ -486,6 +532,7 @@ const std::vector<CodecEntry>& codec_table() {
       {"turboquant.prod", {2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<TurboQuantProdCodec>(d, int(b), s); }},
       {"rabitq", {1, 2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<RabitqCodec>(d, int(b), s); }},
       {"qjl", {1, 2, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, int(b), s); }},
+      {"polarquant", {2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<PolarQuantCodec>(d, int(b), s); }},
       {"kivi", {2, 4}, [](int64_t d, double b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, int(b)); }},
   };
   return table;
