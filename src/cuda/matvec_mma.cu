@@ -78,34 +78,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_mma_kernel(Job
   reduce_and_store<kWarps, kParts, kNTiles>(jobs, job, n, row0, batch, acc, partial);
 }
 
-template <int kNTiles, int kParts, class M, class T>
-void launch(const Jobs<M, T>& jobs, const T* x, int64_t k, int batch, cudaStream_t s, const char* op) {
-  matvec_mma_kernel<M, T, kNTiles, kParts><<<tile_count<kParts>(jobs), kWarps * 32, 0, s>>>(jobs, x, k, batch);
-  check_launch(cudaGetLastError(), op);
-}
-
-template <int kParts, class T>
-void run_typed(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
-               Stream stream, const char* op) {
-  dispatch_format<T>(w[0], [&](auto make) {
-    using M = decltype(make(w[0]));
-    const Jobs<M, T> jobs = make_jobs<M, T>(make, w, y, residual, kParts == 2);
-    const int batch = int(x.dim(0));
-    const cudaStream_t s = stream_of(stream);
-    if (batch <= 8) return launch<1, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
-    return launch<2, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
-  });
-}
-
-// The kernel family of the matvec ops (matvec_formats.cuh): f16 and bf16 activations only.
-struct TensorCoreMatvec {
-  template <int kParts>
-  static void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
-                  Stream stream, const char* op) {
-    if (x.dtype == DType::f16) return run_typed<kParts, __half>(x, w, y, residual, stream, op);
-    run_typed<kParts, __nv_bfloat16>(x, w, y, residual, stream, op);  // supports() admits only f16 and bf16
+struct MmaLauncher {
+  template <int kNTiles, int kParts, class M, class T>
+  static void launch(const Jobs<M, T>& jobs, const T* x, int64_t k, int batch, cudaStream_t s, const char* op) {
+    matvec_mma_kernel<M, T, kNTiles, kParts><<<tile_count<kParts>(jobs), kWarps * 32, 0, s>>>(jobs, x, k, batch);
+    check_launch(cudaGetLastError(), op);
   }
 };
+using TensorCoreMatvec = TensorCoreFamily<MmaLauncher>;
 
 }  // namespace
 

@@ -171,5 +171,31 @@ __device__ __forceinline__ void reduce_and_store(const Jobs<M, T>& jobs, int job
   }
 }
 
+// The host side of a tensor-core kernel family (matvec_formats.cuh's Family): f16 and bf16
+// activations only (supports() admits no other), batches up to 8 on one n-tile of the mma and
+// more on two. Launcher::launch<kNTiles, kParts>(jobs, x, k, batch, stream, op) runs the kernel.
+template <class Launcher>
+struct TensorCoreFamily {
+  template <int kParts>
+  static void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
+                  Stream stream, const char* op) {
+    if (x.dtype == DType::f16) return run_typed<kParts, __half>(x, w, y, residual, stream, op);
+    run_typed<kParts, __nv_bfloat16>(x, w, y, residual, stream, op);
+  }
+
+  template <int kParts, class T>
+  static void run_typed(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
+                        Stream stream, const char* op) {
+    dispatch_format<T>(w[0], [&](auto make) {
+      using M = decltype(make(w[0]));
+      const Jobs<M, T> jobs = make_jobs<M, T>(make, w, y, residual, kParts == 2);
+      const int batch = int(x.dim(0));
+      const cudaStream_t s = stream_of(stream);
+      if (batch <= 8) return Launcher::template launch<1, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
+      return Launcher::template launch<2, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
+    });
+  }
+};
+
 }  // namespace
 }  // namespace decodelab::cuda

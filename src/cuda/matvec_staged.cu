@@ -124,39 +124,20 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_staged_kernel(
 // ------------------------------------------------------------------------------------------------
 // Host side.
 
-template <int kNTiles, int kParts, class M, class T>
-void launch(const Jobs<M, T>& jobs, const T* x, int64_t k, int batch, cudaStream_t s, const char* op) {
-  using Plan = StagePlan<M, kParts>;
-  constexpr auto kernel = matvec_staged_kernel<M, T, kNTiles, kParts>;
-  // Past 48 KB a kernel's dynamic shared memory must be allowed explicitly (once per device).
-  check_launch(allow_dynamic_smem<kernel>(int(kStagedSharedLimit)), op);
-  const int64_t bytes = Plan::kStages * Plan::kStageBytes + kParts * M::kSideArrays * jobs.m[0].side_bytes(kTileRows);
-  kernel<<<tile_count<kParts>(jobs), kWarps * 32, size_t(bytes), s>>>(jobs, x, k, batch);
-  check_launch(cudaGetLastError(), op);
-}
-
-template <int kParts, class T>
-void run_typed(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
-               Stream stream, const char* op) {
-  dispatch_format<T>(w[0], [&](auto make) {
-    using M = decltype(make(w[0]));
-    const Jobs<M, T> jobs = make_jobs<M, T>(make, w, y, residual, kParts == 2);
-    const int batch = int(x.dim(0));
-    const cudaStream_t s = stream_of(stream);
-    if (batch <= 8) return launch<1, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
-    return launch<2, kParts>(jobs, x.ptr<const T>(), x.dim(1), batch, s, op);
-  });
-}
-
-// The kernel family of the matvec ops (matvec_formats.cuh): f16 and bf16 activations only.
-struct StagedTensorCoreMatvec {
-  template <int kParts>
-  static void run(const Tensor& x, std::span<const Weight> w, std::span<const Tensor> y, const Tensor* residual,
-                  Stream stream, const char* op) {
-    if (x.dtype == DType::f16) return run_typed<kParts, __half>(x, w, y, residual, stream, op);
-    run_typed<kParts, __nv_bfloat16>(x, w, y, residual, stream, op);  // supports() admits only f16 and bf16
+struct StagedLauncher {
+  template <int kNTiles, int kParts, class M, class T>
+  static void launch(const Jobs<M, T>& jobs, const T* x, int64_t k, int batch, cudaStream_t s, const char* op) {
+    using Plan = StagePlan<M, kParts>;
+    constexpr auto kernel = matvec_staged_kernel<M, T, kNTiles, kParts>;
+    // Past 48 KB a kernel's dynamic shared memory must be allowed explicitly (once per device).
+    check_launch(allow_dynamic_smem<kernel>(int(kStagedSharedLimit)), op);
+    const int64_t bytes =
+        Plan::kStages * Plan::kStageBytes + kParts * M::kSideArrays * jobs.m[0].side_bytes(kTileRows);
+    kernel<<<tile_count<kParts>(jobs), kWarps * 32, size_t(bytes), s>>>(jobs, x, k, batch);
+    check_launch(cudaGetLastError(), op);
   }
 };
+using StagedTensorCoreMatvec = TensorCoreFamily<StagedLauncher>;
 
 }  // namespace
 
