@@ -324,6 +324,9 @@ __global__ void __launch_bounds__(kD) rotate_rows_kernel(const In* x, const floa
   for (int g = 0; g < heads; ++g) x_s[g][i] = to_float(x[(row0 + g) * kD + i]);
   __syncthreads();
   float sum[kMaxHeadsPerBlock] = {};
+  // Unrolled so that 16 loads of M are in flight at once: one at a time, each waits out a whole
+  // L2 round trip (kD of them in a row, tens of microseconds per launch).
+#pragma unroll 16
   for (int j = 0; j < kD; ++j) {
     const float mji = m[int64_t(j) * kD + i];
 #pragma unroll
