@@ -211,7 +211,7 @@ void add_decode(std::vector<BenchCase>& cases, const BenchOptions& o) {
   std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
   if (!o.quick && o.device == Device::cpu) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
   if (!o.quick && o.device == Device::cuda) {
-    shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {1, 131072}, {32, 4096}, {8, 8192}, {4, 32768}};
+    shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {1, 131072}, {32, 4096}, {8, 8192}, {4, 32768}, {16, 32768}, {16, 131072}};
   }
   const int64_t page = 16;
   for (const auto& [batch, length] : shapes) {

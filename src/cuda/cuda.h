@@ -97,5 +97,9 @@ void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
 std::string turboquant_append_paged_supports(const TurboQuantAppendPagedArgs& a);
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a);
+// turboquant_attention_mma.cu: the same attention with scores and values on the tensor cores
+// (cuda.mma): 4-bit K and V, head_dim 64/128/256, f16 or bf16 q (f16 operands).
+void turboquant_decode_attention_paged_mma(const TurboQuantDecodeAttentionPagedArgs& a);
+std::string turboquant_decode_attention_paged_mma_supports(const TurboQuantDecodeAttentionPagedArgs& a);
 
 }  // namespace decodelab::cuda

@@ -206,6 +206,16 @@ std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAtt
   return {};
 }
 
+std::string turboquant_decode_attention_paged_mma_supports(const TurboQuantDecodeAttentionPagedArgs& a) {
+  if (a.q.dtype == DType::f32) return "f16 or bf16 q (the scores and values use f16 tensor-core operands), got f32";
+  const int64_t d = a.q.dim(2);
+  if (d != 64 && d != 128 && d != 256) return fmt::format("head_dim 64, 128 or 256, got {}", d);
+  for (const auto& [codec, name] : {std::pair{a.cache.k_codec, "K"}, std::pair{a.cache.v_codec, "V"}}) {
+    if (codec->config().bits != 4) return fmt::format("{} codes of 4 bits, got {}", name, codec->config().bits);
+  }
+  return turboquant_decode_attention_paged_supports(a);
+}
+
 std::string matvec_staged_supports(const MatvecArgs& a) {
   if (std::string why = staged_weight_supports(a.w, 1); !why.empty()) return why;
   return matvec_mma_supports(a);

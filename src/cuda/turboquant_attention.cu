@@ -33,31 +33,15 @@
 //   4. rotate_rows: out = R_V^T o', back in q's dtype.
 // Splits as decode_attention.cuh's choose_splits (at least 128 tokens each); every order is
 // fixed, so results are the same bits run to run.
-#include <type_traits>
-
-#include "cuda/cuda.h"
-#include "cuda/decode_attention.cuh"
-#include "cuda/turboquant_tables.h"
+#include "cuda/turboquant_attention.cuh"
 
 namespace decodelab::cuda {
 namespace {
 
+using namespace turboquant;
+
 constexpr int kThreads = 128;
 constexpr int kTile = kThreads;  // tokens per tile: one per thread in the score phase
-constexpr float kLog2e = 1.4426950408889634f;
-
-// One side (keys or values) as the kernel reads it.
-struct CodeSide {
-  const uint8_t* pages;  // [num_pages, page_size, Hkv, R]
-  bool norm_corrected;
-  float centroids[16];
-};
-
-struct TqParams {
-  CodeSide k, v;
-  const float* q_rotated;  // [B, Hq, D]: scale * log2(e) * R_K q
-};
-
 // Shared memory of the split kernel, in 4-byte words.
 template <int kD, int kKBits, int kVBits>
 struct Shape {
@@ -311,126 +295,18 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const __grid_constant__
   }
 }
 
-// y_i = factor * sum_j M[j][i] x_j for every (b, head) row of x [B, H, kD]: q' = R q with M = R^T,
-// out = R^T o' with M = R. A block takes up to 8 rows of one sequence and reads M once for them;
-// thread i reads column i, so a warp reads consecutive floats of a row of M.
-template <class In, class Out, int kD>
-__global__ void __launch_bounds__(kD) rotate_rows_kernel(const In* x, const float* m, float factor, int heads_total,
-                                                          Out* y) {
-  __shared__ float x_s[kMaxHeadsPerBlock][kD];
-  const int b = blockIdx.y, first = blockIdx.x * kMaxHeadsPerBlock, i = threadIdx.x;
-  const int heads = min(kMaxHeadsPerBlock, heads_total - first);
-  const int64_t row0 = int64_t(b) * heads_total + first;
-  for (int g = 0; g < heads; ++g) x_s[g][i] = to_float(x[(row0 + g) * kD + i]);
-  __syncthreads();
-  float sum[kMaxHeadsPerBlock] = {};
-  // Unrolled so that 16 loads of M are in flight at once: one at a time, each waits out a whole
-  // L2 round trip (kD of them in a row, tens of microseconds per launch).
-#pragma unroll 16
-  for (int j = 0; j < kD; ++j) {
-    const float mji = m[int64_t(j) * kD + i];
-#pragma unroll
-    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-      if (g < heads) sum[g] = fmaf(mji, x_s[g][j], sum[g]);
-    }
-  }
-  for (int g = 0; g < heads; ++g) y[(row0 + g) * kD + i] = from_float<Out>(sum[g] * factor);
-}
-
-template <class In, class Out, int kD>
-void launch_rotate_rows(const In* x, const float* m, float factor, int batch, int heads, Out* y, cudaStream_t stream) {
-  const dim3 grid(unsigned((heads + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock), unsigned(batch));
-  rotate_rows_kernel<In, Out, kD><<<grid, kD, 0, stream>>>(x, m, factor, heads, y);
-}
-
-CodeSide make_side(const Tensor& pool, const kvquant::TurboQuantMse& codec) {
-  CodeSide s{};
-  s.pages = static_cast<const uint8_t*>(pool.data);
-  s.norm_corrected = codec.config().scale == kvquant::ScaleMode::norm_corrected;
-  const auto c = codec.codebook().centroids();
-  for (size_t i = 0; i < c.size(); ++i) s.centroids[i] = float(c[i]);
-  return s;
-}
-
-// The whole call for one (T, D, K bits, V bits): returns the first failure.
-template <class T, int kD, int kKBits, int kVBits>
-cudaError_t launch(const TurboQuantDecodeAttentionPagedArgs& a, cudaStream_t stream) {
-  using S = Shape<kD, kKBits, kVBits>;
-  constexpr auto kernel = split_kernel<kD, kKBits, kVBits>;
-  const PagedTurboQuantKV& c = a.cache;
-  DeviceRotation k_rot, v_rot;
-  if (const cudaError_t e = device_rotation(c.k_codec->rotation(), stream, &k_rot); e != cudaSuccess) return e;
-  if (const cudaError_t e = device_rotation(c.v_codec->rotation(), stream, &v_rot); e != cudaSuccess) return e;
-  if (const cudaError_t e = allow_dynamic_smem<kernel>(S::kBytes); e != cudaSuccess) return e;
-
-  const int batch = int(a.q.dim(0)), hq = int(a.q.dim(1));
-  TqParams tq{make_side(c.k_pages, *c.k_codec), make_side(c.v_pages, *c.v_codec), nullptr};
-  DecodeParams p{};
-  p.lengths = c.lengths.ptr<const int32_t>();
-  p.page_table = c.page_table.ptr<const int32_t>();
-  p.table_stride = c.page_table.dim(1);
-  p.page_size = int(c.k_pages.dim(1));
-  p.hq = hq;
-  p.hkv = int(c.k_pages.dim(2));
-  p.group = hq / p.hkv;
-  p.chunks = (p.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
-  const int64_t capacity = p.table_stride * p.page_size;
-  p.splits = choose_splits(p, batch, capacity, resident_blocks<kernel>(kThreads, S::kBytes), kTile);
-
-  // q' and o', [B, Hq, D] f32 each, in one scratch buffer.
-  const size_t rows = size_t(batch) * size_t(hq) * kD;
-  float* rotated = nullptr;
-  if (const cudaError_t e = scratch_alloc(reinterpret_cast<void**>(&rotated), 2 * rows * sizeof(float), stream);
-      e != cudaSuccess) {
-    return e;
-  }
-  tq.q_rotated = rotated;
-  p.out = rotated + rows;
-  launch_rotate_rows<T, float, kD>(a.q.ptr<const T>(), k_rot.forward_t, a.options.scale * kLog2e, batch, hq, rotated,
-                                   stream);
-  cudaError_t status = launch_split_merge<float, kD>(p, batch, stream, [&](dim3 grid, const DecodeParams& params) {
-    kernel<<<grid, kThreads, S::kBytes, stream>>>(tq, params);
-  });
-  if (status == cudaSuccess) {
-    launch_rotate_rows<float, T, kD>(rotated + rows, v_rot.inverse, 1.0f, batch, hq, a.out.ptr<T>(), stream);
-    status = cudaGetLastError();
-  }
-  const cudaError_t freed = scratch_free(rotated, stream);
-  return status != cudaSuccess ? status : freed;
-}
-
-// Runtime bits -> template: the supported set is stated here and in supports() (supports.cpp).
-template <class Fn>
-cudaError_t with_bits(int bits, Fn&& fn) {
-  switch (bits) {
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <class Fn>
-cudaError_t with_head_dim(int64_t d, Fn&& fn) {
-  switch (d) {
-    case 64: return fn(std::integral_constant<int, 64>{});
-    case 96: return fn(std::integral_constant<int, 96>{});
-    case 128: return fn(std::integral_constant<int, 128>{});
-    case 256: return fn(std::integral_constant<int, 256>{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a) {
   const cudaStream_t stream = stream_of(a.stream);
   const cudaError_t status = dispatch_activation(a.q.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return with_head_dim(a.q.dim(2), [&](auto d) {
+    return with_head_dim<64, 96, 128, 256>(a.q.dim(2), [&](auto d) {
       return with_bits(a.cache.k_codec->config().bits, [&](auto kb) {
         return with_bits(a.cache.v_codec->config().bits, [&](auto vb) {
-          return launch<T, decltype(d)::value, decltype(kb)::value, decltype(vb)::value>(a, stream);
+          constexpr int kD = decltype(d)::value, kKBits = decltype(kb)::value, kVBits = decltype(vb)::value;
+          return launch_turboquant_attention<T, kD, split_kernel<kD, kKBits, kVBits>, kThreads,
+                                             Shape<kD, kKBits, kVBits>::kBytes, kTile>(a, stream);
         });
       });
     });

@@ -67,6 +67,14 @@ const Shape kAttention[] = {
     {{200, 1}, 4, 1, 256, 128, 2, 4, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::dense},  // D = 256
     {{64}, 32, 8, 128, 16, 3, 3, ScaleMode::plain, ScaleMode::plain, RotationKind::hadamard, 4.0},  // Llama-3-8B heads
     {{33}, 8, 2, 128, 16, 2, 3, ScaleMode::unbiased, ScaleMode::unbiased},  // records holding the unbiased scale
+    // 4-bit K and V, the tensor-core kernel's set (cuda.mma), over the same spread of shapes.
+    {{45, 130}, 8, 8, 64, 16, 4, 4, ScaleMode::plain, ScaleMode::norm_corrected},          // MHA, D = 64
+    {{1500}, 32, 4, 128, 128, 4, 4, ScaleMode::norm_corrected, ScaleMode::norm_corrected},  // GQA 8, many tiles
+    {{100, 7}, 12, 2, 128, 16, 4, 4, ScaleMode::norm_corrected, ScaleMode::plain, RotationKind::dense},  // GQA 6
+    {{200, 1}, 4, 1, 256, 128, 4, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::dense},  // D = 256
+    {{64}, 32, 8, 128, 16, 4, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::hadamard, 4.0},
+    {{50}, 16, 1, 128, 16, 4, 4, ScaleMode::plain, ScaleMode::plain},     // GQA 16: two chunks of heads
+    {{33}, 8, 2, 128, 16, 4, 4, ScaleMode::unbiased, ScaleMode::unbiased},
 };
 
 // Appends: the new token at a page's last slot, at a page start, and at length 0.
