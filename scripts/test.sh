@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the C++ suite (with CUDA compiled when nvcc is present; CUDA tests
 # skip without a GPU), the interop tests against the mlx, gguf, safetensors and mlx-lm Python
-# packages, a bounded libFuzzer run over the checkpoint parsers, and the whole
+# packages, a bounded libFuzzer run over the checkpoint and product VQ codebook parsers, and the whole
 # C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer, and the threaded CPU tests
 # under ThreadSanitizer. The sanitizer builds compile the CPU kernels for this machine's best SIMD
 # target only (the release build's tests cover every compiled target).
@@ -20,8 +20,8 @@ ctest --test-dir build -j"$jobs" --output-on-failure
 echo "== interop tests: mlx, gguf, safetensors, mlx-lm =="
 DECODELAB_INTEROP="$PWD/build/tests/interop/decodelab_interop" .venv/bin/python -m pytest -q tests/interop
 
-echo "== fuzz: the checkpoint parsers (libFuzzer, 60 s) =="
-bash tests/fuzz/run.sh 60
+echo "== fuzz: the checkpoint parsers (libFuzzer, 60 s), the product VQ codebook parser (10 s) =="
+bash tests/fuzz/run.sh 60 10
 
 # The sanitizer builds: -O1 and line tables only (-g1): at -O2 -g the SIMD kernel files take over
 # 15 minutes each to compile under a sanitizer on two cores.

@@ -171,7 +171,7 @@ TEST(KvEval, BytesPerTokenByHand) {
   KvEvalOptions o = options_for({}, 1024);
   o.context = 512;
   const KvEvalResult result = run_kv_eval(o);
-  ASSERT_EQ(result.records.size(), 30u);
+  ASSERT_EQ(result.records.size(), 32u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     EXPECT_EQ(r.f16_bytes, 256);
@@ -203,6 +203,13 @@ TEST(KvEval, BytesPerTokenByHand) {
       const int upper = (r.bits + 1) / 2;
       EXPECT_EQ(r.key_bytes, 4 + 8 * r.bits + (32 * upper + 7) / 8 + (16 * upper + 7) / 8 + upper + 1 + 1 + 1);
       EXPECT_EQ(r.value_bytes, r.key_bytes);
+    } else if (r.codec == "product_vq") {
+      // One 8-bit code per subspace of 8 (1 bit) or 4 (2 bits) coordinates, keys and values alike.
+      EXPECT_EQ(r.key_bytes, 16 * r.bits);
+      EXPECT_EQ(r.value_bytes, r.key_bytes);
+      ASSERT_TRUE(r.distortion_lower_bound);
+      EXPECT_GT(r.distortion, *r.distortion_lower_bound);
+      EXPECT_TRUE(r.config.find("trained on 4096 more vectors from the same generator") != std::string::npos) << r.config;
     } else {
       ASSERT_EQ(r.codec, "kivi");
       // A block of 32 keys: 128 f32 (min, scale) pairs + 32 * 128 b-bit codes; a value: 4 groups
@@ -228,7 +235,7 @@ TEST(KvEval, FiltersAndRefusals) {
   EXPECT_EQ(result.records[1].codec, "kivi");
   EXPECT_ERROR(run_kv_eval(options_for({"turbo"})),
                "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, "
-               "turboquant.split, turboquant.prod, rabitq, qjl, polarquant, kivi or a prefix before a '.' (turboquant), got turbo");
+               "turboquant.split, turboquant.prod, rabitq, qjl, polarquant, kivi, product_vq or a prefix before a '.' (turboquant), got turbo");
   o.bits = {3};
   o.codecs = {"kivi"};
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --bits: expected a width of a selected codec (kivi: 2,4), got 3");
@@ -283,6 +290,31 @@ TEST(KvEval, NpyInputTakesItsDimensionFromTheFile) {
   o.dim = 128;
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --dim: expected 64 columns (the file's D), or no --dim, got 128");
   std::filesystem::remove(path);
+}
+
+TEST(KvEval, ProductVqTrainsOnRowsPastTheMeasuredOnes) {
+  // 96 measured rows, then 300 to train on; with only 100 rows it trains in-sample and says so.
+  for (const auto& [rows, calibration] : {std::pair{int64_t{396}, std::string("trained on rows 96 to 395 of the file (past the measured ones)")},
+                                          std::pair{int64_t{100}, std::string("trained on the measured rows themselves (in-sample, optimistic: "
+                                                                              "the file has 4 rows past them, fewer than 256)")}}) {
+    const std::filesystem::path path = write_npy(rows);
+    KvEvalOptions o = options_for({"product_vq"}, 96);
+    o.input = path.string();
+    o.dim = 0;
+    o.bits = {2};
+    o.context = 32;
+    if (rows == 100) {
+      // 96 rows are fewer than the 256 centroids a codebook needs.
+      EXPECT_ERROR(run_kv_eval(o), "kv-eval: product_vq: expected at least 256 vectors to train its codebooks on (one per centroid), got 96 ("
+                                   + calibration.substr(11) + "; select other codecs with --codec)");
+    } else {
+      const KvEvalResult result = run_kv_eval(o);
+      ASSERT_EQ(result.records.size(), 1u);
+      EXPECT_TRUE(result.records[0].config.find(calibration) != std::string::npos) << result.records[0].config;
+      EXPECT_EQ(result.records[0].key_bytes, 16);  // 64 / 4 subspaces, a byte each
+    }
+    std::filesystem::remove(path);
+  }
 }
 
 TEST(KvEval, JsonSchema) {

@@ -13,6 +13,10 @@
 //             `count` of them; queries N(0, I). Rows must be finite and nonzero.
 // Values are N(0, I) for every input. All draws come from `seed`; the codecs' rotations and
 // sketches from seeds derived from it, so a seed fixes every figure.
+// Calibration split, for the codecs that are trained (product VQ): never the measured vectors but
+// 4096 more from the same generator (a stream of its own, so the measured ones are unchanged), or
+// for a file up to 4096 of its rows past the measured ones; a file with fewer than 256 rows past
+// them trains on the measured rows, and the record's config says so (in-sample, optimistic).
 //
 // Figures, per codec and bit width (KvEvalRecord):
 // - distortion: the mean over keys of ||k - k~||^2 / ||k||^2, k~ the codec's reconstruction of k.
@@ -54,6 +58,10 @@
 //   expectation over a Haar rotation (kvquant.h derives both).
 // - KIVI (keys per channel over blocks of 32 tokens, values per token in groups of 32 channels;
 //   the full-precision window is off, so the figures are the quantizer's own): no theory.
+// - Product VQ (product_vq, 1 and 2 bits: 8-bit codes over D / 8 or D / 4 subspaces, k-means
+//   codebooks trained on the calibration split; keys smoothed by their channel maxima and
+//   Hadamard-rotated, values rotated only; arXiv:2510.06175, product_vq.h): the lower bound 4^-b
+//   only (any quantizer on random unit vectors); no closed form for trained codebooks.
 // - f16: the baseline, keys and values rounded to f16; no theory.
 #pragma once
 

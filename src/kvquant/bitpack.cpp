@@ -8,9 +8,13 @@
 
 #include "decodelab/error.h"
 #include "decodelab/kvquant.h"
+#include "kvquant/bitstream.h"
 
 namespace decodelab::kvquant {
 namespace {
+
+using detail::get_stream_bits;
+using detail::put_stream_bits;
 
 void check_bits(std::string_view op, int bits) {
   if (bits < 1 || bits > 4) fail(op, "bits", "1, 2, 3 or 4", std::to_string(bits));
@@ -22,25 +26,6 @@ void check_packed_size(std::string_view op, size_t packed_size, size_t count, in
     fail(op, "packed", fmt::format("{} bytes (ceil({} values * {} bits / 8))", want, count, bits),
          fmt::format("{} bytes", packed_size));
   }
-}
-
-// Value j's first bit is stream bit j * bits: it starts at `shift` in byte `byte` and spills into
-// the next byte when shift + bits > 8 (only 3-bit values do).
-void put(std::span<uint8_t> packed, size_t j, int bits, unsigned value) {
-  const size_t first_bit = j * size_t(bits);
-  const size_t byte = first_bit / 8;
-  const unsigned shift = unsigned(first_bit % 8);
-  packed[byte] = uint8_t(packed[byte] | (value << shift));
-  if (shift + unsigned(bits) > 8) packed[byte + 1] = uint8_t(packed[byte + 1] | (value >> (8 - shift)));
-}
-
-unsigned get(std::span<const uint8_t> packed, size_t j, int bits) {
-  const size_t first_bit = j * size_t(bits);
-  const size_t byte = first_bit / 8;
-  const unsigned shift = unsigned(first_bit % 8);
-  unsigned window = packed[byte];
-  if (shift + unsigned(bits) > 8) window |= unsigned(packed[byte + 1]) << 8;
-  return (window >> shift) & ((1u << bits) - 1u);
 }
 
 }  // namespace
@@ -60,25 +45,25 @@ void pack_bits(std::span<const uint8_t> values, int bits, std::span<uint8_t> pac
            std::to_string(values[j]));
     }
   }
-  std::fill(packed.begin(), packed.end(), uint8_t{0});  // put() ORs into the bytes
-  for (size_t j = 0; j < values.size(); ++j) put(packed, j, bits, values[j]);
+  std::fill(packed.begin(), packed.end(), uint8_t{0});  // put_stream_bits ORs into the bytes
+  for (size_t j = 0; j < values.size(); ++j) put_stream_bits(packed, j, bits, values[j]);
 }
 
 void unpack_bits(std::span<const uint8_t> packed, int bits, std::span<uint8_t> values) {
   check_bits("unpack_bits", bits);
   check_packed_size("unpack_bits", packed.size(), values.size(), bits);
-  for (size_t j = 0; j < values.size(); ++j) values[j] = uint8_t(get(packed, j, bits));
+  for (size_t j = 0; j < values.size(); ++j) values[j] = uint8_t(get_stream_bits(packed, j, bits));
 }
 
 void pack_signs(std::span<const float> x, std::span<uint8_t> packed) {
   check_packed_size("pack_signs", packed.size(), x.size(), 1);
   std::fill(packed.begin(), packed.end(), uint8_t{0});
-  for (size_t j = 0; j < x.size(); ++j) put(packed, j, 1, x[j] < 0.0f ? 1u : 0u);
+  for (size_t j = 0; j < x.size(); ++j) put_stream_bits(packed, j, 1, x[j] < 0.0f ? 1u : 0u);
 }
 
 void unpack_signs(std::span<const uint8_t> packed, std::span<float> signs) {
   check_packed_size("unpack_signs", packed.size(), signs.size(), 1);
-  for (size_t j = 0; j < signs.size(); ++j) signs[j] = get(packed, j, 1) ? -1.0f : 1.0f;
+  for (size_t j = 0; j < signs.size(); ++j) signs[j] = get_stream_bits(packed, j, 1) ? -1.0f : 1.0f;
 }
 
 }  // namespace decodelab::kvquant

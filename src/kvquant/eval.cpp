@@ -23,6 +23,7 @@
 #include "decodelab/kvquant.h"
 #include "decodelab/layers.h"
 #include "decodelab/npy.h"
+#include "decodelab/product_vq.h"
 #include "decodelab/router.h"
 #include "kvquant/record.h"
 #include "kvquant/seeded_stream.h"
@@ -43,7 +44,17 @@ struct Inputs {
   int64_t dim = 0;
   int64_t count = 0;
   std::vector<float> keys, queries, values;  // count x dim each, row-major
+  // The codecs that learn from data (product VQ) train on these, never on the vectors measured:
+  // calibration_count x dim each, drawn like the measured ones, or a file's rows past them.
+  int64_t calibration_count = 0;
+  std::vector<float> calibration_keys, calibration_values;
+  std::string calibration;  // where the calibration keys come from, in words
 };
+
+// Calibration vectors per input: enough for 2^8 centroids 16 times over.
+constexpr int64_t kCalibrationCount = 4096;
+// The fewest a file may leave past the measured rows to train on them (one per centroid).
+constexpr int64_t kMinCalibrationCount = 256;
 
 std::vector<float> gaussian(detail::SeededStream& stream, int64_t n) {
   std::vector<float> x(static_cast<size_t>(n));
@@ -60,8 +71,9 @@ void normalize_rows(std::vector<float>& x, int64_t dim) {
   }
 }
 
-// The "keys" generator of kv_eval.h: outlier channels, then RoPE at a random position.
-std::vector<float> synthetic_keys(detail::SeededStream& stream, int64_t count, int64_t dim) {
+// The "keys" generator of kv_eval.h: outlier channels, then RoPE at a random position. The
+// channels' gains are drawn once, so that calibration keys share the measured keys' outliers.
+std::vector<double> outlier_gains(detail::SeededStream& stream, int64_t dim) {
   std::vector<double> gain(size_t(dim), 1.0);
   for (int64_t picked = 0; picked < dim / 32;) {
     const uint64_t c = stream.below(uint64_t(dim));
@@ -70,6 +82,10 @@ std::vector<float> synthetic_keys(detail::SeededStream& stream, int64_t count, i
       ++picked;
     }
   }
+  return gain;
+}
+
+std::vector<float> synthetic_keys(detail::SeededStream& stream, const std::vector<double>& gain, int64_t count, int64_t dim) {
   const RopeParams rope{.theta = 500000.0f, .style = RopeStyle::half_split};
   const int64_t half = dim / 2;
   std::vector<float> keys(size_t(count * dim));
@@ -88,10 +104,10 @@ std::vector<float> synthetic_keys(detail::SeededStream& stream, int64_t count, i
   return keys;
 }
 
-// The first `count` rows of the file, checked: the codecs refuse non-finite entries, and a zero row
-// has no relative error.
-std::vector<float> file_keys(const NpyMatrix& m, const std::string& path, int64_t count) {
-  for (int64_t r = 0; r < count; ++r) {
+// Rows [first, first + count) of the file, checked: the codecs refuse non-finite entries, and a
+// zero row has no relative error.
+std::vector<float> file_keys(const NpyMatrix& m, const std::string& path, int64_t first, int64_t count) {
+  for (int64_t r = first; r < first + count; ++r) {
     double norm2 = 0.0;
     for (int64_t c = 0; c < m.cols; ++c) {
       const float v = m.values[size_t(r * m.cols + c)];
@@ -100,7 +116,7 @@ std::vector<float> file_keys(const NpyMatrix& m, const std::string& path, int64_
     }
     if (norm2 == 0.0) fail(kOp, fmt::format("--input {} row {}", path, r), "a nonzero vector", "all zeros");
   }
-  return {m.values.begin(), m.values.begin() + count * m.cols};
+  return {m.values.begin() + first * m.cols, m.values.begin() + (first + count) * m.cols};
 }
 
 void check_dim(int64_t dim, std::string_view what) {
@@ -117,6 +133,8 @@ int64_t usable_count(int64_t count, std::string_view what) {
 Inputs make_inputs(const KvEvalOptions& o) {
   if (o.count < 1) fail(kOp, "--count", "at least 1", std::to_string(o.count));
   detail::SeededStream stream(o.seed);
+  // A stream of its own for the calibration split: the measured vectors are drawn as before it.
+  detail::SeededStream calibration(o.seed ^ 0x5851f42d4c957f2dull);
   Inputs in;
   if (o.input == "unit" || o.input == "keys") {
     check_dim(o.dim, "--dim");
@@ -129,13 +147,20 @@ Inputs make_inputs(const KvEvalOptions& o) {
       normalize_rows(in.keys, in.dim);
       in.queries = gaussian(stream, n);
       normalize_rows(in.queries, in.dim);
+      in.calibration_keys = gaussian(calibration, kCalibrationCount * in.dim);
+      normalize_rows(in.calibration_keys, in.dim);
     } else {
       in.description = fmt::format("synthetic keys: N(0, 1) with {} outlier channels x10, half-split RoPE (theta 500000) at "
                                    "positions in [0, 8192); N(0, I) queries and values", in.dim / 32);
-      in.keys = synthetic_keys(stream, in.count, in.dim);
+      const std::vector<double> gains = outlier_gains(stream, in.dim);
+      in.keys = synthetic_keys(stream, gains, in.count, in.dim);
       in.queries = gaussian(stream, n);
+      in.calibration_keys = synthetic_keys(calibration, gains, kCalibrationCount, in.dim);
     }
     in.values = gaussian(stream, n);
+    in.calibration_count = kCalibrationCount;
+    in.calibration = fmt::format("{} more vectors from the same generator", kCalibrationCount);
+    in.calibration_values = gaussian(calibration, kCalibrationCount * in.dim);
     return in;
   }
   const NpyMatrix m = read_npy(o.input);
@@ -146,9 +171,22 @@ Inputs make_inputs(const KvEvalOptions& o) {
   in.dim = m.cols;
   in.count = usable_count(std::min(o.count, m.rows), fmt::format("--input {} rows", o.input));
   in.description = fmt::format("{} rows of {} ({} x {}) as keys, N(0, I) queries and values", in.count, o.input, m.rows, m.cols);
-  in.keys = file_keys(m, o.input, in.count);
+  in.keys = file_keys(m, o.input, 0, in.count);
   in.queries = gaussian(stream, in.count * in.dim);
   in.values = gaussian(stream, in.count * in.dim);
+  const int64_t spare = std::min(m.rows - in.count, kCalibrationCount);
+  if (spare >= kMinCalibrationCount) {
+    in.calibration_count = spare;
+    in.calibration_keys = file_keys(m, o.input, in.count, spare);
+    in.calibration = fmt::format("rows {} to {} of the file (past the measured ones)", in.count, in.count + spare - 1);
+  } else {
+    // Too few rows left to train on: train on the measured rows, and say so beside the figures.
+    in.calibration_count = in.count;
+    in.calibration_keys = in.keys;
+    in.calibration = fmt::format("the measured rows themselves (in-sample, optimistic: the file has {} rows past them, "
+                                 "fewer than {})", m.rows - in.count, kMinCalibrationCount);
+  }
+  in.calibration_values = gaussian(calibration, in.calibration_count * in.dim);
   return in;
 }
 
@@ -178,11 +216,27 @@ class EvalCodec {
   virtual void reconstruct_keys(std::span<const float> keys, std::span<double> out) const = 0;
   virtual void reconstruct_values(std::span<const float> values, std::span<double> out) const = 0;
   virtual Theory theory() const = 0;
+  // Codecs that learn from data fit themselves here, before any reconstruction; others ignore it.
+  virtual void calibrate(const Inputs&) {}
   // The variance of one pair's estimate over the codec's randomness, where it is known.
   virtual std::optional<PairVariance> pair_variance(std::span<const float>, std::span<const float>) const {
     return std::nullopt;
   }
 };
+
+// Each row of x encoded and decoded by `codec` (any codec with config().head_dim, record_bytes(),
+// encode and decode) into the same row of out.
+template <typename Codec>
+void round_trip(const Codec& codec, std::span<const float> x, std::span<double> out) {
+  const size_t d = size_t(codec.config().head_dim);
+  std::vector<uint8_t> record(size_t(codec.record_bytes()));
+  std::vector<float> decoded(d);
+  for (size_t row = 0; row < x.size(); row += d) {
+    codec.encode(x.subspan(row, d), record);
+    codec.decode(record, decoded);
+    std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
+  }
+}
 
 void round_through_f16(std::span<const float> x, std::span<double> out) {
   for (size_t i = 0; i < x.size(); ++i) out[i] = f16_to_f32(f32_to_f16(x[i]));
@@ -261,16 +315,6 @@ class TurboQuantCodec final : public EvalCodec {
   }
 
  private:
-  static void round_trip(const TurboQuantMse& codec, std::span<const float> x, std::span<double> out) {
-    const size_t d = size_t(codec.config().head_dim);
-    std::vector<uint8_t> record(size_t(codec.record_bytes()));
-    std::vector<float> decoded(d);
-    for (size_t row = 0; row < x.size(); row += d) {
-      codec.encode(x.subspan(row, d), record);
-      codec.decode(record, decoded);
-      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
-    }
-  }
 
   TurboQuantMse keys_;
   TurboQuantMse values_;
@@ -291,26 +335,8 @@ class TurboQuantProdCodec final : public EvalCodec {
   int64_t key_bytes() const override { return keys_.record_bytes(); }
   int64_t value_bytes() const override { return values_.record_bytes(); }
   // decode() is x~_mse + the residual's QJL reconstruction: <q, x~> is the estimator.
-  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override {
-    const size_t d = size_t(keys_.config().head_dim);
-    std::vector<uint8_t> record(size_t(keys_.record_bytes()));
-    std::vector<float> decoded(d);
-    for (size_t row = 0; row < keys.size(); row += d) {
-      keys_.encode(keys.subspan(row, d), record);
-      keys_.decode(record, decoded);
-      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
-    }
-  }
-  void reconstruct_values(std::span<const float> values, std::span<double> out) const override {
-    const size_t d = size_t(values_.config().head_dim);
-    std::vector<uint8_t> record(size_t(values_.record_bytes()));
-    std::vector<float> decoded(d);
-    for (size_t row = 0; row < values.size(); row += d) {
-      values_.encode(values.subspan(row, d), record);
-      values_.decode(record, decoded);
-      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
-    }
-  }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_trip(keys_, keys, out); }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_trip(values_, values, out); }
   // k~ - k = r~ - r, QJL's reconstruction error of the residual: E ||r~ - r||^2 = (pi D / 2 - 1) /
   // m ||r||^2 over the sketch (as the qjl row's), m = D, and E ||r||^2 = D distortion(b - 1).
   Theory theory() const override {
@@ -441,16 +467,7 @@ class RabitqCodec final : public EvalCodec {
   }
   int64_t key_bytes() const override { return keys_.record_bytes(); }
   int64_t value_bytes() const override { return 2 * keys_.config().head_dim; }
-  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override {
-    const size_t d = size_t(keys_.config().head_dim);
-    std::vector<uint8_t> record(size_t(keys_.record_bytes()));
-    std::vector<float> decoded(d);
-    for (size_t row = 0; row < keys.size(); row += d) {
-      keys_.encode(keys.subspan(row, d), record);
-      keys_.decode(record, decoded);
-      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
-    }
-  }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_trip(keys_, keys, out); }
   void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_through_f16(values, out); }
   Theory theory() const override {
     return {.slope = 1.0, .note = "unbiased estimator with the full-precision query (arXiv:2405.12497, 2409.09913; kvquant.h)"};
@@ -496,19 +513,53 @@ class PolarQuantCodec final : public EvalCodec {
     w[0] = bits;
     return w;
   }
-  static void round_trip(const PolarQuant& codec, std::span<const float> x, std::span<double> out) {
-    const size_t d = size_t(codec.config().head_dim);
-    std::vector<uint8_t> record(size_t(codec.record_bytes()));
-    std::vector<float> decoded(d);
-    for (size_t row = 0; row < x.size(); row += d) {
-      codec.encode(x.subspan(row, d), record);
-      codec.decode(record, decoded);
-      std::copy(decoded.begin(), decoded.end(), out.begin() + std::ptrdiff_t(row));
-    }
-  }
 
   PolarQuant keys_;
   PolarQuant values_;
+};
+
+// Product VQ (arXiv:2510.06175; product_vq.h): 8-bit codes over D / 8 subspaces (1 bit per
+// coordinate) or D / 4 (2 bits), one k-means codebook per subspace trained on the calibration split.
+// Keys are smoothed by their channel maxima, then rotated; values only rotated: the paper smooths
+// keys, whose inverse scale the query absorbs, where a value's would have to be undone on the output.
+class ProductVqEvalCodec final : public EvalCodec {
+ public:
+  ProductVqEvalCodec(int64_t dim, int bits, uint64_t seed)
+      : config_{.head_dim = dim, .subspaces = dim * bits / 8, .bits = 8, .smoothing = true, .rotation_seed = seed + 1,
+                .kmeans_iterations = 15, .training_seed = seed + 3} {}
+
+  void calibrate(const Inputs& in) override {
+    if (in.calibration_count < config_.centroids_per_codebook()) {
+      fail(kOp, "product_vq", fmt::format("at least {} vectors to train its codebooks on (one per centroid)", config_.centroids_per_codebook()),
+           fmt::format("{} ({}; select other codecs with --codec)", in.calibration_count, in.calibration));
+    }
+    keys_.emplace(train_product_vq(config_, in.calibration_keys, in.calibration_count));
+    ProductVqConfig values = config_;
+    values.smoothing = false;
+    values.rotation_seed = config_.rotation_seed + 1;
+    values_.emplace(train_product_vq(values, in.calibration_values, in.calibration_count));
+    calibration_ = in.calibration;
+  }
+  std::string config() const override {
+    return fmt::format("{} subspaces of {} coordinates, 8-bit codes, k-means codebooks ({} Lloyd steps at most) trained on {}; "
+                       "keys smoothed by their channel maxima then hadamard-rotated, values hadamard-rotated",
+                       config_.subspaces, config_.subspace_dim(), config_.kmeans_iterations, calibration_);
+  }
+  int64_t key_bytes() const override { return keys_->record_bytes(); }
+  int64_t value_bytes() const override { return values_->record_bytes(); }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_trip(*keys_, keys, out); }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_trip(*values_, values, out); }
+  Theory theory() const override {
+    return {.distortion_lower_bound = turboquant_lower_bound(config_.bits_per_coordinate()),
+            .note = "lower bound 4^-b, below which no quantizer of b bits per coordinate goes on random unit vectors "
+                    "(arXiv:2504.19874, Theorem 3); k-means codebooks have no closed-form distortion"};
+  }
+
+ private:
+
+  ProductVqConfig config_;
+  std::optional<ProductVqCodebook> keys_, values_;
+  std::string calibration_;
 };
 
 template <ScaleMode kScale>
@@ -534,6 +585,7 @@ const std::vector<CodecEntry>& codec_table() {
       {"qjl", {1, 2, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<QjlCodec>(d, int(b), s); }},
       {"polarquant", {2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<PolarQuantCodec>(d, int(b), s); }},
       {"kivi", {2, 4}, [](int64_t d, double b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, int(b)); }},
+      {"product_vq", {1, 2}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<ProductVqEvalCodec>(d, int(b), s); }},
   };
   return table;
 }
@@ -715,6 +767,7 @@ KvEvalResult run_kv_eval(const KvEvalOptions& o) {
   for (const Job& job : jobs) {
     if (o.progress) o.progress(fmt::format("kv-eval: {} {} bits", job.entry->name, job.bits));
     const std::unique_ptr<EvalCodec> codec = job.entry->make(in.dim, job.bits, o.seed);
+    codec->calibrate(in);
     KvEvalRecord r = evaluate(*codec, in, o.context);
     r.codec = job.entry->name;
     r.bits = job.bits;

@@ -1,6 +1,7 @@
-// Writes the fuzzer's seed corpus into <dir>: safetensors files written by write_safetensors, the
+// Writes the fuzzers' seed corpora: into <dir> safetensors files written by write_safetensors, the
 // same headers in the fuzz target's "length byte + header" form, and config.json files written by
-// to_json, so that mutation starts from inputs that pass every check.
+// to_json; into <product_vq_dir> product VQ codebooks written by save_product_vq; so that mutation
+// starts from inputs that pass every check.
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "decodelab/checkpoint.h"
+#include "decodelab/product_vq.h"
 
 namespace {
 
@@ -35,8 +37,8 @@ void write_wrapped(const fs::path& dir, const std::string& name, const fs::path&
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: fuzz_make_corpus <dir>\n";
+  if (argc != 3) {
+    std::cerr << "usage: fuzz_make_corpus <dir> <product_vq_dir>\n";
     return 2;
   }
   const fs::path dir = argv[1];
@@ -69,5 +71,15 @@ int main(int argc, char** argv) {
   qwen2.attention_bias = true;
   qwen2.tie_word_embeddings = true;
   write_file(dir / "qwen2.json", to_json(qwen2));
+
+  // Small codebooks (the fuzzer's inputs stay short), smoothing on and off.
+  const fs::path pvq_dir = argv[2];
+  fs::create_directories(pvq_dir);
+  std::vector<float> calibration(64 * 16);
+  for (size_t i = 0; i < calibration.size(); ++i) calibration[i] = float(int(i * 37 % 23) - 11) * (i % 16 == 3 ? 8.0f : 1.0f);
+  for (const bool smoothing : {true, false}) {
+    const kvquant::ProductVqConfig c{.head_dim = 16, .subspaces = 4, .bits = 2, .smoothing = smoothing, .kmeans_iterations = 3};
+    kvquant::save_product_vq(kvquant::train_product_vq(c, calibration, 64), pvq_dir / (smoothing ? "smoothed.pvq" : "plain.pvq"));
+  }
   return 0;
 }
