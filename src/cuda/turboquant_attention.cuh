@@ -27,35 +27,54 @@ struct TqParams {
 };
 
 // y_i = factor * sum_j M[j][i] x_j for every (b, head) row of x [B, H, kD]: q' = R q with M = R^T,
-// out = R^T o' with M = R. A block takes up to 8 rows of one sequence and reads M once for them;
-// thread i reads column i, so a warp reads consecutive floats of a row of M.
+// out = R^T o' with M = R. A block takes up to 8 rows of one sequence and reads M once for them.
+// Thread (i, part) sums column i over the part's kD / kRotateParts rows of M, its loads issued 32
+// at a time before the first is used (a warp reads consecutive floats of a row), so the block
+// waits out one or two memory round trips instead of kD of them; parts add in a fixed order.
+constexpr int kRotateParts = 4;
+
 template <class In, class Out, int kD>
-__global__ void __launch_bounds__(kD) rotate_rows_kernel(const In* x, const float* m, float factor, int heads_total,
-                                                          Out* y) {
+__global__ void __launch_bounds__(kD * kRotateParts) rotate_rows_kernel(const In* x, const float* m, float factor,
+                                                                         int heads_total, Out* y) {
+  constexpr int kSpan = kD / kRotateParts;
   __shared__ float x_s[kMaxHeadsPerBlock][kD];
-  const int b = blockIdx.y, first = blockIdx.x * kMaxHeadsPerBlock, i = threadIdx.x;
+  __shared__ float part_s[kRotateParts][kMaxHeadsPerBlock][kD];
+  const int b = blockIdx.y, first = blockIdx.x * kMaxHeadsPerBlock;
+  const int i = threadIdx.x % kD, part = threadIdx.x / kD;
   const int heads = min(kMaxHeadsPerBlock, heads_total - first);
   const int64_t row0 = int64_t(b) * heads_total + first;
-  for (int g = 0; g < heads; ++g) x_s[g][i] = to_float(x[(row0 + g) * kD + i]);
+  for (int e = threadIdx.x; e < heads * kD; e += kD * kRotateParts) x_s[e / kD][e % kD] = to_float(x[row0 * kD + e]);
   __syncthreads();
+  constexpr int kBatch = kSpan < 32 ? kSpan : 32;  // loads in flight: all of a D <= 128 part
   float sum[kMaxHeadsPerBlock] = {};
-  // Unrolled so that 16 loads of M are in flight at once: one at a time, each waits out a whole
-  // L2 round trip (kD of them in a row, tens of microseconds per launch).
-#pragma unroll 16
-  for (int j = 0; j < kD; ++j) {
-    const float mji = m[int64_t(j) * kD + i];
 #pragma unroll
-    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-      if (g < heads) sum[g] = fmaf(mji, x_s[g][j], sum[g]);
+  for (int j0 = part * kSpan; j0 < (part + 1) * kSpan; j0 += kBatch) {
+    float mji[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) mji[j] = m[int64_t(j0 + j) * kD + i];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+#pragma unroll
+      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+        if (g < heads) sum[g] = fmaf(mji[j], x_s[g][j0 + j], sum[g]);
+      }
     }
   }
-  for (int g = 0; g < heads; ++g) y[(row0 + g) * kD + i] = from_float<Out>(sum[g] * factor);
+  for (int g = 0; g < heads; ++g) part_s[part][g][i] = sum[g];
+  __syncthreads();
+  for (int e = threadIdx.x; e < heads * kD; e += kD * kRotateParts) {
+    const int g = e / kD, d = e % kD;
+    float total = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kRotateParts; ++q) total += part_s[q][g][d];
+    y[row0 * kD + e] = from_float<Out>(total * factor);
+  }
 }
 
 template <class In, class Out, int kD>
 void launch_rotate_rows(const In* x, const float* m, float factor, int batch, int heads, Out* y, cudaStream_t stream) {
   const dim3 grid(unsigned((heads + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock), unsigned(batch));
-  rotate_rows_kernel<In, Out, kD><<<grid, kD, 0, stream>>>(x, m, factor, heads, y);
+  rotate_rows_kernel<In, Out, kD><<<grid, kD * kRotateParts, 0, stream>>>(x, m, factor, heads, y);
 }
 
 inline CodeSide make_side(const Tensor& pool, const kvquant::TurboQuantMse& codec) {

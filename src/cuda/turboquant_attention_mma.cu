@@ -13,11 +13,12 @@
 // The split kernel: a block per (sequence, KV head, split, chunk of <= 8 query heads), 4 warps,
 // tiles of 128 tokens staged in shared memory by 4-byte cp.async (records are only 4-byte
 // aligned), three tiles in flight (two at D = 256). Warp w takes tokens [32w, 32w + 32) of each
-// tile, 16 at a time, and keeps its own running max, sum and accumulator (merged at the end of the
-// block, finish_block). Lane = 4r + c. With 16 tokens:
+// tile and keeps its own running max, sum and accumulator (merged at the end of the block,
+// finish_block). Lane = 4r + c. Per tile, a warp's 32 tokens:
 //   scores  S^T[head, token] = Q'[head, :] K[token, :]^T, heads as the mma's M (rows 8-15 zero),
-//           tokens as N (two tiles of 8), the head dim as K. The dot product does not care which
-//           dimension sits in which k slot, so lane (r, c) takes token r of each N tile and the
+//           tokens as N (four tiles of 8: four independent mma chains), the head dim as K. The
+//           dot product does not care which dimension sits in which k slot, so lane (r, c) takes
+//           token r of each N tile and the
 //           contiguous dimensions [c D/4, (c + 1) D/4) of it: D/32 code words, each expanding to
 //           the B operands of two k steps; its A operands are the same dimensions of q'[head r],
 //           packed to f16 once per block.
@@ -25,9 +26,10 @@
 //           B operand layout of the value product below, so the weights never leave registers.
 //           The K factor n s of each token is found by the lanes that read its codes and passed
 //           with shuffles; the V factor is folded into the weights (p n s, rounded to f16).
-//   values  O'^T[dim, head] += V^T[dim, token] P^T[token, head]: dims as M, tokens as K, heads as
-//           N. Lane (r, c) reads tokens 2c, 2c + 1, 2c + 8, 2c + 9 and, of each, the code byte
-//           (r D/16 + i) for M tile i: that byte's two dimensions are the tile's rows r and r + 8.
+//   values  O'^T[dim, head] += V^T[dim, token] P^T[token, head]: dims as M, tokens as K (two steps
+//           of 16), heads as N. Of each 16, lane (r, c) reads tokens 2c, 2c + 1, 2c + 8, 2c + 9
+//           and, of each, the code byte (r D/16 + i) for M tile i: that byte's two dimensions are
+//           the tile's rows r and r + 8.
 //           Two expanded tokens make an A register with one byte permute.
 // Shared-memory rows are padded so that these loads hit distinct banks (K rows D/8 words, D/8 + 4
 // at D = 256; V rows D/8 + 4). Norm-corrected sides sum their expanded centroids' squares in f16
@@ -112,6 +114,28 @@ __device__ __forceinline__ float sum_squares(const uint32_t (&pairs)[4]) {
   return f.x + f.y;
 }
 
+// N consecutive words of shared memory in the widest loads their alignment allows (the rows and
+// lane offsets of Layout keep 4-word groups 16-byte aligned, 2-word groups 8-byte aligned).
+template <int N>
+__device__ __forceinline__ void load_words(const uint32_t* p, uint32_t (&w)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[k];
+      w[4 * k] = v.x, w[4 * k + 1] = v.y, w[4 * k + 2] = v.z, w[4 * k + 3] = v.w;
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[k];
+      w[2 * k] = v.x, w[2 * k + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = p[k];
+  }
+}
+
 template <int kD>
 __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_constant__ TqParams tq, DecodeParams p) {
   using L = Layout<kD>;
@@ -147,6 +171,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
 
   // Every thread takes part (barrier inside): thread t finds token t's record, then the block
   // copies the norms and the code words, consecutive threads on consecutive words.
+  constexpr int kRecordBytes = 4 + kD / 2;
   auto load_tile = [&](int tile) {
     uint32_t* stage = smem + (tile % L::kStages) * L::kStageWords;
     uint32_t* k_codes = stage;
@@ -154,23 +179,23 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
     uint32_t* norms = v_codes + kTile * L::kVRow;  // K norms [kTile], then V norms [kTile]
     const int64_t first = begin + int64_t(tile) * kTile;
     const int count = int(min(int64_t(kTile), end - first));
-    int64_t* rec = rec_s[tile % L::kStages];
+    int64_t* at = rec_s[tile % L::kStages];  // byte offset of each token's record in its pool
     if (tid < count) {
       const int64_t t = first + tid;
-      rec[tid] = (int64_t(table[t / p.page_size]) * p.page_size + t % p.page_size) * p.hkv + h;
+      at[tid] = ((int64_t(table[t / p.page_size]) * p.page_size + t % p.page_size) * p.hkv + h) * kRecordBytes;
     }
     __syncthreads();
-    constexpr int kRecordBytes = 4 + kD / 2;
     for (int i = tid; i < 2 * count; i += kThreads) {
-      const uint8_t* pages = i < count ? tq.k.pages : tq.v.pages;
-      const int t = i < count ? i : i - count;
-      copy_async<4>(norms + (i < count ? 0 : kTile) + t, pages + rec[t] * kRecordBytes);
+      const bool key = i < count;
+      const int t = key ? i : i - count;
+      copy_async<4>(norms + (key ? 0 : kTile) + t, (key ? tq.k.pages : tq.v.pages) + at[t]);
     }
-    for (int i = tid; i < count * L::kCodeWords; i += kThreads) {
-      const int t = i / L::kCodeWords, w = i % L::kCodeWords;
-      const int64_t at = rec[t] * kRecordBytes + 4 + 4 * w;
-      copy_async<4>(k_codes + t * L::kKRow + w, tq.k.pages + at);
-      copy_async<4>(v_codes + t * L::kVRow + w, tq.v.pages + at);
+    // Thread tid copies word tid % kCodeWords of every (kThreads / kCodeWords)-th token.
+    const int w = tid % L::kCodeWords;
+    for (int t = tid / L::kCodeWords; t < count; t += kThreads / L::kCodeWords) {
+      const int64_t from = at[t] + 4 + 4 * w;
+      copy_async<4>(k_codes + t * L::kKRow + w, tq.k.pages + from);
+      copy_async<4>(v_codes + t * L::kVRow + w, tq.v.pages + from);
     }
     commit_copies();
   };
@@ -199,23 +224,25 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
     const float* k_norms = reinterpret_cast<const float*>(v_codes + kTile * L::kVRow);
     const float* v_norms = k_norms + kTile;
     const int count = int(min(int64_t(kTile), end - begin - int64_t(tile) * kTile));
-    if (warp * kWarpTokens >= count) continue;  // warp-uniform: none of this warp's tokens
+    const int base = warp * kWarpTokens;  // this warp's 32 tokens: 4 N tiles of 8 for the scores
+    if (base >= count) continue;          // warp-uniform: none of them
 
-#pragma unroll 1
-    for (int base = warp * kWarpTokens; base < min(count, (warp + 1) * kWarpTokens); base += 16) {
-      // Scores of tokens base + 8n + (2c, 2c + 1) for head r, N tiles n = 0, 1.
-      float s[2][4] = {};
-      float k_factor[2];  // this lane's read token base + 8n + r
+    // Scores of tokens base + 8n + (2c, 2c + 1) for head r. Lane (r, c) reads token base + 8n + r
+    // of each N tile n; the four tiles' mma chains are independent, so they interleave.
+    float s[4][4] = {};
+    float k_factor[4];
+    {
+      uint32_t words[4][L::kKWordsPerLane];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const int t = base + 8 * n + r;
-        const uint32_t* row = k_codes + t * L::kKRow + c * L::kKWordsPerLane;
-        float squares = 0.0f;
+      for (int n = 0; n < 4; ++n) load_words(k_codes + (base + 8 * n + r) * L::kKRow + c * L::kKWordsPerLane, words[n]);
+      float squares[4] = {};
 #pragma unroll
-        for (int j = 0; j < L::kKWordsPerLane; ++j) {
+      for (int j = 0; j < L::kKWordsPerLane; ++j) {
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
           uint32_t pairs[4];
-          expand8(row[j], k_table, pairs);
-          if (tq.k.norm_corrected) squares += sum_squares(pairs);
+          expand8(words[n][j], k_table, pairs);
+          if (tq.k.norm_corrected) squares[n] += sum_squares(pairs);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const uint32_t a[4] = {q2[j][2 * half], 0u, q2[j][2 * half + 1], 0u};
@@ -223,86 +250,101 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
             mma_16816(s[n], a, bk, __half{});
           }
         }
-        k_factor[n] = k_norms[t];
+      }
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        k_factor[n] = k_norms[base + 8 * n + r];
         if (tq.k.norm_corrected) {
-          squares += __shfl_xor_sync(0xffffffffu, squares, 1);
-          squares += __shfl_xor_sync(0xffffffffu, squares, 2);
-          k_factor[n] /= sqrtf(squares);
+          squares[n] += __shfl_xor_sync(0xffffffffu, squares[n], 1);
+          squares[n] += __shfl_xor_sync(0xffffffffu, squares[n], 2);
+          k_factor[n] /= sqrtf(squares[n]);
         }
       }
-      // Token base + 8n + 2c + e's factor is lane 4 (2c + e)'s k_factor[n].
-      float score[2][2];
-      float chunk_max = -INFINITY;
+    }
+    // Token base + 8n + 2c + e's factor is lane 4 (2c + e)'s k_factor[n].
+    float score[4][2];
+    float tile_max = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+    for (int n = 0; n < 4; ++n) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float f = __shfl_sync(0xffffffffu, k_factor[n], 4 * (2 * c + e));
-          const bool valid = base + 8 * n + 2 * c + e < count;
-          score[n][e] = valid ? s[n][e] * f : -INFINITY;
-          chunk_max = fmaxf(chunk_max, score[n][e]);
-        }
+      for (int e = 0; e < 2; ++e) {
+        const float f = __shfl_sync(0xffffffffu, k_factor[n], 4 * (2 * c + e));
+        const bool valid = base + 8 * n + 2 * c + e < count;
+        score[n][e] = valid ? s[n][e] * f : -INFINITY;
+        tile_max = fmaxf(tile_max, score[n][e]);
       }
-      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 1));
-      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, 2));
-      const float m_new = fmaxf(m, chunk_max);  // finite: token base is valid
-      const float rescale = exp2f(m - m_new);   // 0 while m is -inf
-      m = m_new;
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float m_new = fmaxf(m, tile_max);  // finite: token base is valid
+    const float rescale = exp2f(m - m_new);  // 0 while m is -inf
+    m = m_new;
 
-      // V: tokens base + 2c + {0, 1, 8, 9}; this lane's bytes [r D/16, (r + 1) D/16) of each.
-      const int v_token[4] = {base + 2 * c, base + 2 * c + 1, base + 2 * c + 8, base + 2 * c + 9};
-      float v_factor[4];
+    // V: for the 16 tokens of value step v (N tiles 2v, 2v + 1), tokens base + 16v + 2c + {0, 1,
+    // 8, 9}, and of each this lane's code bytes [r D/16, (r + 1) D/16).
+    float v_factor[2][4];
+    uint32_t v_words[2][4][L::kVWordsPerLane];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) v_factor[k] = v_norms[v_token[k]];
-      if (tq.v.norm_corrected) {
+    for (int v = 0; v < 2; ++v) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint32_t* row = v_codes + v_token[k] * L::kVRow + r * L::kVWordsPerLane;
+      for (int k = 0; k < 4; ++k) {
+        const int t = base + 16 * v + 2 * c + (k % 2) + 8 * (k / 2);
+        v_factor[v][k] = v_norms[t];
+        load_words(v_codes + t * L::kVRow + r * L::kVWordsPerLane, v_words[v][k]);
+        if (tq.v.norm_corrected) {
           float squares = 0.0f;
 #pragma unroll
           for (int u = 0; u < L::kVWordsPerLane; ++u) {
             uint32_t pairs[4];
-            expand8(row[u], v_table, pairs);
+            expand8(v_words[v][k][u], v_table, pairs);
             squares += sum_squares(pairs);
           }
           squares += __shfl_xor_sync(0xffffffffu, squares, 4);
           squares += __shfl_xor_sync(0xffffffffu, squares, 8);
           squares += __shfl_xor_sync(0xffffffffu, squares, 16);
-          v_factor[k] /= sqrtf(squares);
+          v_factor[v][k] /= sqrtf(squares);
         }
       }
+    }
+    // P^T as the B operand of value step v: tokens 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1).
+    uint32_t pb[2][2];
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
       float weight[2][2];
-      float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const bool valid = base + 8 * n + 2 * c + e < count;
-          const float w = valid ? exp2f(score[n][e] - m_new) : 0.0f;
+          const bool valid = base + 16 * v + 8 * n + 2 * c + e < count;
+          const float w = valid ? exp2f(score[2 * v + n][e] - m_new) : 0.0f;
           sum += w;
-          weight[n][e] = valid ? w * v_factor[2 * n + e] : 0.0f;  // a stale norm may be NaN
+          weight[n][e] = valid ? w * v_factor[v][2 * n + e] : 0.0f;  // a stale norm may be NaN
         }
       }
-      l = l * rescale + sum;
-      // P^T as the B operand: tokens 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1) for head r.
-      const uint32_t pb[2] = {pack2(weight[0][0], weight[0][1], __half{}), pack2(weight[1][0], weight[1][1], __half{})};
-      // The accumulator columns are heads 2c and 2c + 1: their rescales live on lanes 8c, 8c + 4.
-      const float rescale0 = __shfl_sync(0xffffffffu, rescale, 8 * c);
-      const float rescale1 = __shfl_sync(0xffffffffu, rescale, 8 * c + 4);
+      pb[v][0] = pack2(weight[0][0], weight[0][1], __half{});
+      pb[v][1] = pack2(weight[1][0], weight[1][1], __half{});
+    }
+    l = l * rescale + sum;
+    // The accumulator columns are heads 2c and 2c + 1: their rescales live on lanes 8c, 8c + 4.
+    const float rescale0 = __shfl_sync(0xffffffffu, rescale, 8 * c);
+    const float rescale1 = __shfl_sync(0xffffffffu, rescale, 8 * c + 4);
 #pragma unroll
-      for (int i = 0; i < kD / 16; ++i) {
-        acc[i][0] *= rescale0, acc[i][1] *= rescale1, acc[i][2] *= rescale0, acc[i][3] *= rescale1;
-      }
+    for (int i = 0; i < kD / 16; ++i) {
+      acc[i][0] *= rescale0, acc[i][1] *= rescale1, acc[i][2] *= rescale0, acc[i][3] *= rescale1;
+    }
 #pragma unroll
-      for (int u = 0; u < L::kVWordsPerLane; ++u) {
+    for (int u = 0; u < L::kVWordsPerLane; ++u) {
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
         uint32_t pairs[4][4];  // [token k][M tile 4u + j]: (row r, row r + 8) of that token
 #pragma unroll
-        for (int k = 0; k < 4; ++k) expand8(v_codes[v_token[k] * L::kVRow + r * L::kVWordsPerLane + u], v_table, pairs[k]);
+        for (int k = 0; k < 4; ++k) expand8(v_words[v][k][u], v_table, pairs[k]);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint32_t a[4] = {permute(pairs[0][j], pairs[1][j], 0x5410), permute(pairs[0][j], pairs[1][j], 0x7632),
                                  permute(pairs[2][j], pairs[3][j], 0x5410), permute(pairs[2][j], pairs[3][j], 0x7632)};
-          mma_16816(acc[4 * u + j], a, pb, __half{});
+          mma_16816(acc[4 * u + j], a, pb[v], __half{});
         }
       }
     }
