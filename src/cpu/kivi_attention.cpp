@@ -97,6 +97,21 @@ HWY_INLINE bool ExpandValue(const Problem& p, const uint8_t* HWY_RESTRICT record
   return valid;
 }
 
+// fn(t, record) for the value records of tokens [t_begin, t_end) of (b, h), walking the pages:
+// one division per call rather than one per token, which costs as much as expanding a record.
+template <class Fn>
+HWY_INLINE void ForValueRecords(const Problem& p, int64_t b, int64_t h, int64_t t_begin, int64_t t_end, Fn&& fn) {
+  const int32_t* pages = p.page_table + b * p.max_pages;
+  int64_t page = t_begin / p.page_size, in_page = t_begin % p.page_size;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    fn(t, p.v_pages + ((int64_t(pages[page]) * p.page_size + in_page) * p.hkv + h) * p.value_record_bytes);
+    if (++in_page == p.page_size) {
+      in_page = 0;
+      ++page;
+    }
+  }
+}
+
 // Scratch of one task, allocated once per task.
 struct TileBuffers {
   std::vector<float> k_rows, v_rows, scores, corr, folded, base, lo, scale;
@@ -155,11 +170,10 @@ bool RunTask(const Problem& p, const DecodeTask& task, const float* HWY_RESTRICT
     const int64_t n = t1 - t0;
     // The next tile's value records, asked for now: Hkv records apart, page after page, which the
     // hardware prefetchers do not follow; a key block's codes are contiguous and need no help.
-    for (int64_t t = t1; t < std::min({task.t_end, t1 + kTileKeys, quantized_values}); ++t) {
-      const uint8_t* record = p.value_record(b, h, t);
+    ForValueRecords(p, b, h, t1, std::min({task.t_end, t1 + kTileKeys, quantized_values}), [&](int64_t, const uint8_t* record) {
       hwy::Prefetch(record);
       hwy::Prefetch(record + p.value_record_bytes - 1);
-    }
+    });
     const float* rows_q = q;
     if (quantized) {
       const uint8_t* block = p.key_block(b, h, t0);
@@ -173,15 +187,13 @@ bool RunTask(const Problem& p, const DecodeTask& task, const float* HWY_RESTRICT
     } else {
       for (int64_t j = 0; j < n; ++j) buf.k_ptrs[size_t(j)] = p.recent(p.recent_k, b, h, t0 + j);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = t0 + j;
-      if (t < quantized_values) {
-        valid &= ExpandValue(p, p.value_record(b, h, t), buf.v_rows.data() + j * d);
-        buf.v_ptrs[size_t(j)] = buf.v_rows.data() + j * d;
-      } else {
-        buf.v_ptrs[size_t(j)] = p.recent(p.recent_v, b, h, t);
-      }
-    }
+    const int64_t quantized_end = std::clamp(quantized_values, t0, t1);
+    ForValueRecords(p, b, h, t0, quantized_end, [&](int64_t t, const uint8_t* record) {
+      const int64_t j = t - t0;
+      valid &= ExpandValue(p, record, buf.v_rows.data() + j * d);
+      buf.v_ptrs[size_t(j)] = buf.v_rows.data() + j * d;
+    });
+    for (int64_t t = quantized_end; t < t1; ++t) buf.v_ptrs[size_t(t - t0)] = p.recent(p.recent_v, b, h, t);
     float* scores = buf.scores.data();
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       WithBlock(rows - r0, [&](auto kr) {
