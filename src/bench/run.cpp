@@ -12,9 +12,11 @@
 #include <set>
 
 #include "decodelab/bench.h"
+#include "decodelab/kivi_cache.h"
 #include "decodelab/router.h"
 #include "decodelab/turboquant_cache.h"
 #include "decodelab/verify.h"
+#include "kvquant/kivi_record.h"
 #include "kvquant/record.h"
 #include "router/autotune.h"
 #ifdef DECODELAB_HAS_CUDA
@@ -348,6 +350,66 @@ void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
   }
 }
 
+// Fused decode attention over the paged KIVI cache (kivi_cache.h), the CPU shapes of
+// add_turboquant; KIVI's defaults (G = 32, value groups of 32, R = 32) and pages of 32 tokens.
+// The bytes are those read: the key blocks and value records below the quantized counts, the
+// f32 window of the rest, the page table, q and out.
+void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  if (o.device != Device::cpu) return;  // host backends only
+  const DType t = DType::f16;
+  const int64_t e = int64_t(dtype_size(t)), page = 32;
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
+  if (!o.quick) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+  std::vector<int> bit_widths = {4};
+  if (!o.quick) bit_widths = {4, 2};
+  for (const int bits : bit_widths) {
+    const auto codec = std::make_shared<const kvquant::KiviCodec>(kvquant::KiviConfig{kD, bits, 32, 32, 32});
+    const kvquant::KiviConfig& c = codec->config();
+    const int64_t kb = codec->key_block_bytes(), vb = codec->value_record_bytes(), window = c.residual + c.key_group;
+    for (const auto& [batch, length] : shapes) {
+      const int64_t pages_per_seq = length / page;
+      const int64_t qk = detail::kivi_quantized_keys(length, c.key_group, c.residual);
+      const int64_t qv = detail::kivi_quantized_values(length, c.residual);
+      const int64_t per_head = qk / c.key_group * kb + qv * vb + (2 * length - qk - qv) * kD * 4;
+      const int64_t bytes = batch * kHkv * per_head + batch * pages_per_seq * 4 + 2 * batch * kHq * kD * e;
+      const std::vector<int32_t> lens(static_cast<size_t>(batch), int32_t(length));
+      add_bench<KiviDecodeAttentionPagedArgs>(
+          cases, o, t,
+          fmt::format("B={} L={} Hq={} Hkv={} D={} page {} {}-bit G={} R={}", batch, length, kHq, kHkv, kD, page, bits,
+                      c.key_group, c.residual),
+          bytes, 4 * batch * kHq * length * kD, false,
+          [=] {
+            // Random codes; every record's (lo, scale) pairs set to valid values, which the
+            // kernel's cost does not depend on.
+            const auto records = [&](const std::vector<int64_t>& shape, int64_t pairs, uint64_t seed) {
+              Array a = random_records(shape, kD, seed);
+              for (size_t at = 0; at < a.nbytes(); at += size_t(shape.back())) {
+                for (int64_t i = 0; i < 2 * pairs; ++i) detail::store_f32_le(a.ptr<uint8_t>() + at + 4 * i, i < pairs ? -1.0f : 0.5f);
+              }
+              return a;
+            };
+            CaseData d;
+            d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
+            d.inputs.push_back(records({batch * pages_per_seq, page / c.key_group, kHkv, kb}, kD, 2));
+            d.inputs.push_back(records({batch * pages_per_seq, page, kHkv, vb}, kD / c.value_group, 3));
+            d.inputs.push_back(uniform(DType::f32, {batch, window, kHkv, kD}, 4));
+            d.inputs.push_back(uniform(DType::f32, {batch, window, kHkv, kD}, 5));
+            // Scattered pages, as add_decode's paged case.
+            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(verify::i32_array({batch}, lens));
+            d.outputs.push_back({t, {batch, kHq, kD}});
+            return d;
+          },
+          [codec](auto in, auto out) {
+            return KiviDecodeAttentionPagedArgs{in[0], PagedKiviKV{in[1], in[2], in[3], in[4], in[5], in[6], codec.get()},
+                                                out[0], {true, 1.0f / 11.3137085f}, {}};
+          });
+    }
+  }
+}
+
 void add_prefill(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.quick) return;
   const DType t = DType::f16;
@@ -465,6 +527,7 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
   add_matvec(cases, o);
   add_decode(cases, o);
   add_turboquant(cases, o);
+  add_kivi(cases, o);
   add_prefill(cases, o);
   add_layers(cases, o);
   return cases;

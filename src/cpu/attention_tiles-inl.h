@@ -1,7 +1,8 @@
 // The tile kernels that CPU decode attention over f16/bf16/f32 caches (attention.cpp) and over
 // TurboQuant codes (turboquant_attention.cpp) share: dot products of query rows with key rows,
 // the online softmax of a tile (Milakov & Gimelshein 2018), the P.V accumulation, and the
-// log-sum-exp merge of split-K partial states (Flash-Decoding, Dao et al. 2023). Key and value
+// log-sum-exp merge of split-K partial states (Flash-Decoding, Dao et al. 2023), and the split of
+// a paged cache's keys into tasks. Key and value
 // rows are given as row pointers of any element type that LoadF32 widens, so a kernel that
 // expands codes into f32 rows runs the same arithmetic. Include it after "hwy/highway.h" inside a
 // file compiled once per target (foreach_target.h).
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/simd.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -50,6 +52,30 @@ inline int64_t MaxSplits(int64_t row_sets) { return DivCeil(kTargetTasks, row_se
 inline int64_t SplitKeys(int64_t keys, int64_t max_splits, int64_t tile) {
   const int64_t want = std::clamp(DivCeil(keys, kMinSplitKeys), int64_t{1}, max_splits);
   return RoundUp(DivCeil(keys, want), tile);
+}
+
+// Split-K decode over a paged cache: the keys [t_begin, t_end) of KV head h of sequence b, one
+// task's share. A (b, h)'s tasks are consecutive, in key order.
+struct DecodeTask {
+  int64_t b, h, t_begin, t_end;
+};
+
+struct HeadSplits {
+  int64_t first_task, splits;
+};
+
+// Tasks for every (b, h) in order, each one's lengths[b] keys split in `tile`-aligned chunks.
+inline void MakeDecodeTasks(const int32_t* lengths, int64_t batch, int64_t hkv, int64_t tile,
+                            std::vector<DecodeTask>& tasks, std::vector<HeadSplits>& heads) {
+  const int64_t max_splits = MaxSplits(batch * hkv);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t keys = lengths[b];
+    const int64_t chunk = SplitKeys(keys, max_splits, tile);
+    for (int64_t h = 0; h < hkv; ++h) {
+      heads.push_back({int64_t(tasks.size()), DivCeil(keys, chunk)});
+      for (int64_t t = 0; t < keys; t += chunk) tasks.push_back({b, h, t, std::min(keys, t + chunk)});
+    }
+  }
 }
 
 // Calls fn(std::integral_constant<int, k>) with k = count in 1..4: runtime block sizes to

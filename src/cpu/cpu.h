@@ -35,6 +35,9 @@ void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
 // turboquant_attention.cpp
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 
+// kivi_attention.cpp
+void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
+
 }  // namespace decodelab::cpu
 
 // The matvec family (matvec.cpp) and attention (attention.cpp) declare their kernels in

@@ -25,9 +25,9 @@
 #include "hwy/cache_control.h"
 #include "cpu/simd.h"
 #include "cpu/attention_tiles-inl.h"
+#include "cpu/expand_codes-inl.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <vector>
 
@@ -42,48 +42,6 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 // Tokens per tile; split-K as the f16 decode kernel (attention_tiles-inl.h).
 constexpr int64_t kTileKeys = 64;
-
-// The D centroids c[idx_j] of a record's packed indices, into `row`, 16 at a time. D is a
-// multiple of 16, so the indices come in chunks of 16 that fill exactly 2 * kBits bytes of the
-// little-endian bit stream (kvquant.h): a chunk is one 16 * kBits-bit word (at most 64), made of
-// two 8-index groups of 8 * kBits bits (at most 32); index k of the chunk is bits
-// [kBits * (k % 8), kBits * (k % 8 + 1)) of group k / 8. Each lane takes its group's word, shifts
-// it by its own amount and masks: the index. The centroid lookup is a lane permute of the
-// codebook (at most 16 entries) where a vector holds 16 floats (AVX-512), a gather elsewhere.
-template <int kBits>
-constexpr std::array<uint32_t, 16> kChunkShifts = [] {
-  std::array<uint32_t, 16> shifts{};
-  for (int k = 0; k < 16; ++k) shifts[size_t(k)] = uint32_t(kBits * (k % 8));
-  return shifts;
-}();
-
-template <int kBits>
-void ExpandCentroids(const uint8_t* HWY_RESTRICT packed, const float* HWY_RESTRICT centroids, int64_t d,
-                     float* HWY_RESTRICT row) {
-  const DF df;
-  const hn::RebindToUnsigned<DF> du;
-  const hn::RebindToSigned<DF> di;
-  const int64_t N = int64_t(hn::Lanes(df));
-  const auto mask = hn::Set(du, (1u << kBits) - 1);
-  // With exactly 16 lanes the codebook (at most 16 centroids, padded to 16) is one vector and a
-  // lookup is one permute; other widths gather.
-  constexpr bool kPermute = hn::MaxLanes(df) == 16;
-  const VF table = kPermute ? hn::LoadU(df, centroids) : hn::Zero(df);
-  for (int64_t j = 0; j < d; j += 16, packed += 2 * kBits) {
-    uint64_t word = 0;
-    for (int i = 0; i < 2 * kBits; ++i) word |= uint64_t(packed[i]) << (8 * i);
-    const auto low = hn::Set(du, uint32_t(word)), high = hn::Set(du, uint32_t(word >> (8 * kBits)));
-    for (int64_t k = 0; k < 16; k += N) {
-      const auto words = hn::IfThenElse(hn::FirstN(du, size_t(std::max<int64_t>(0, 8 - k))), low, high);
-      const auto index = hn::BitCast(di, hn::And(words >> hn::LoadU(du, kChunkShifts<kBits>.data() + k), mask));
-      if constexpr (kPermute) {
-        hn::StoreU(hn::TableLookupLanes(table, hn::IndicesFromVec(df, index)), df, row + j + k);
-      } else {
-        hn::StoreU(hn::GatherIndex(df, centroids, index), df, row + j + k);
-      }
-    }
-  }
-}
 
 using ExpandFn = void (*)(const uint8_t*, const float*, int64_t, float*);
 
@@ -148,31 +106,9 @@ struct Problem {
   }
 };
 
-// Keys [t_begin, t_end) of KV head h of sequence b; its splits are consecutive tasks.
-struct Task {
-  int64_t b, h, t_begin, t_end;
-};
-
-struct HeadSplits {
-  int64_t first_task, splits;
-};
-
-// Tasks for every (b, h) in order, each one's key range split in tile-aligned chunks.
-void MakeTasks(const Problem& p, std::vector<Task>& tasks, std::vector<HeadSplits>& heads) {
-  const int64_t max_splits = MaxSplits(p.batch * p.hkv);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t keys = p.lengths[b];
-    const int64_t chunk = SplitKeys(keys, max_splits, kTileKeys);
-    for (int64_t h = 0; h < p.hkv; ++h) {
-      heads.push_back({int64_t(tasks.size()), DivCeil(keys, chunk)});
-      for (int64_t t = 0; t < keys; t += chunk) tasks.push_back({b, h, t, std::min(keys, t + chunk)});
-    }
-  }
-}
-
 // One task: the G rotated query rows q [G][d] (pre-scaled) over its keys, into `slot`. Returns
 // whether every record it read had a valid norm (a corrupt one makes the slot NaN).
-bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, const PartialSlot& slot) {
+bool RunTask(const Problem& p, const DecodeTask& task, const float* HWY_RESTRICT q, const PartialSlot& slot) {
   const DF df;
   const int64_t N = int64_t(hn::Lanes(df));
   const int64_t d = p.d, rows = p.group(), stride = RoundUp(kTileKeys, N);
@@ -248,7 +184,7 @@ bool RunTask(const Problem& p, const Task& task, const float* HWY_RESTRICT q, co
 
 // A task saw a corrupt record: the first of its range, keys before values, as the reference
 // names it (it checks in the same order: sequence, KV head, token).
-[[noreturn]] void FailCorruptRecord(const Problem& p, const Task& task) {
+[[noreturn]] void FailCorruptRecord(const Problem& p, const DecodeTask& task) {
   const detail::ArgCheck check(TurboQuantDecodeAttentionPagedArgs::kOp);
   for (int64_t t = task.t_begin; t < task.t_end; ++t) {
     const int64_t index = p.record(task.b, task.h, t);
@@ -288,16 +224,16 @@ void TurboQuantDecodeAttentionPaged(const TurboQuantDecodeAttentionPagedArgs& a)
       for (int64_t j = 0; j < d; ++j) rotated[size_t(i * d + j)] = float(x[size_t(j)] * a.options.scale);
     });
     // (2) Every task's partial state.
-    std::vector<Task> tasks;
+    std::vector<DecodeTask> tasks;
     std::vector<HeadSplits> kv_heads;
-    MakeTasks(p, tasks, kv_heads);
+    MakeDecodeTasks(p.lengths, p.batch, p.hkv, kTileKeys, tasks, kv_heads);
     const int64_t rows = p.group(), slot_floats = rows * (d + 2);
     std::vector<float> partials(tasks.size() * size_t(slot_floats));
     std::vector<PartialSlot> slots;
     for (size_t t = 0; t < tasks.size(); ++t) slots.push_back({partials.data() + t * size_t(slot_floats), rows, d});
     std::vector<uint8_t> norms_valid(tasks.size());
     pool.parallel_for(int64_t(tasks.size()), [&](int64_t t) {
-      const Task& task = tasks[size_t(t)];
+      const DecodeTask& task = tasks[size_t(t)];
       norms_valid[size_t(t)] = RunTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * d, slots[size_t(t)]);
     });
     for (size_t t = 0; t < tasks.size(); ++t) {

@@ -5,6 +5,7 @@
 #include <array>
 
 #include "decodelab/attention.h"
+#include "decodelab/kivi_cache.h"
 #include "decodelab/kv_cache.h"
 #include "decodelab/layers.h"
 #include "decodelab/model.h"
@@ -131,6 +132,15 @@ struct TurboQuantDecodeAttentionPagedArgs {
   static constexpr const char* kOp = "turboquant_decode_attention_paged";
   Tensor q;
   PagedTurboQuantKV cache;
+  Tensor out;
+  AttentionOptions options;  // scale resolved
+  Stream stream;
+};
+
+struct KiviDecodeAttentionPagedArgs {
+  static constexpr const char* kOp = "kivi_decode_attention_paged";
+  Tensor q;
+  PagedKiviKV cache;
   Tensor out;
   AttentionOptions options;  // scale resolved
   Stream stream;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kvquant/record.h"
+#include "reference/decoded_attention.h"
 #include "reference/kv_layout.h"
 #include "reference/reference.h"
 
@@ -71,24 +72,7 @@ void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs&
         a.cache.v_codec->decode(checked_record(a.cache.v_pages, "cache.v_pages", index, b, t, h), decoded);
         std::copy(decoded.begin(), decoded.end(), values.begin() + t * d);
       }
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t q_at = (b * hq + h * group + g) * d;
-        std::vector<double> scores(static_cast<size_t>(length));
-        for (int64_t t = 0; t < length; ++t) {
-          double dot = 0.0;
-          for (int64_t c = 0; c < d; ++c) dot += load(a.q, q_at + c) * keys[size_t(t * d + c)];
-          scores[size_t(t)] = dot * a.options.scale;
-        }
-        const double max_score = *std::max_element(scores.begin(), scores.end());
-        double denominator = 0.0;
-        std::vector<double> acc(static_cast<size_t>(d), 0.0);
-        for (int64_t t = 0; t < length; ++t) {
-          const double p = std::exp(scores[size_t(t)] - max_score);
-          denominator += p;
-          for (int64_t c = 0; c < d; ++c) acc[size_t(c)] += p * values[size_t(t * d + c)];
-        }
-        for (int64_t c = 0; c < d; ++c) store(a.out, q_at + c, acc[size_t(c)] / denominator);
-      }
+      attend_decoded(a.q, a.out, b, h, group, a.options.scale, keys, values, length);
     }
   }
 }

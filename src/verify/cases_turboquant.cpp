@@ -131,20 +131,11 @@ PagedTurboQuantKV cache_view(std::span<const Tensor> pools_from, size_t at, std:
   return {pools_from[at], pools_from[at + 1], in[tables_at], in[tables_at + 1], &codecs.k(), &codecs.v()};
 }
 
-Tolerance attention_tolerance(DType t, double q_scale) {
-  // Both sides read the same codes, so the codec's error is not in the comparison: what differs
-  // is the f32 rounding of the rotated query, of the decoded vectors (the reference's) and of the
-  // f32 accumulation in rotated coordinates, the same sources as f16-cache decode attention.
-  Tolerance tol = rounding_tolerance(t, q_scale > 1.0 ? 10.0 : 1.0);
-  tol.why = "same codes on both sides; " + tol.why;
-  return tol;
-}
-
 void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   for (const Shape& s : kAttention) {
     auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
     add_cases<TurboQuantDecodeAttentionPagedArgs>(
-        grid, filter, s.name(), [s](DType t) { return attention_tolerance(t, s.q_scale); },
+        grid, filter, s.name(), [s](DType t) { return compressed_attention_tolerance(t, s.q_scale); },
         [s, codecs](DType t, uint64_t seed) {
           Rng rng(seed);
           const int64_t batch = int64_t(s.lengths.size());
@@ -194,6 +185,15 @@ void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {
 }
 
 }  // namespace
+
+Tolerance compressed_attention_tolerance(DType t, double q_scale) {
+  // Both sides read the same codes, so the codec's error is not in the comparison: what differs
+  // is the f32 rounding of the (rotated, for a rotating codec) query, of the decoded vectors (the
+  // reference's) and of the f32 accumulation, the same sources as f16-cache decode attention.
+  Tolerance tol = rounding_tolerance(t, q_scale > 1.0 ? 10.0 : 1.0);
+  tol.why = "same codes on both sides; " + tol.why;
+  return tol;
+}
 
 void add_turboquant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   add_attention(grid, filter);

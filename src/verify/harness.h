@@ -111,10 +111,15 @@ void add_attention_cases(std::vector<VerifyCase>& grid, const GridFilter& filter
 void add_quant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 void add_block_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 void add_turboquant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
+void add_kivi_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 
 // Standard tolerances: NMSE of one rounding to the output dtype, with headroom for an f32
 // accumulation order that differs from the reference. `scale` widens them for ops whose
 // intermediates are rounded too.
 Tolerance rounding_tolerance(DType dtype, double scale = 1.0);
+
+// Fused attention over a compressed cache against the reference over the same codes, whose
+// queries are drawn at q_scale (> 1: large logits); cases_turboquant.cpp.
+Tolerance compressed_attention_tolerance(DType dtype, double q_scale);
 
 }  // namespace decodelab::verify

@@ -1,0 +1,84 @@
+// Validation and routing of fused decode attention over the paged KIVI cache
+// (include/decodelab/kivi_cache.h).
+#include <fmt/format.h>
+
+#include <string>
+
+#include "decodelab/kivi_cache.h"
+#include "ops/common.h"
+#include "router/registry.h"
+
+namespace decodelab {
+
+using detail::ArgCheck;
+using detail::kAny;
+
+namespace {
+
+// The codec is given and is for the queries' head_dim (its records have another length, its
+// value groups other boundaries, for another D).
+const kvquant::KiviCodec& check_codec(const ArgCheck& c, const kvquant::KiviCodec* codec, int64_t d) {
+  if (codec == nullptr) c.fail("cache.codec", "a KiviCodec", "null");
+  if (codec->config().head_dim != d) {
+    c.fail("cache.codec", fmt::format("a codec for head_dim D = {} (of q)", d),
+           fmt::format("a codec for D = {}", codec->config().head_dim));
+  }
+  return *codec;
+}
+
+// The pools and the ring against B sequences of Hkv heads; with check_values, every lengths[b]
+// fits the page table and every page it covers is a page of the pools.
+void check_cache(const ArgCheck& c, const PagedKiviKV& cache, int64_t batch, int64_t hkv, int64_t d, bool check_values) {
+  const kvquant::KiviCodec& codec = check_codec(c, cache.codec, d);
+  const kvquant::KiviConfig& config = codec.config();
+  const int64_t g = config.key_group;
+  // The page size is the value pool's: the key pool holds page_size / G blocks per page.
+  if (cache.v_pages.rank != 4) c.fail("cache.v_pages", "rank 4 [num_pages, page_size, Hkv, Vb]", cache.v_pages.describe());
+  const int64_t num_pages = cache.v_pages.dim(0), page_size = cache.v_pages.dim(1);
+  if (page_size < 1 || page_size % g != 0) {
+    c.fail("cache.v_pages", fmt::format("page_size a positive multiple of the codec's key_group G = {}", g),
+           cache.v_pages.describe());
+  }
+  c.shape(cache.v_pages, "cache.v_pages", {kAny, kAny, hkv, codec.value_record_bytes()},
+          fmt::format("[num_pages, page_size, Hkv, Vb]: Vb = {} bytes, a {}-bit value record of D = {} in groups of {}",
+                      codec.value_record_bytes(), config.bits, d, config.value_group));
+  c.dtype(cache.v_pages, "cache.v_pages", DType::u8);
+  c.usable(cache.v_pages, "cache.v_pages", Device::cpu);
+  c.shape(cache.k_pages, "cache.k_pages", {num_pages, page_size / g, hkv, codec.key_block_bytes()},
+          fmt::format("[num_pages, page_size / G, Hkv, Kb]: G = {}, Kb = {} bytes, a {}-bit key block of D = {}", g,
+                      codec.key_block_bytes(), config.bits, d));
+  c.dtype(cache.k_pages, "cache.k_pages", DType::u8);
+  c.usable(cache.k_pages, "cache.k_pages", Device::cpu);
+  const std::string ring = fmt::format("[B, W, Hkv, D]: W = R + G = {} + {}", config.residual, g);
+  for (const auto& [t, name] : {std::pair{&cache.recent_k, "cache.recent_k"}, std::pair{&cache.recent_v, "cache.recent_v"}}) {
+    c.shape(*t, name, {batch, config.residual + g, hkv, d}, ring);
+    c.dtype(*t, name, DType::f32);
+    c.usable(*t, name, Device::cpu);
+  }
+  // Every sequence needs a token: a softmax over none has no value.
+  detail::check_page_table(c, cache.page_table, cache.lengths, batch, num_pages, page_size, Device::cpu, 0, 1,
+                           check_values);
+}
+
+}  // namespace
+
+void kivi_decode_attention_paged(const Tensor& q, const PagedKiviKV& cache, const Tensor& out,
+                                 const AttentionOptions& options, const RunOptions& run) {
+  const ArgCheck c("kivi_decode_attention_paged");
+  c.shape(q, "q", {kAny, kAny, kAny}, "[B, Hq, D]");
+  c.activation(q, "q");
+  // Host backends only (kivi_cache.h).
+  c.usable(q, "q", Device::cpu);
+  if (q.dim(0) < 1 || q.dim(1) < 1) c.fail("q", "B >= 1 and at least one head", q.describe());
+  c.head_dim(q.dim(2), "q");
+  c.same_shape(out, "out", q, "q");
+  c.same_dtype(out, "out", q.dtype, "the dtype of q");
+  c.usable(out, "out", Device::cpu);
+  const AttentionOptions resolved = detail::resolve_attention_options(c, options, q.dim(2));
+  if (cache.v_pages.rank != 4) c.fail("cache.v_pages", "rank 4 [num_pages, page_size, Hkv, Vb]", cache.v_pages.describe());
+  c.gqa(q.dim(1), cache.v_pages.dim(2));
+  check_cache(c, cache, q.dim(0), cache.v_pages.dim(2), q.dim(2), run.check_indices);
+  dispatch(KiviDecodeAttentionPagedArgs{q, cache, out, resolved, run.stream}, run, q.device);
+}
+
+}  // namespace decodelab
