@@ -171,7 +171,7 @@ TEST(KvEval, BytesPerTokenByHand) {
   KvEvalOptions o = options_for({}, 1024);
   o.context = 512;
   const KvEvalResult result = run_kv_eval(o);
-  ASSERT_EQ(result.records.size(), 32u);
+  ASSERT_EQ(result.records.size(), 34u);
   for (const KvEvalRecord& r : result.records) {
     SCOPED_TRACE(fmt::format("{} {} bits", r.codec, r.bits));
     EXPECT_EQ(r.f16_bytes, 256);
@@ -203,6 +203,13 @@ TEST(KvEval, BytesPerTokenByHand) {
       const int upper = (r.bits + 1) / 2;
       EXPECT_EQ(r.key_bytes, 4 + 8 * r.bits + (32 * upper + 7) / 8 + (16 * upper + 7) / 8 + upper + 1 + 1 + 1);
       EXPECT_EQ(r.value_bytes, r.key_bytes);
+    } else if (r.codec == "commvq") {
+      // One code of 4b bits per group of 4 coordinates (2 RoPE pairs), keys and values alike.
+      EXPECT_EQ(r.key_bytes, 16 * r.bits);
+      EXPECT_EQ(r.value_bytes, r.key_bytes);
+      ASSERT_TRUE(r.distortion_lower_bound);
+      EXPECT_GT(r.distortion, *r.distortion_lower_bound);
+      EXPECT_TRUE(r.config.find("trained on 4096 more vectors from the same generator") != std::string::npos) << r.config;
     } else if (r.codec == "product_vq") {
       // One 8-bit code per subspace of 8 (1 bit) or 4 (2 bits) coordinates, keys and values alike.
       EXPECT_EQ(r.key_bytes, 16 * r.bits);
@@ -235,7 +242,7 @@ TEST(KvEval, FiltersAndRefusals) {
   EXPECT_EQ(result.records[1].codec, "kivi");
   EXPECT_ERROR(run_kv_eval(options_for({"turbo"})),
                "kv-eval: --codec: expected one of f16, turboquant.plain, turboquant.norm_corrected, turboquant.unbiased, "
-               "turboquant.split, turboquant.prod, rabitq, qjl, polarquant, kivi, product_vq or a prefix before a '.' (turboquant), got turbo");
+               "turboquant.split, turboquant.prod, rabitq, qjl, polarquant, kivi, product_vq, commvq or a prefix before a '.' (turboquant), got turbo");
   o.bits = {3};
   o.codecs = {"kivi"};
   EXPECT_ERROR(run_kv_eval(o), "kv-eval: --bits: expected a width of a selected codec (kivi: 2,4), got 3");

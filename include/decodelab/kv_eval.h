@@ -62,6 +62,9 @@
 //   codebooks trained on the calibration split; keys smoothed by their channel maxima and
 //   Hadamard-rotated, values rotated only; arXiv:2510.06175, product_vq.h): the lower bound 4^-b
 //   only (any quantizer on random unit vectors); no closed form for trained codebooks.
+// - CommVQ (commvq, 1 and 2 bits: a 4b-bit code per group of 2 RoPE pairs, k-means codebooks
+//   trained on the calibration split, keys and values each their own; arXiv:2506.18879,
+//   commvq.h): the lower bound 4^-b only, as for product VQ.
 // - f16: the baseline, keys and values rounded to f16; no theory.
 #pragma once
 

@@ -18,6 +18,7 @@
 #include <numbers>
 #include <numeric>
 
+#include "decodelab/commvq.h"
 #include "decodelab/dtype.h"
 #include "decodelab/error.h"
 #include "decodelab/kvquant.h"
@@ -518,6 +519,14 @@ class PolarQuantCodec final : public EvalCodec {
   PolarQuant values_;
 };
 
+// The codecs that train refuse a calibration split smaller than one vector per codeword.
+void require_calibration(const Inputs& in, std::string_view codec, int64_t needed) {
+  if (in.calibration_count < needed) {
+    fail(kOp, codec, fmt::format("at least {} vectors to train its codebooks on (one per centroid)", needed),
+         fmt::format("{} ({}; select other codecs with --codec)", in.calibration_count, in.calibration));
+  }
+}
+
 // Product VQ (arXiv:2510.06175; product_vq.h): 8-bit codes over D / 8 subspaces (1 bit per
 // coordinate) or D / 4 (2 bits), one k-means codebook per subspace trained on the calibration split.
 // Keys are smoothed by their channel maxima, then rotated; values only rotated: the paper smooths
@@ -529,10 +538,7 @@ class ProductVqEvalCodec final : public EvalCodec {
                 .kmeans_iterations = 15, .training_seed = seed + 3} {}
 
   void calibrate(const Inputs& in) override {
-    if (in.calibration_count < config_.centroids_per_codebook()) {
-      fail(kOp, "product_vq", fmt::format("at least {} vectors to train its codebooks on (one per centroid)", config_.centroids_per_codebook()),
-           fmt::format("{} ({}; select other codecs with --codec)", in.calibration_count, in.calibration));
-    }
+    require_calibration(in, "product_vq", config_.centroids_per_codebook());
     keys_.emplace(train_product_vq(config_, in.calibration_keys, in.calibration_count));
     ProductVqConfig values = config_;
     values.smoothing = false;
@@ -562,6 +568,47 @@ class ProductVqEvalCodec final : public EvalCodec {
   std::string calibration_;
 };
 
+// CommVQ (arXiv:2506.18879; commvq.h): one codebook of 2^(4b) codewords per group of 2 RoPE pairs
+// (4 coordinates), b bits per coordinate, trained by k-means on the calibration split. The
+// encoding does not depend on the position (RoPE is applied in code space, exactly), so the keys
+// here, already rotated by the generator, are coded as they come: the figures are the codebook's
+// on those vectors. Values get a codebook of their own, trained on the calibration values: the
+// paper quantizes values by additive quantization too, without RoPE.
+class CommVqEvalCodec final : public EvalCodec {
+ public:
+  CommVqEvalCodec(int64_t dim, int bits, uint64_t seed)
+      : config_{.head_dim = dim, .group_pairs = 2, .codebooks = 1, .bits = 4 * bits,
+                .rope = {.theta = 500000.0f, .style = RopeStyle::half_split}, .kmeans_iterations = 15, .training_seed = seed + 5} {}
+
+  void calibrate(const Inputs& in) override {
+    require_calibration(in, "commvq", config_.codewords_per_codebook());
+    keys_.emplace(train_commvq(config_, in.calibration_keys, in.calibration_count).codebook);
+    CommVqConfig values = config_;
+    values.training_seed = config_.training_seed + 1;
+    values_.emplace(train_commvq(values, in.calibration_values, in.calibration_count).codebook);
+    calibration_ = in.calibration;
+  }
+  std::string config() const override {
+    return fmt::format("{} groups of {} half-split RoPE pairs, {}-bit codes, k-means codebooks ({} Lloyd steps at most) trained on {}; "
+                       "keys coded position-independently (RoPE applied in code space), values by a codebook of their own",
+                       config_.groups(), config_.group_pairs, config_.bits, config_.kmeans_iterations, calibration_);
+  }
+  int64_t key_bytes() const override { return keys_->record_bytes(); }
+  int64_t value_bytes() const override { return values_->record_bytes(); }
+  void reconstruct_keys(std::span<const float> keys, std::span<double> out) const override { round_trip(*keys_, keys, out); }
+  void reconstruct_values(std::span<const float> values, std::span<double> out) const override { round_trip(*values_, values, out); }
+  Theory theory() const override {
+    return {.distortion_lower_bound = turboquant_lower_bound(config_.bits_per_coordinate()),
+            .note = "lower bound 4^-b, below which no quantizer of b bits per coordinate goes on random unit vectors "
+                    "(arXiv:2504.19874, Theorem 3); k-means codebooks have no closed-form distortion"};
+  }
+
+ private:
+  CommVqConfig config_;
+  std::optional<CommVqCodebook> keys_, values_;
+  std::string calibration_;
+};
+
 template <ScaleMode kScale>
 std::unique_ptr<EvalCodec> make_turboquant(int64_t dim, double bits, uint64_t seed) {
   return std::make_unique<TurboQuantCodec>(dim, int(bits), seed, kScale);
@@ -586,6 +633,7 @@ const std::vector<CodecEntry>& codec_table() {
       {"polarquant", {2, 3, 4}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<PolarQuantCodec>(d, int(b), s); }},
       {"kivi", {2, 4}, [](int64_t d, double b, uint64_t) -> std::unique_ptr<EvalCodec> { return std::make_unique<KiviEvalCodec>(d, int(b)); }},
       {"product_vq", {1, 2}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<ProductVqEvalCodec>(d, int(b), s); }},
+      {"commvq", {1, 2}, [](int64_t d, double b, uint64_t s) -> std::unique_ptr<EvalCodec> { return std::make_unique<CommVqEvalCodec>(d, int(b), s); }},
   };
   return table;
 }

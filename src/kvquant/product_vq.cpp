@@ -18,6 +18,7 @@
 #include "core/check.h"
 #include "decodelab/error.h"
 #include "kvquant/bitstream.h"
+#include "kvquant/nearest.h"
 #include "kvquant/record.h"
 #include "kvquant/seeded_stream.h"
 
@@ -75,23 +76,6 @@ void smooth_and_rotate(const Rotation& rotation, std::span<const float> scales, 
   rotation.apply(y, y);
 }
 
-double squared_distance(const double* a, const double* b, int64_t dim) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < dim; ++j) sum += (a[j] - b[j]) * (a[j] - b[j]);
-  return sum;
-}
-
-// Index of the nearest of k centers (the lower index on ties) and its squared distance.
-std::pair<int64_t, double> nearest_center(const double* point, std::span<const double> centers, int64_t k, int64_t dim) {
-  int64_t best = 0;
-  double best_distance = std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < k; ++c) {
-    const double dist = squared_distance(point, centers.data() + c * dim, dim);
-    if (dist < best_distance) best = c, best_distance = dist;
-  }
-  return {best, best_distance};
-}
-
 // k-means++: each next center is a point drawn with probability proportional to its squared
 // distance to the nearest center so far.
 std::vector<double> kmeans_plus_plus(std::span<const double> points, int64_t n, int64_t dim, int64_t k, detail::SeededStream& stream) {
@@ -102,7 +86,7 @@ std::vector<double> kmeans_plus_plus(std::span<const double> points, int64_t n, 
     std::copy_n(points.begin() + pick * dim, dim, centers.begin() + c * dim);
     double total = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      nearest[size_t(i)] = std::min(nearest[size_t(i)], squared_distance(&points[size_t(i * dim)], &centers[size_t(c * dim)], dim));
+      nearest[size_t(i)] = std::min(nearest[size_t(i)], detail::squared_distance(&points[size_t(i * dim)], &centers[size_t(c * dim)], dim));
       total += nearest[size_t(i)];
     }
     if (c + 1 == k) break;
@@ -144,7 +128,7 @@ KmeansResult kmeans(std::span<const double> points, int64_t n, int64_t dim, int6
     bool changed = false;
     double total = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      const auto [c, dist] = nearest_center(&points[size_t(i * dim)], centers, k, dim);
+      const auto [c, dist] = detail::nearest_center(&points[size_t(i * dim)], std::span<const double>(centers), k, dim);
       changed = changed || c != assignment[size_t(i)];
       assignment[size_t(i)] = c;
       error[size_t(i)] = dist;
@@ -218,12 +202,10 @@ void ProductVqCodebook::encode(std::span<const float> x, std::span<uint8_t> reco
   std::vector<double> y(size_t(config_.head_dim));
   transform(x, y);
   const int64_t d = config_.subspace_dim(), k = config_.centroids_per_codebook();
-  std::vector<double> book(size_t(k * d));
   std::fill(record.begin(), record.end(), uint8_t{0});  // put_stream_bits ORs into the bytes
   for (int64_t m = 0; m < config_.subspaces; ++m) {
-    const auto first = centroids_.begin() + m * k * d;
-    std::copy(first, first + k * d, book.begin());
-    const int64_t code = nearest_center(&y[size_t(m * d)], book, k, d).first;
+    const std::span<const float> book = std::span<const float>(centroids_).subspan(size_t(m * k * d), size_t(k * d));
+    const int64_t code = detail::nearest_center(&y[size_t(m * d)], book, k, d).first;
     detail::put_stream_bits(record, size_t(m), config_.bits, unsigned(code));
   }
 }

@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
   kv_cmd->add_option("--context", kv.context, "tokens per attention trial")->capture_default_str()->check(CLI::PositiveNumber);
   kv_cmd->add_option("--seed", kv.seed, "seed of the inputs, rotations and sketches")->capture_default_str();
   kv_cmd->add_option("--codec", kv.codecs,
-                     "only these codecs (f16, turboquant[.plain|.norm_corrected|.unbiased|.split|.prod], rabitq, qjl, kivi)")
+                     "only these codecs (f16, turboquant[.plain|.norm_corrected|.unbiased|.split|.prod], rabitq, qjl, polarquant, kivi, product_vq, commvq)")
       ->delimiter(',');
   kv_cmd->add_option("--bits", kv.bits, "only these bit widths (e.g. 2,2.5,4)")->delimiter(',');
   kv_cmd->add_option("--json", kv.json_path, "write the records to this JSON file");
