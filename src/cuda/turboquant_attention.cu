@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const __grid_constant__
   __shared__ int64_t rec_s[2][kTile];
   __shared__ float m_s[kMaxHeadsPerBlock], l_s[kMaxHeadsPerBlock], rescale_s[kMaxHeadsPerBlock];
 
-  const int split = blockIdx.x, b = blockIdx.z;
-  const int h = blockIdx.y / p.chunks, chunk = blockIdx.y % p.chunks;
+  const auto [split, head_chunk] = block_coordinates();
+  const int b = blockIdx.z, h = head_chunk / p.chunks, chunk = head_chunk % p.chunks;
   const int first_head = h * p.group + chunk * kMaxHeadsPerBlock;
   const int heads = min(kMaxHeadsPerBlock, p.group - chunk * kMaxHeadsPerBlock);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;

@@ -26,6 +26,19 @@ struct TqParams {
   const float* q_rotated;  // [B, Hq, D]: scale * log2(e) * R_K q
 };
 
+// The (split, KV-head chunk) of this block of launch_split_merge's grid (splits x (Hkv * chunks)
+// x B), taken with the head chunk varying fastest in launch order. A token's records for the Hkv
+// heads sit side by side in a page, each only 4-byte aligned and a fraction of a DRAM burst, so
+// the blocks that read them should run together: then the sectors one block's record shares
+// with its neighbours' are served from L2, not fetched again for each head.
+struct BlockCoordinates {
+  int split, head_chunk;
+};
+__device__ __forceinline__ BlockCoordinates block_coordinates() {
+  const int id = blockIdx.x + blockIdx.y * gridDim.x;
+  return {id / int(gridDim.y), id % int(gridDim.y)};
+}
+
 // y_i = factor * sum_j M[j][i] x_j for every (b, head) row of x [B, H, kD]: q' = R q with M = R^T,
 // out = R^T o' with M = R. A block takes up to 8 rows of one sequence and reads M once for them.
 // Thread (i, part) sums column i over the part's kD / kRotateParts rows of M, its loads issued 32

@@ -143,8 +143,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
   __shared__ int64_t rec_s[L::kStages][kTile];
   __shared__ float m_s[kWarps][kMaxHeadsPerBlock], l_s[kWarps][kMaxHeadsPerBlock];
 
-  const int split = blockIdx.x, b = blockIdx.z;
-  const int h = blockIdx.y / p.chunks, chunk = blockIdx.y % p.chunks;
+  const auto [split, head_chunk] = block_coordinates();
+  const int b = blockIdx.z, h = head_chunk / p.chunks, chunk = head_chunk % p.chunks;
   const int first_head = h * p.group + chunk * kMaxHeadsPerBlock;
   const int heads = min(kMaxHeadsPerBlock, p.group - chunk * kMaxHeadsPerBlock);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, r = lane / 4, c = lane % 4;
@@ -169,22 +169,24 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
   const int tiles = int((end - begin + kTile - 1) / kTile);
   const int32_t* table = p.page_table + int64_t(b) * p.table_stride;
 
-  // Every thread takes part (barrier inside): thread t finds token t's record, then the block
-  // copies the norms and the code words, consecutive threads on consecutive words.
+  // A tile's records: thread t finds token t's byte offset in its pool (a page-table read) one
+  // iteration before the block copies the tile, so that read's latency hides behind a tile of
+  // compute rather than stalling the block at a barrier. rec_s[tile % kStages] holds the tile's
+  // offsets from the end of iteration tile - kStages to the copy at iteration tile - kStages + 1.
   constexpr int kRecordBytes = 4 + kD / 2;
-  auto load_tile = [&](int tile) {
+  auto find_record = [&](int tile) -> int64_t {
+    const int64_t t = begin + int64_t(tile) * kTile + tid;
+    if (tile >= tiles || t >= end) return 0;
+    return ((int64_t(table[t / p.page_size]) * p.page_size + t % p.page_size) * p.hkv + h) * kRecordBytes;
+  };
+  // The block copies the tile's norms and code words, consecutive threads on consecutive words.
+  auto copy_tile = [&](int tile) {
     uint32_t* stage = smem + (tile % L::kStages) * L::kStageWords;
     uint32_t* k_codes = stage;
     uint32_t* v_codes = k_codes + kTile * L::kKRow;
     uint32_t* norms = v_codes + kTile * L::kVRow;  // K norms [kTile], then V norms [kTile]
-    const int64_t first = begin + int64_t(tile) * kTile;
-    const int count = int(min(int64_t(kTile), end - first));
-    int64_t* at = rec_s[tile % L::kStages];  // byte offset of each token's record in its pool
-    if (tid < count) {
-      const int64_t t = first + tid;
-      at[tid] = ((int64_t(table[t / p.page_size]) * p.page_size + t % p.page_size) * p.hkv + h) * kRecordBytes;
-    }
-    __syncthreads();
+    const int count = int(min(int64_t(kTile), end - begin - int64_t(tile) * kTile));
+    const int64_t* at = rec_s[tile % L::kStages];
     for (int i = tid; i < 2 * count; i += kThreads) {
       const bool key = i < count;
       const int t = key ? i : i - count;
@@ -197,157 +199,159 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const __grid_consta
       copy_async<4>(k_codes + t * L::kKRow + w, tq.k.pages + from);
       copy_async<4>(v_codes + t * L::kVRow + w, tq.v.pages + from);
     }
-    commit_copies();
   };
 
   float m = -INFINITY, l = 0.0f;           // head r, this warp's tokens, log2 units
   float acc[kD / 16][4] = {};              // O'^T tile i: dims (rows r, r + 8), heads 2c, 2c + 1
 
 #pragma unroll
+  for (int s = 0; s < L::kStages; ++s) rec_s[s][tid] = find_record(s);
+  __syncthreads();
+#pragma unroll
   for (int s = 0; s < L::kStages - 1; ++s) {
-    if (s < tiles) {
-      load_tile(s);
-    } else {
-      commit_copies();  // an empty group keeps the count of groups per iteration fixed
-    }
+    if (s < tiles) copy_tile(s);
+    commit_copies();  // an empty group past the last tile keeps the count per iteration fixed
   }
   for (int tile = 0; tile < tiles; ++tile) {
     wait_copies<L::kStages - 2>();
-    __syncthreads();  // this tile is in; every warp is done with the stage the next load reuses
-    if (tile + L::kStages - 1 < tiles) {
-      load_tile(tile + L::kStages - 1);
-    } else {
-      commit_copies();
-    }
+    __syncthreads();  // this tile is in; every warp is done with the stage the next copy reuses
+    if (tile + L::kStages - 1 < tiles) copy_tile(tile + L::kStages - 1);
+    commit_copies();
+    const int64_t next_record = find_record(tile + L::kStages);
     const uint32_t* k_codes = smem + (tile % L::kStages) * L::kStageWords;
     const uint32_t* v_codes = k_codes + kTile * L::kKRow;
     const float* k_norms = reinterpret_cast<const float*>(v_codes + kTile * L::kVRow);
     const float* v_norms = k_norms + kTile;
     const int count = int(min(int64_t(kTile), end - begin - int64_t(tile) * kTile));
     const int base = warp * kWarpTokens;  // this warp's 32 tokens: 4 N tiles of 8 for the scores
-    if (base >= count) continue;          // warp-uniform: none of them
+    if (base < count) {  // warp-uniform: some of this warp's tokens are in the tile
 
-    // Scores of tokens base + 8n + (2c, 2c + 1) for head r. Lane (r, c) reads token base + 8n + r
-    // of each N tile n; the four tiles' mma chains are independent, so they interleave.
-    float s[4][4] = {};
-    float k_factor[4];
-    {
-      uint32_t words[4][L::kKWordsPerLane];
-#pragma unroll
-      for (int n = 0; n < 4; ++n) load_words(k_codes + (base + 8 * n + r) * L::kKRow + c * L::kKWordsPerLane, words[n]);
-      float squares[4] = {};
-#pragma unroll
-      for (int j = 0; j < L::kKWordsPerLane; ++j) {
+      // Scores of tokens base + 8n + (2c, 2c + 1) for head r. Lane (r, c) reads token base + 8n + r
+      // of each N tile n; the four tiles' mma chains are independent, so they interleave.
+      float s[4][4] = {};
+      float k_factor[4];
+      {
+        uint32_t words[4][L::kKWordsPerLane];
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
-          uint32_t pairs[4];
-          expand8(words[n][j], k_table, pairs);
-          if (tq.k.norm_corrected) squares[n] += sum_squares(pairs);
+          load_words(k_codes + (base + 8 * n + r) * L::kKRow + c * L::kKWordsPerLane, words[n]);
+        }
+        float squares[4] = {};
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t a[4] = {q2[j][2 * half], 0u, q2[j][2 * half + 1], 0u};
-            const uint32_t bk[2] = {pairs[2 * half], pairs[2 * half + 1]};
-            mma_16816(s[n], a, bk, __half{});
+        for (int j = 0; j < L::kKWordsPerLane; ++j) {
+#pragma unroll
+          for (int n = 0; n < 4; ++n) {
+            uint32_t pairs[4];
+            expand8(words[n][j], k_table, pairs);
+            if (tq.k.norm_corrected) squares[n] += sum_squares(pairs);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const uint32_t a[4] = {q2[j][2 * half], 0u, q2[j][2 * half + 1], 0u};
+              const uint32_t bk[2] = {pairs[2 * half], pairs[2 * half + 1]};
+              mma_16816(s[n], a, bk, __half{});
+            }
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          k_factor[n] = k_norms[base + 8 * n + r];
+          if (tq.k.norm_corrected) {
+            squares[n] += __shfl_xor_sync(0xffffffffu, squares[n], 1);
+            squares[n] += __shfl_xor_sync(0xffffffffu, squares[n], 2);
+            k_factor[n] /= sqrtf(squares[n]);
           }
         }
       }
+      // Token base + 8n + 2c + e's factor is lane 4 (2c + e)'s k_factor[n].
+      float score[4][2];
+      float tile_max = -INFINITY;
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
-        k_factor[n] = k_norms[base + 8 * n + r];
-        if (tq.k.norm_corrected) {
-          squares[n] += __shfl_xor_sync(0xffffffffu, squares[n], 1);
-          squares[n] += __shfl_xor_sync(0xffffffffu, squares[n], 2);
-          k_factor[n] /= sqrtf(squares[n]);
-        }
-      }
-    }
-    // Token base + 8n + 2c + e's factor is lane 4 (2c + e)'s k_factor[n].
-    float score[4][2];
-    float tile_max = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float f = __shfl_sync(0xffffffffu, k_factor[n], 4 * (2 * c + e));
-        const bool valid = base + 8 * n + 2 * c + e < count;
-        score[n][e] = valid ? s[n][e] * f : -INFINITY;
-        tile_max = fmaxf(tile_max, score[n][e]);
-      }
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float m_new = fmaxf(m, tile_max);  // finite: token base is valid
-    const float rescale = exp2f(m - m_new);  // 0 while m is -inf
-    m = m_new;
-
-    // V: for the 16 tokens of value step v (N tiles 2v, 2v + 1), tokens base + 16v + 2c + {0, 1,
-    // 8, 9}, and of each this lane's code bytes [r D/16, (r + 1) D/16).
-    float v_factor[2][4];
-    uint32_t v_words[2][4][L::kVWordsPerLane];
-#pragma unroll
-    for (int v = 0; v < 2; ++v) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int t = base + 16 * v + 2 * c + (k % 2) + 8 * (k / 2);
-        v_factor[v][k] = v_norms[t];
-        load_words(v_codes + t * L::kVRow + r * L::kVWordsPerLane, v_words[v][k]);
-        if (tq.v.norm_corrected) {
-          float squares = 0.0f;
-#pragma unroll
-          for (int u = 0; u < L::kVWordsPerLane; ++u) {
-            uint32_t pairs[4];
-            expand8(v_words[v][k][u], v_table, pairs);
-            squares += sum_squares(pairs);
-          }
-          squares += __shfl_xor_sync(0xffffffffu, squares, 4);
-          squares += __shfl_xor_sync(0xffffffffu, squares, 8);
-          squares += __shfl_xor_sync(0xffffffffu, squares, 16);
-          v_factor[v][k] /= sqrtf(squares);
-        }
-      }
-    }
-    // P^T as the B operand of value step v: tokens 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1).
-    uint32_t pb[2][2];
-    float sum = 0.0f;
-#pragma unroll
-    for (int v = 0; v < 2; ++v) {
-      float weight[2][2];
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const bool valid = base + 16 * v + 8 * n + 2 * c + e < count;
-          const float w = valid ? exp2f(score[2 * v + n][e] - m_new) : 0.0f;
-          sum += w;
-          weight[n][e] = valid ? w * v_factor[v][2 * n + e] : 0.0f;  // a stale norm may be NaN
+          const float f = __shfl_sync(0xffffffffu, k_factor[n], 4 * (2 * c + e));
+          const bool valid = base + 8 * n + 2 * c + e < count;
+          score[n][e] = valid ? s[n][e] * f : -INFINITY;
+          tile_max = fmaxf(tile_max, score[n][e]);
         }
       }
-      pb[v][0] = pack2(weight[0][0], weight[0][1], __half{});
-      pb[v][1] = pack2(weight[1][0], weight[1][1], __half{});
-    }
-    l = l * rescale + sum;
-    // The accumulator columns are heads 2c and 2c + 1: their rescales live on lanes 8c, 8c + 4.
-    const float rescale0 = __shfl_sync(0xffffffffu, rescale, 8 * c);
-    const float rescale1 = __shfl_sync(0xffffffffu, rescale, 8 * c + 4);
-#pragma unroll
-    for (int i = 0; i < kD / 16; ++i) {
-      acc[i][0] *= rescale0, acc[i][1] *= rescale1, acc[i][2] *= rescale0, acc[i][3] *= rescale1;
-    }
-#pragma unroll
-    for (int u = 0; u < L::kVWordsPerLane; ++u) {
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float m_new = fmaxf(m, tile_max);  // finite: token base is valid
+      const float rescale = exp2f(m - m_new);  // 0 while m is -inf
+      m = m_new;
+
+      // V: for the 16 tokens of value step v (N tiles 2v, 2v + 1), tokens base + 16v + 2c + {0, 1,
+      // 8, 9}, and of each this lane's code bytes [r D/16, (r + 1) D/16).
+      float v_factor[2][4];
+      uint32_t v_words[2][4][L::kVWordsPerLane];
 #pragma unroll
       for (int v = 0; v < 2; ++v) {
-        uint32_t pairs[4][4];  // [token k][M tile 4u + j]: (row r, row r + 8) of that token
 #pragma unroll
-        for (int k = 0; k < 4; ++k) expand8(v_words[v][k][u], v_table, pairs[k]);
+        for (int k = 0; k < 4; ++k) {
+          const int t = base + 16 * v + 2 * c + (k % 2) + 8 * (k / 2);
+          v_factor[v][k] = v_norms[t];
+          load_words(v_codes + t * L::kVRow + r * L::kVWordsPerLane, v_words[v][k]);
+          if (tq.v.norm_corrected) {
+            float squares = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t a[4] = {permute(pairs[0][j], pairs[1][j], 0x5410), permute(pairs[0][j], pairs[1][j], 0x7632),
-                                 permute(pairs[2][j], pairs[3][j], 0x5410), permute(pairs[2][j], pairs[3][j], 0x7632)};
-          mma_16816(acc[4 * u + j], a, pb[v], __half{});
+            for (int u = 0; u < L::kVWordsPerLane; ++u) {
+              uint32_t pairs[4];
+              expand8(v_words[v][k][u], v_table, pairs);
+              squares += sum_squares(pairs);
+            }
+            squares += __shfl_xor_sync(0xffffffffu, squares, 4);
+            squares += __shfl_xor_sync(0xffffffffu, squares, 8);
+            squares += __shfl_xor_sync(0xffffffffu, squares, 16);
+            v_factor[v][k] /= sqrtf(squares);
+          }
+        }
+      }
+      // P^T as the B operand of value step v: tokens 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1).
+      uint32_t pb[2][2];
+      float sum = 0.0f;
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
+        float weight[2][2];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const bool valid = base + 16 * v + 8 * n + 2 * c + e < count;
+            const float w = valid ? exp2f(score[2 * v + n][e] - m_new) : 0.0f;
+            sum += w;
+            weight[n][e] = valid ? w * v_factor[v][2 * n + e] : 0.0f;  // a stale norm may be NaN
+          }
+        }
+        pb[v][0] = pack2(weight[0][0], weight[0][1], __half{});
+        pb[v][1] = pack2(weight[1][0], weight[1][1], __half{});
+      }
+      l = l * rescale + sum;
+      // The accumulator columns are heads 2c and 2c + 1: their rescales live on lanes 8c, 8c + 4.
+      const float rescale0 = __shfl_sync(0xffffffffu, rescale, 8 * c);
+      const float rescale1 = __shfl_sync(0xffffffffu, rescale, 8 * c + 4);
+#pragma unroll
+      for (int i = 0; i < kD / 16; ++i) {
+        acc[i][0] *= rescale0, acc[i][1] *= rescale1, acc[i][2] *= rescale0, acc[i][3] *= rescale1;
+      }
+#pragma unroll
+      for (int u = 0; u < L::kVWordsPerLane; ++u) {
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {
+          uint32_t pairs[4][4];  // [token k][M tile 4u + j]: (row r, row r + 8) of that token
+#pragma unroll
+          for (int k = 0; k < 4; ++k) expand8(v_words[v][k][u], v_table, pairs[k]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t a[4] = {
+                permute(pairs[0][j], pairs[1][j], 0x5410), permute(pairs[0][j], pairs[1][j], 0x7632),
+                permute(pairs[2][j], pairs[3][j], 0x5410), permute(pairs[2][j], pairs[3][j], 0x7632)};
+            mma_16816(acc[4 * u + j], a, pb[v], __half{});
+          }
         }
       }
     }
+    rec_s[tile % L::kStages][tid] = next_record;  // tile + kStages's offsets, for its copy
   }
 
   // The warp's partials into shared memory (the stages are free once every warp is past here).
