@@ -25,15 +25,16 @@ KvQuantization turboquant(int k_bits, int v_bits, std::vector<int> f16_layers = 
   return q;
 }
 
-// The logits of every step of feeding `tokens` one by one to a fresh sequence on the cpu: the same
+// The logits of every step of feeding `tokens` one by one to a fresh sequence on `backend`: the same
 // inputs for every cache, so that two caches' logits are compared step for step (greedy tokens
 // would diverge after the first difference and compare different contexts).
 std::vector<std::vector<float>> teacher_forced(const LlamaModel& model, std::span<const int32_t> tokens,
-                                               const std::optional<KvQuantization>& kv) {
+                                               const std::optional<KvQuantization>& kv,
+                                               std::string_view backend = "cpu") {
   LlamaDecoder::Config config;
   config.max_tokens = int64_t(tokens.size());
   config.page_size = 8;
-  config.run.backend = "cpu";
+  config.run.backend = backend;
   config.kv_quantization = kv;
   LlamaDecoder decoder(model, config);
   const int seq = decoder.add_sequence();
@@ -73,6 +74,36 @@ TEST(LlamaTurboQuantStack, CpuMatchesReference) {
   // A mixed stack (layer 0 f16) and Qwen2's biases in the projections before the encoder.
   const LlamaModel qwen2 = LlamaModel::random(tiny_qwen2_config(), {}, 23);
   expect_stack_matches(qwen2, qwen2, "cpu", 1e-9, 2, turboquant(2, 4, {0}));
+}
+
+// Two sequences of different lengths stepped together on the cpu (the batched path: q/k/v gathered
+// by strided copies, a position and a length per sequence) against each alone on the reference,
+// at the stacks' tolerance.
+TEST(LlamaTurboQuantStack, BatchedSequencesMatchEachAloneOnReference) {
+  const LlamaModel model = LlamaModel::random(tiny_config(), {}, 28);
+  const KvQuantization kv = turboquant(4, 3, {1});
+  const std::vector<int32_t> a = {1, 17, 300, 42, 7, 9, 11, 13, 5, 6, 400, 3}, b = {99, 98, 97, 96, 95, 94, 93, 92, 91};
+  const auto a_alone = teacher_forced(model, a, kv, "reference"), b_alone = teacher_forced(model, b, kv, "reference");
+  LlamaDecoder::Config config;
+  config.max_sequences = 2;
+  config.max_tokens = int64_t(a.size());
+  config.page_size = 8;
+  config.run.backend = "cpu";
+  config.kv_quantization = kv;
+  LlamaDecoder decoder(model, config);
+  const int seqs[] = {decoder.add_sequence(), decoder.add_sequence()};
+  const int64_t vocab = model.config().vocab_size;
+  Array logits(DType::f32, {2, vocab});
+  const size_t lead = a.size() - b.size();  // a's first tokens alone: the lengths then differ
+  const Tensor first_row = Tensor::contiguous(logits.data(), DType::f32, {1, vocab});
+  for (size_t i = 0; i < lead; ++i) decoder.step({seqs, 1}, {&a[i], 1}, first_row);
+  for (size_t i = 0; i < b.size(); ++i) {
+    const int32_t tokens[] = {a[lead + i], b[i]};
+    decoder.step(seqs, tokens, logits);
+    const std::span<const float> row_a(logits.ptr<const float>(), size_t(vocab));
+    EXPECT_LE(nmse(row_a, a_alone[lead + i]), 1e-9) << "step " << i;
+    EXPECT_LE(nmse({logits.ptr<const float>() + vocab, size_t(vocab)}, b_alone[i]), 1e-9) << "step " << i;
+  }
 }
 
 // Compressed K and V change the logits a little at 4 bits and more at 2 and 1. TurboQuant's
