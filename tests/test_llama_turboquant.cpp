@@ -48,7 +48,7 @@ std::vector<std::vector<float>> teacher_forced(const LlamaModel& model, std::spa
 }
 
 // With every layer kept in f16 nothing is quantized: the same ops on the same caches, so the same
-// bits (and no TurboQuant bytes counted).
+// bits.
 TEST(LlamaTurboQuantStack, AllLayersF16IsThePlainStack) {
   const LlamaModel model = LlamaModel::random(tiny_config(), {}, 21);
   const std::vector<int32_t> prompt = {1, 17, 300, 42, 7};

@@ -1,7 +1,8 @@
 // The decode block as a sequence of the best stable kernels of its device ("auto" on the CPU or on
 // the GPU, or the caller's per-op choices), with intermediates in the activation dtype on that device. Each piece is verified on
 // its own; this composition is verified against the reference block as a whole. Both the cpu and
-// the cuda backend list it (src/cpu/layers_kernels.inc, src/cuda/kernels.inc).
+// the cuda backend list it (src/cpu/layers_kernels.inc, src/cuda/kernels.inc). The same pieces
+// around TurboQuant's append and attention make decode_block_turboquant (model.h), on any backend.
 #include <cmath>
 #include <cstring>
 
