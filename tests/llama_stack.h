@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <optional>
 #include <random>
 #include <set>
 #include <span>
@@ -61,10 +62,13 @@ inline double nmse(std::span<const float> got, std::span<const float> want) {
   return err / ref;
 }
 
-// Greedy decoding of `steps` tokens after `prompt`; every step's logits.
+// Greedy decoding of `steps` tokens after `prompt`; every step's logits. kv: the decoder's KV
+// quantization (none: the activation dtype's caches).
 inline std::vector<std::vector<float>> greedy(const LlamaModel& model, std::string_view backend,
-                                              std::vector<int32_t> prompt, int steps, std::vector<int32_t>& tokens) {
+                                              std::vector<int32_t> prompt, int steps, std::vector<int32_t>& tokens,
+                                              const std::optional<KvQuantization>& kv = std::nullopt) {
   LlamaDecoder::Config config;
+  config.kv_quantization = kv;
   config.max_tokens = int64_t(prompt.size()) + steps;
   config.page_size = 8;  // several pages per sequence
   config.run.backend = backend;
@@ -85,14 +89,15 @@ inline std::vector<std::vector<float>> greedy(const LlamaModel& model, std::stri
   return all;
 }
 
-// 32 greedy steps of `model` on `backend` against `want_model` on the reference: logits NMSE per
-// step and identical tokens; min_distinct: the tokens are not all one (the model is not constant).
+// 32 greedy steps of `model` on `backend` against `want_model` on the reference, both with the
+// KV quantization `kv`: logits NMSE per step and identical tokens; min_distinct: the tokens are not all one (the model is not constant).
 inline void expect_stack_matches(const LlamaModel& want_model, const LlamaModel& model, std::string_view backend,
-                                 double max_nmse, size_t min_distinct = 4) {
+                                 double max_nmse, size_t min_distinct = 4,
+                                 const std::optional<KvQuantization>& kv = std::nullopt) {
   std::vector<int32_t> want_tokens, got_tokens;
   const std::vector<int32_t> prompt = {1, 17, 300, 42, 7};
-  const auto want = greedy(want_model, "reference", prompt, 32, want_tokens);
-  const auto got = greedy(model, backend, prompt, 32, got_tokens);
+  const auto want = greedy(want_model, "reference", prompt, 32, want_tokens, kv);
+  const auto got = greedy(model, backend, prompt, 32, got_tokens, kv);
   for (size_t i = 0; i < want.size(); ++i) EXPECT_LE(nmse(got[i], want[i]), max_nmse) << "step " << i;
   EXPECT_EQ(got_tokens, want_tokens);
   EXPECT_GE(std::set<int32_t>(want_tokens.begin(), want_tokens.end()).size(), min_distinct);

@@ -69,6 +69,11 @@ class PagedKVCache {
     int64_t max_sequences = 1;
     int64_t max_pages_per_sequence = 0;  // 0 = num_pages
     Device device = Device::cpu;
+    // false: pages, page tables and lengths only, for a caller whose own pools of another layout
+    // follow these pages (LlamaDecoder's TurboQuant layers); k_pages() and v_pages() are empty,
+    // num_kv_heads, head_dim and dtype are not used, and fork() is refused (its copy-on-write
+    // would copy pools it does not have).
+    bool pools = true;
   };
 
   explicit PagedKVCache(const Config& config);

@@ -16,8 +16,10 @@
 #include "decodelab/attention.h"
 #include "decodelab/checkpoint.h"
 #include "decodelab/kv_cache.h"
+#include "decodelab/kvquant.h"
 #include "decodelab/layers.h"
 #include "decodelab/quant.h"
+#include "decodelab/turboquant_cache.h"
 
 namespace decodelab {
 
@@ -55,6 +57,15 @@ inline bool has_bias(const Tensor& bias) { return bias.data != nullptr || bias.r
 void decode_block(const Tensor& x, const DecodeLayerWeights& weights,
                   const DecodeLayerConfig& config, const PagedKV& cache, const Tensor& out,
                   const RunOptions& run = {});
+
+// decode_block over a TurboQuant cache (turboquant_cache.h): the new token's K and V, rotated by
+// RoPE as in decode_block, are encoded into the records at lengths[b] (turboquant_append_paged) and
+// attention runs over the records (turboquant_decode_attention_paged), never over decoded f16 K/V.
+// The other pieces are decode_block's. There is no fused kernel: the pieces run on run.backend
+// ("reference" composes the reference's ops, "cpu" and "cuda" their own). out may alias x.
+void decode_block_turboquant(const Tensor& x, const DecodeLayerWeights& weights,
+                             const DecodeLayerConfig& config, const PagedTurboQuantKV& cache,
+                             const Tensor& out, const RunOptions& run = {});
 
 // ---------------------------------------------------------------------------------------------
 // A Llama-family model (Llama 2/3, Mistral, Qwen2 with its q/k/v projection biases).
@@ -118,6 +129,21 @@ void write_random_llama(const std::filesystem::path& dir, const ModelConfig& con
 // ---------------------------------------------------------------------------------------------
 // Decoding many sequences over paged KV caches (one pool per layer, pages of `page_size`).
 
+// K and V of some layers as TurboQuant (MSE) records instead of the activation dtype
+// (turboquant_cache.h): every layer but those in f16_layers. Each such layer has its own K
+// and V codec of these configs with the rotation seed k.seed + layer (v.seed + layer), so that
+// no two layers share a rotation; the codebooks are computed once for all. head_dim: 0 (the
+// model's) or the model's; bits 1-4 (an integer width: split widths have no fused kernel). The
+// cuda backend takes fewer (its kernels: 2-4 bits, head_dim 64, 96, 128 or 256, no unbiased scale
+// in the append; src/cuda/supports.cpp) and says so at the first step.
+// The record pools have the f16 caches' pages (max_sequences * max_tokens / page_size).
+// With cuda_graphs, the eager first step of a batch size uploads each codec's rotation, which
+// a capture may not do (src/cuda/turboquant_tables.cpp); the captured steps reuse them.
+struct KvQuantization {
+  kvquant::TurboQuantConfig k{.head_dim = 0}, v{.head_dim = 0};
+  std::vector<int> f16_layers;  // layer indices that keep the activation-dtype cache
+};
+
 class LlamaDecoder {
  public:
   struct Config {
@@ -133,6 +159,8 @@ class LlamaDecoder {
     // replay it (on the per-thread default stream; run.stream must be null). Off: every op is
     // launched on its own.
     bool cuda_graphs = true;
+    // K and V of every layer but kv_quantization->f16_layers as TurboQuant records (KvQuantization).
+    std::optional<KvQuantization> kv_quantization;
   };
   LlamaDecoder(const LlamaModel& model, const Config& config);
   ~LlamaDecoder();
@@ -154,14 +182,28 @@ class LlamaDecoder {
   void skip(int seq, int64_t tokens);
   // How many batch sizes have a captured CUDA graph (config.cuda_graphs on the GPU; else 0).
   int graphs_captured() const;
+  // Bytes of K and V that one token of context takes over all layers (what attention reads per
+  // token of context): the activation dtype's in f16 layers, the records' in TurboQuant ones.
+  int64_t kv_bytes_per_token() const;
 
  private:
   // The layers, final norm and LM head of a step over the first `batch` rows of the buffers below.
   void run_layers(int64_t batch);
 
+  // A layer's TurboQuant codecs and record pools (u8 [num_pages, page_size, Hkv, R]).
+  struct TurboQuantLayer {
+    kvquant::TurboQuantMse k_codec, v_codec;
+    Array k_records, v_records;
+  };
+
   const LlamaModel& model_;
   Config config_;
-  std::vector<PagedKVCache> caches_;  // one per layer, driven in lockstep
+  // The page tables and lengths of every layer, driven in lockstep: one cache per f16 layer, and
+  // with TurboQuant layers one more without pools whose pages their records follow.
+  std::vector<PagedKVCache> caches_;
+  // Per layer: its f16 cache in caches_, or (null there) its TurboQuant records.
+  std::vector<const PagedKVCache*> f16_caches_;
+  std::vector<std::unique_ptr<TurboQuantLayer>> turboquant_;
   Array x_, normed_, logits_;         // a step's activations, max_sequences rows
   // The step's page table and lengths (all layers share them) at fixed addresses: filled on the
   // host, copied to the model's device.

@@ -13,6 +13,40 @@
 #include "reference/elements.h"
 
 namespace decodelab {
+namespace {
+
+// The layers that keep the activation-dtype cache: all without kv_quantization, else those it names.
+std::vector<bool> f16_layers(const std::optional<KvQuantization>& q, int64_t layers) {
+  std::vector<bool> f16(size_t(layers), !q.has_value());
+  if (!q) return f16;
+  for (size_t i = 0; i < q->f16_layers.size(); ++i) {
+    const int l = q->f16_layers[i];
+    if (l < 0 || l >= layers) {
+      throw Error(fmt::format("LlamaDecoder: config.kv_quantization.f16_layers[{}]: expected a layer index in [0, {}), got {}",
+                              i, layers, l));
+    }
+    f16[size_t(l)] = true;
+  }
+  return f16;
+}
+
+// One of kv_quantization's codec configs for this model (head_dim filled in), checked where the
+// error can name the field.
+kvquant::TurboQuantConfig codec_config(kvquant::TurboQuantConfig c, const char* name, int64_t head_dim) {
+  if (c.head_dim != 0 && c.head_dim != head_dim) {
+    throw Error(fmt::format("LlamaDecoder: config.kv_quantization.{}.head_dim: expected 0 or the model's head_dim {}, got {}",
+                            name, head_dim, c.head_dim));
+  }
+  if (c.bits < 1 || c.bits > 4 || c.high_bits_channels != 0) {
+    throw Error(fmt::format("LlamaDecoder: config.kv_quantization.{}: expected an integer width of 1-4 bits "
+                            "(high_bits_channels 0: split widths have no fused kernel), got bits {}, high_bits_channels {}",
+                            name, c.bits, c.high_bits_channels));
+  }
+  c.head_dim = head_dim;
+  return c;
+}
+
+}  // namespace
 
 LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : model_(model), config_(config) {
   if (config.max_sequences < 1 || config.max_tokens < 1 || config.page_size < 1) {
@@ -30,8 +64,40 @@ LlamaDecoder::LlamaDecoder(const LlamaModel& model, const Config& config) : mode
   cache.dtype = model.options().dtype;
   cache.max_sequences = config.max_sequences;
   cache.device = model.options().device;
-  caches_.reserve(model.layers().size());
-  for (size_t l = 0; l < model.layers().size(); ++l) caches_.emplace_back(cache);
+  const int64_t layers = int64_t(model.layers().size());
+  const std::vector<bool> f16 = f16_layers(config.kv_quantization, layers);
+  const int64_t f16_count = std::count(f16.begin(), f16.end(), true);
+  caches_.reserve(size_t(f16_count + (f16_count < layers)));  // f16_caches_ points into it
+  if (f16_count < layers) {
+    const auto& q = *config.kv_quantization;
+    const kvquant::TurboQuantConfig k = codec_config(q.k, "k", c.head_dim), v = codec_config(q.v, "v", c.head_dim);
+    const kvquant::Codebook k_codebook = kvquant::Codebook::lloyd_max(k.head_dim, k.bits),
+                            v_codebook = kvquant::Codebook::lloyd_max(v.head_dim, v.bits);
+    PagedKVCache::Config pages = cache;
+    pages.pools = false;
+    caches_.emplace_back(pages);
+    // Zero records (norm 0: a zero vector) where skip() reserved positions that nothing wrote.
+    const auto pool = [&](const kvquant::TurboQuantMse& codec) {
+      Array records(DType::u8, {cache.num_pages, cache.page_size, c.num_kv_heads, codec.record_bytes()}, cache.device);
+      zero_bytes(records);
+      return records;
+    };
+    turboquant_.resize(size_t(layers));
+    for (int64_t l = 0; l < layers; ++l) {
+      if (f16[size_t(l)]) continue;
+      kvquant::TurboQuantConfig kl = k, vl = v;
+      kl.seed += uint64_t(l);
+      vl.seed += uint64_t(l);
+      auto& layer = turboquant_[size_t(l)];
+      layer.reset(new TurboQuantLayer{{kl, k_codebook}, {vl, v_codebook}, {}, {}});
+      layer->k_records = pool(layer->k_codec);
+      layer->v_records = pool(layer->v_codec);
+    }
+  }
+  f16_caches_.assign(size_t(layers), nullptr);
+  for (int64_t l = 0; l < layers; ++l) {
+    if (f16[size_t(l)]) f16_caches_[size_t(l)] = &caches_.emplace_back(cache);
+  }
   // The step's activations, for the most sequences a step can take, allocated once.
   const DType t = model.options().dtype;
   const int64_t rows = config.max_sequences, hidden = model.config().hidden_size;
@@ -76,6 +142,17 @@ int LlamaDecoder::graphs_captured() const {
   int n = 0;
   for (const auto& graph : graphs_) n += graph && !graph->empty();
   return n;
+}
+
+int64_t LlamaDecoder::kv_bytes_per_token() const {
+  const DecodeLayerConfig& c = model_.layer_config();
+  int64_t bytes = 0;
+  for (size_t l = 0; l < f16_caches_.size(); ++l) {
+    bytes += f16_caches_[l] != nullptr
+                 ? 2 * c.num_kv_heads * c.head_dim * int64_t(dtype_size(model_.options().dtype))
+                 : c.num_kv_heads * (turboquant_[l]->k_codec.record_bytes() + turboquant_[l]->v_codec.record_bytes());
+  }
+  return bytes;
 }
 
 int64_t LlamaDecoder::length(int seq) const { return caches_.empty() ? 0 : caches_[0].length(seq); }
@@ -146,10 +223,17 @@ void LlamaDecoder::run_layers(int64_t batch) {
   PagedKV kv;
   kv.page_table = Tensor::contiguous(page_table_.data(), DType::i32, {batch, page_table_.view().dim(1)}, device);
   kv.lengths = Tensor::contiguous(lengths_.data(), DType::i32, {batch}, device);
-  for (size_t l = 0; l < caches_.size(); ++l) {
-    kv.k_pages = caches_[l].k_pages();
-    kv.v_pages = caches_[l].v_pages();
-    decode_block(x, model_.layers()[l], model_.layer_config(), kv, x, config_.run);
+  for (size_t l = 0; l < f16_caches_.size(); ++l) {
+    if (const PagedKVCache* cache = f16_caches_[l]) {
+      kv.k_pages = cache->k_pages();
+      kv.v_pages = cache->v_pages();
+      decode_block(x, model_.layers()[l], model_.layer_config(), kv, x, config_.run);
+    } else {
+      const TurboQuantLayer& tq = *turboquant_[l];
+      const PagedTurboQuantKV records{tq.k_records.view(), tq.v_records.view(), kv.page_table, kv.lengths,
+                                      &tq.k_codec, &tq.v_codec};
+      decode_block_turboquant(x, model_.layers()[l], model_.layer_config(), records, x, config_.run);
+    }
   }
   const Tensor normed = Tensor::contiguous(normed_.data(), t, {batch, mc.hidden_size}, device);
   const Tensor out = Tensor::contiguous(logits_.data(), t, {batch, mc.vocab_size}, device);

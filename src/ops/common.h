@@ -8,10 +8,13 @@
 #include "decodelab/attention.h"
 #include "decodelab/kv_cache.h"
 #include "decodelab/quant.h"
+#include "decodelab/turboquant_cache.h"
 #include "decodelab/tensor.h"
 
 namespace decodelab {
 struct DecodeBlockArgs;
+struct DecodeLayerConfig;
+struct DecodeLayerWeights;
 }  // namespace decodelab
 
 namespace decodelab::detail {
@@ -52,5 +55,8 @@ void check_weight(const ArgCheck& check, const Weight& w, const char* name, int6
 // The decode block composed of its device's best stable kernels (decode_block_composed.cpp): the
 // cpu and cuda backends' decode_block.
 void composed_decode_block(const DecodeBlockArgs& a);
+// decode_block_turboquant's body (model.h), the same composition over a TurboQuant cache.
+void composed_decode_block_turboquant(const Tensor& x, const DecodeLayerWeights& weights, const DecodeLayerConfig& config,
+                                      const PagedTurboQuantKV& cache, const Tensor& out, const RunOptions& run);
 
 }  // namespace decodelab::detail

@@ -10,9 +10,12 @@ namespace decodelab {
 using detail::ArgCheck;
 using detail::kAny;
 
-void decode_block(const Tensor& x, const DecodeLayerWeights& weights, const DecodeLayerConfig& config,
-                  const PagedKV& cache, const Tensor& out, const RunOptions& run) {
-  const ArgCheck c("decode_block");
+namespace {
+
+// Everything but the cache: the config, x and out, the weights and biases. Returns the config with
+// rope.rotary_dim resolved.
+DecodeLayerConfig check_layer(const ArgCheck& c, const Tensor& x, const DecodeLayerWeights& weights,
+                              const DecodeLayerConfig& config, const Tensor& out) {
   const DecodeLayerConfig& k = config;
   if (k.hidden < 1 || k.num_heads < 1 || k.intermediate < 1) {
     c.fail("config", "hidden, num_heads and intermediate >= 1",
@@ -59,10 +62,29 @@ void decode_block(const Tensor& x, const DecodeLayerWeights& weights, const Deco
     c.same_dtype(*b.bias, b.name, x.dtype, "the dtype of x");
     c.usable(*b.bias, b.name, x.device);
   }
-  detail::check_paged_kv(c, cache, x.dim(0), k.num_kv_heads, k.head_dim, x.dtype, x.device, 1, 0, run.check_indices);
   DecodeLayerConfig resolved = config;
   resolved.rope = detail::check_rope(c, config.rope, k.head_dim);
+  return resolved;
+}
+
+}  // namespace
+
+void decode_block(const Tensor& x, const DecodeLayerWeights& weights, const DecodeLayerConfig& config,
+                  const PagedKV& cache, const Tensor& out, const RunOptions& run) {
+  const ArgCheck c("decode_block");
+  const DecodeLayerConfig resolved = check_layer(c, x, weights, config, out);
+  detail::check_paged_kv(c, cache, x.dim(0), config.num_kv_heads, config.head_dim, x.dtype, x.device, 1, 0,
+                         run.check_indices);
   dispatch(DecodeBlockArgs{x, weights, resolved, cache, out, run.stream, run.per_op}, run, x.device);
+}
+
+void decode_block_turboquant(const Tensor& x, const DecodeLayerWeights& weights, const DecodeLayerConfig& config,
+                             const PagedTurboQuantKV& cache, const Tensor& out, const RunOptions& run) {
+  const ArgCheck c("decode_block_turboquant");
+  const DecodeLayerConfig resolved = check_layer(c, x, weights, config, out);
+  // The cache's checks (codecs for head_dim, pools, page table) are the append's and the
+  // attention's, made before each writes anything; the block writes `out` only after both.
+  detail::composed_decode_block_turboquant(x, weights, resolved, cache, out, run);
 }
 
 }  // namespace decodelab

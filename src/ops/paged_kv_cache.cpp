@@ -17,20 +17,24 @@ PagedKVCache::PagedKVCache(const Config& config) : config_(config) {
   const ArgCheck c("PagedKVCache");
   if (config.num_pages < 1) c.fail("num_pages", ">= 1", std::to_string(config.num_pages));
   if (config.page_size < 1) c.fail("page_size", ">= 1", std::to_string(config.page_size));
-  if (config.num_kv_heads < 1) c.fail("num_kv_heads", ">= 1", std::to_string(config.num_kv_heads));
-  c.head_dim(config.head_dim, "head_dim");
-  if (!is_float_activation(config.dtype)) c.fail("dtype", "f32, f16 or bf16", dtype_name(config.dtype));
+  if (config.pools) {
+    if (config.num_kv_heads < 1) c.fail("num_kv_heads", ">= 1", std::to_string(config.num_kv_heads));
+    c.head_dim(config.head_dim, "head_dim");
+    if (!is_float_activation(config.dtype)) c.fail("dtype", "f32, f16 or bf16", dtype_name(config.dtype));
+  }
   if (config.max_sequences < 1) c.fail("max_sequences", ">= 1", std::to_string(config.max_sequences));
   if (config_.max_pages_per_sequence == 0) config_.max_pages_per_sequence = config.num_pages;
   if (config_.max_pages_per_sequence < 1) {
     c.fail("max_pages_per_sequence", ">= 1 (or 0 for num_pages)", std::to_string(config.max_pages_per_sequence));
   }
-  const int64_t shape[] = {config.num_pages, config.page_size, config.num_kv_heads, config.head_dim};
-  k_pages_ = Array(config.dtype, shape, config.device);
-  v_pages_ = Array(config.dtype, shape, config.device);
-  // Zeros, not garbage, in a position that was reserved but never written (LlamaDecoder::skip).
-  zero_bytes(k_pages_);
-  zero_bytes(v_pages_);
+  if (config.pools) {
+    const int64_t shape[] = {config.num_pages, config.page_size, config.num_kv_heads, config.head_dim};
+    k_pages_ = Array(config.dtype, shape, config.device);
+    v_pages_ = Array(config.dtype, shape, config.device);
+    // Zeros, not garbage, in a position that was reserved but never written (LlamaDecoder::skip).
+    zero_bytes(k_pages_);
+    zero_bytes(v_pages_);
+  }
   // Pages are handed out lowest index first.
   for (int64_t p = config.num_pages - 1; p >= 0; --p) free_list_.push_back(int32_t(p));
   refcount_.assign(size_t(config.num_pages), 0);
@@ -61,6 +65,9 @@ int PagedKVCache::add_sequence() {
 
 int PagedKVCache::fork(int seq) {
   const Sequence source = sequence(seq, "PagedKVCache::fork");
+  if (!config_.pools) {
+    ArgCheck("PagedKVCache::fork").fail("config.pools", "true (copy-on-write copies the pools)", "false");
+  }
   const int child = add_sequence();
   Sequence& s = sequences_[size_t(child)];
   s.length = source.length;

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <random>
 
 #include "commands.h"
@@ -56,6 +57,26 @@ DType parse_dtype(const std::string& name) {
   throw Error(fmt::format("generate: --dtype: expected f32, f16 or bf16, got {}", name));
 }
 
+// The decoder's KV quantization from --kv-quant and its companions (none without --kv-quant:
+// its companions alone are an error rather than silently ignored).
+std::optional<KvQuantization> kv_quantization(const GenerateCommandOptions& o) {
+  if (o.kv_quant.empty()) {
+    if (o.k_bits != 0 || o.v_bits != 0 || !o.f16_layers.empty() || o.kv_scale != "plain") {
+      throw Error("generate: --k-bits, --v-bits, --kv-scale and --f16-layers: expected --kv-quant turboquant beside them");
+    }
+    return std::nullopt;
+  }
+  KvQuantization q;
+  q.k.bits = o.k_bits != 0 ? o.k_bits : o.kv_bits;
+  q.v.bits = o.v_bits != 0 ? o.v_bits : o.kv_bits;
+  const kvquant::ScaleMode scale = o.kv_scale == "unbiased"         ? kvquant::ScaleMode::unbiased
+                                   : o.kv_scale == "norm_corrected" ? kvquant::ScaleMode::norm_corrected
+                                                                    : kvquant::ScaleMode::plain;
+  q.k.scale = q.v.scale = scale;
+  q.f16_layers = o.f16_layers;
+  return q;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
@@ -98,6 +119,7 @@ int run_generate(const GenerateCommandOptions& o) {
     per_op.push_back({std::string_view(choice).substr(0, eq), std::string_view(choice).substr(eq + 1)});
   }
   dc.run.per_op = per_op;
+  dc.kv_quantization = kv_quantization(o);
   LlamaDecoder decoder(model, dc);
   const int seq = decoder.add_sequence();
   decoder.skip(seq, o.context);
@@ -124,8 +146,7 @@ int run_generate(const GenerateCommandOptions& o) {
   // The floor: a decode step reads every weight once and the K and V of its context in every layer.
   const BandwidthProbe limits = measure_limits(load.device);
   const double mean_context = double(o.context) + double(prompt.size()) + double(o.steps) / 2.0;
-  const double kv_bytes = mean_context * double(c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim) *
-                          double(dtype_size(load.dtype));
+  const double kv_bytes = mean_context * double(decoder.kv_bytes_per_token());
   const double bytes_per_token = double(model.weight_bytes_per_token()) + kv_bytes;
   const double floor_tokens_per_s = limits.read_gbps * 1e9 / bytes_per_token;
   const double decode_tps = o.steps > 2 ? double(o.steps - 2) / decode_s : 0.0;  // steps 2..steps-1
@@ -135,6 +156,17 @@ int run_generate(const GenerateCommandOptions& o) {
              model_type_name(c.model_type), dtype_name(load.dtype), load.quantize ? fmt::format(" {}", quant_spec_name(*load.quantize)) : "",
              o.device, o.backend);
   for (const std::string& choice : o.op_backends) fmt::print("op backend: {}\n", choice);
+  const int64_t dtype_kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * int64_t(dtype_size(load.dtype));
+  if (dc.kv_quantization) {
+    const KvQuantization& q = *dc.kv_quantization;
+    fmt::print("kv cache: turboquant K {}-bit, V {}-bit, {} scale, layers kept in {}: [{}]; {} bytes per token of context "
+               "({} in {}, {:.2f}x smaller)\n",
+               q.k.bits, q.v.bits, o.kv_scale, dtype_name(load.dtype), fmt::join(q.f16_layers, ", "),
+               decoder.kv_bytes_per_token(), dtype_kv_bytes, dtype_name(load.dtype),
+               double(dtype_kv_bytes) / double(decoder.kv_bytes_per_token()));
+  } else {
+    fmt::print("kv cache: {}, {} bytes per token of context\n", dtype_name(load.dtype), dtype_kv_bytes);
+  }
   if (o.context > 0) fmt::print("context: {} positions skipped before the prompt (uncomputed K/V)\n", o.context);
   fmt::print("prompt: [{}]\n", fmt::join(prompt, ", "));
   fmt::print("generated: [{}]\n", fmt::join(generated, ", "));

@@ -64,6 +64,16 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--top-p", gen.top_p, "keep the smallest set of this probability (1: all)");
   gen_cmd->add_option("--seed", gen.seed, "seed of the sampler and of the toy weights");
   gen_cmd->add_flag("--check-finite", gen.check_finite, "refuse NaN or Inf weights");
+  gen_cmd->add_option("--kv-quant", gen.kv_quant, "KV cache as TurboQuant (MSE) records instead of --dtype")
+      ->check(CLI::IsMember({"turboquant"}));
+  gen_cmd->add_option("--kv-bits", gen.kv_bits, "bits of K and V codes with --kv-quant")->capture_default_str()->check(CLI::Range(1, 4));
+  gen_cmd->add_option("--k-bits", gen.k_bits, "bits of K codes (instead of --kv-bits)")->check(CLI::Range(1, 4));
+  gen_cmd->add_option("--v-bits", gen.v_bits, "bits of V codes (instead of --kv-bits)")->check(CLI::Range(1, 4));
+  gen_cmd->add_option("--kv-scale", gen.kv_scale, "TurboQuant scale mode")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"plain", "norm_corrected", "unbiased"}));
+  gen_cmd->add_option("--f16-layers", gen.f16_layers, "layers whose KV stay in --dtype with --kv-quant (e.g. 0,31)")
+      ->delimiter(',');
 
   BenchCommandOptions tune;
   CLI::App* tune_cmd = app.add_subcommand("tune", "time the trusted backends and write the autotune cache for auto");
