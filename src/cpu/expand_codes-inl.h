@@ -1,7 +1,8 @@
 // Codes to f32 rows for the kernels that read packed 1-4-bit codes (kvquant.h's bit packing):
 // TurboQuant's codebook indices become their centroids, KIVI's integer codes (through the table
-// 0, 1, .., 15) themselves, RaBitQ's bit planes their grid coordinates. Include it after "hwy/highway.h" and attention_tiles-inl.h (DF, VF)
-// inside a file compiled once per target (foreach_target.h).
+// 0, 1, .., 15) themselves, RaBitQ's bit planes their grid coordinates. Include it after
+// "hwy/highway.h" and attention_tiles-inl.h (DF, VF) inside a file compiled once per target
+// (foreach_target.h).
 #if defined(DECODELAB_CPU_EXPAND_CODES_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef DECODELAB_CPU_EXPAND_CODES_INL_H_
 #undef DECODELAB_CPU_EXPAND_CODES_INL_H_

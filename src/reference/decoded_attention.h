@@ -11,12 +11,12 @@
 
 namespace decodelab::reference {
 
-// Softmax over the scores of `length` tokens (scaled) of their values [length, D], into out[at ..
-// at + D). `scores` is overwritten.
-inline void attend_scores(const Tensor& out, int64_t at, std::vector<double>& scores, const std::vector<double>& values,
-                          int64_t length) {
+// The softmax of the (scaled) scores of `length` tokens, over their values [length, D], into
+// out[at, at + D).
+inline void attend_scores(const Tensor& out, int64_t at, const std::vector<double>& scores,
+                          const std::vector<double>& values, int64_t length) {
   const int64_t d = out.dim(out.rank - 1);
-  const double max_score = *std::max_element(scores.begin(), scores.begin() + length);
+  const double max_score = *std::max_element(scores.begin(), scores.end());
   double denominator = 0.0;
   std::vector<double> acc(static_cast<size_t>(d), 0.0);
   for (int64_t t = 0; t < length; ++t) {

@@ -45,9 +45,11 @@ void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs&
       std::vector<double> keys(size_t(length * d)), values(size_t(length * d));
       for (int64_t t = 0; t < length; ++t) {
         const int64_t index = at.record(b, h, t);
-        a.cache.k_codec->decode(checked_turboquant_record(a.kOp, a.cache.k_pages, "cache.k_pages", index, b, t, h), decoded);
+        a.cache.k_codec->decode(
+            checked_turboquant_record(a.kOp, a.cache.k_pages, "cache.k_pages", index, b, t, h), decoded);
         std::copy(decoded.begin(), decoded.end(), keys.begin() + t * d);
-        a.cache.v_codec->decode(checked_turboquant_record(a.kOp, a.cache.v_pages, "cache.v_pages", index, b, t, h), decoded);
+        a.cache.v_codec->decode(
+            checked_turboquant_record(a.kOp, a.cache.v_pages, "cache.v_pages", index, b, t, h), decoded);
         std::copy(decoded.begin(), decoded.end(), values.begin() + t * d);
       }
       attend_decoded(a.q, a.out, b, h, group, a.options.scale, keys, values, length);
