@@ -13,10 +13,12 @@
 
 #include "decodelab/bench.h"
 #include "decodelab/kivi_cache.h"
+#include "decodelab/rabitq_cache.h"
 #include "decodelab/router.h"
 #include "decodelab/turboquant_cache.h"
 #include "decodelab/verify.h"
 #include "kvquant/kivi_record.h"
+#include "kvquant/rabitq_record.h"
 #include "kvquant/record.h"
 #include "router/autotune.h"
 #ifdef DECODELAB_HAS_CUDA
@@ -410,6 +412,59 @@ void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
   }
 }
 
+// Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h), the
+// CPU shapes of add_turboquant: 1-bit RaBitQ keys with 2-bit values, 4-bit extended RaBitQ keys
+// with 4-bit values. The bytes are those read: the K and V records, the page table, q and out.
+void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  if (o.device != Device::cpu) return;  // host backends only
+  const DType t = DType::f16;
+  const int64_t e = int64_t(dtype_size(t)), page = 16;
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
+  if (!o.quick) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+  std::vector<std::pair<int, int>> bit_widths = {{1, 2}};
+  if (!o.quick) bit_widths = {{1, 2}, {4, 4}};
+  for (const auto& [k_bits, v_bits] : bit_widths) {
+    const auto codecs = std::make_shared<const std::pair<kvquant::RabitqKeys, kvquant::TurboQuantMse>>(
+        kvquant::RabitqConfig{kD, k_bits, 4, kvquant::RotationKind::hadamard, 1, {}},
+        kvquant::TurboQuantConfig{kD, v_bits, kvquant::RotationKind::hadamard, 2});
+    const int64_t kr = codecs->first.record_bytes(), vr = codecs->second.record_bytes();
+    for (const auto& [batch, length] : shapes) {
+      const int64_t pages_per_seq = length / page;
+      const int64_t bytes = batch * length * kHkv * (kr + vr) + batch * pages_per_seq * 4 + 2 * batch * kHq * kD * e;
+      const std::vector<int32_t> lens(static_cast<size_t>(batch), int32_t(length));
+      add_bench<RabitqDecodeAttentionPagedArgs>(
+          cases, o, t,
+          fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K RaBitQ {}-bit V {}-bit", batch, length, kHq, kHkv, kD, page,
+                      k_bits, v_bits),
+          bytes, 4 * batch * kHq * length * kD, false,
+          [=] {
+            // Random codes; every key record's correction set to a valid value, which the
+            // kernel's cost does not depend on.
+            Array keys = random_records({batch * pages_per_seq, page, kHkv, kr}, kD, 2);
+            for (size_t at = 0; at < keys.nbytes(); at += size_t(kr)) {
+              detail::store_f32_le(keys.ptr<uint8_t>() + at + detail::kRabitqCorrectionOffset, 0.8f);
+            }
+            CaseData d;
+            d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
+            d.inputs.push_back(std::move(keys));
+            d.inputs.push_back(random_records({batch * pages_per_seq, page, kHkv, vr}, kD, 3));
+            // Scattered pages, as add_decode's paged case.
+            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(verify::i32_array({batch}, lens));
+            d.outputs.push_back({t, {batch, kHq, kD}});
+            return d;
+          },
+          [codecs](auto in, auto out) {
+            return RabitqDecodeAttentionPagedArgs{
+                in[0], PagedRabitqKV{in[1], in[2], in[3], in[4], &codecs->first, &codecs->second}, out[0],
+                {true, 1.0f / 11.3137085f}, {}};
+          });
+    }
+  }
+}
+
 void add_prefill(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.quick) return;
   const DType t = DType::f16;
@@ -528,6 +583,7 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
   add_decode(cases, o);
   add_turboquant(cases, o);
   add_kivi(cases, o);
+  add_rabitq(cases, o);
   add_prefill(cases, o);
   add_layers(cases, o);
   return cases;

@@ -38,6 +38,9 @@ void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs&
 // kivi_attention.cpp
 void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
 
+// rabitq_attention.cpp
+void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
+
 }  // namespace decodelab::cpu
 
 // The matvec family (matvec.cpp) and attention (attention.cpp) declare their kernels in

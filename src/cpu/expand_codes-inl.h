@@ -1,7 +1,8 @@
 // Codes to f32 rows for the kernels that read packed 1-4-bit codes (kvquant.h's bit packing):
 // TurboQuant's codebook indices become their centroids, KIVI's integer codes (through the table
-// 0, 1, .., 15) themselves. Include it after "hwy/highway.h" and attention_tiles-inl.h (DF, VF)
-// inside a file compiled once per target (foreach_target.h).
+// 0, 1, .., 15) themselves, RaBitQ's bit planes their grid coordinates. Include it after
+// "hwy/highway.h" and attention_tiles-inl.h (DF, VF) inside a file compiled once per target
+// (foreach_target.h).
 #if defined(DECODELAB_CPU_EXPAND_CODES_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef DECODELAB_CPU_EXPAND_CODES_INL_H_
 #undef DECODELAB_CPU_EXPAND_CODES_INL_H_
@@ -58,6 +59,33 @@ void ExpandCentroids(const uint8_t* HWY_RESTRICT packed, const float* HWY_RESTRI
       } else {
         hn::StoreU(hn::GatherIndex(df, centroids, index), df, row + j + k);
       }
+    }
+  }
+}
+
+// The D grid coordinates y_j = u_j - (2^kBits - 1) / 2 of a RaBitQ record's codes, stored as
+// kBits bit planes of plane_bytes bytes (kvquant.h: bit j % 8 of byte j / 8 of plane a is bit a of
+// u_j), into `row`. D is a multiple of 16, so 16 coordinates are two bytes of each plane; each
+// lane shifts the 16-bit word of every plane by its own coordinate and gathers the bits.
+template <int kBits>
+void ExpandPlanes(const uint8_t* HWY_RESTRICT planes, int64_t plane_bytes, int64_t d, float* HWY_RESTRICT row) {
+  const DF df;
+  const hn::RebindToUnsigned<DF> du;
+  const hn::RebindToSigned<DF> di;
+  const int64_t N = int64_t(hn::Lanes(df));
+  const auto one = hn::Set(du, 1u);
+  const VF half = hn::Set(df, 0.5f * float((1 << kBits) - 1));
+  for (int64_t j = 0; j < d; j += 16) {
+    for (int64_t k = 0; k < 16; k += N) {
+      // Lane i holds coordinate j + k + i: bit (k + i) of the word.
+      const auto shifts = hn::Iota(du, uint32_t(k));
+      auto code = hn::Zero(du);
+      for (int a = 0; a < kBits; ++a) {
+        const uint8_t* byte = planes + a * plane_bytes + j / 8;
+        const auto word = hn::Set(du, uint32_t(byte[0]) | uint32_t(byte[1]) << 8);
+        code = hn::Or(code, hn::ShiftLeftSame(hn::And(hn::Shr(word, shifts), one), a));
+      }
+      hn::StoreU(hn::Sub(hn::ConvertTo(df, hn::BitCast(di, code)), half), df, row + j + k);
     }
   }
 }

@@ -16,17 +16,15 @@
 #include "core/check.h"
 #include "decodelab/error.h"
 #include "decodelab/kvquant.h"
+#include "kvquant/rabitq_record.h"
 #include "kvquant/record.h"
 #include "kvquant/seeded_stream.h"
 
 namespace decodelab::kvquant {
 namespace {
 
-using detail::kNormBytes;
-
-// The record: norm, correction, then the code planes.
-constexpr int64_t kCorrectionOffset = kNormBytes;
-constexpr int64_t kPlanesOffset = kNormBytes + 4;
+constexpr int64_t kCorrectionOffset = detail::kRabitqCorrectionOffset;
+constexpr int64_t kPlanesOffset = detail::kRabitqPlanesOffset;
 
 const RabitqConfig& checked(const RabitqConfig& config) {
   const detail::ArgCheck check("rabitq");
@@ -158,9 +156,9 @@ RecordFactors checked_factors(const detail::ArgCheck& check, std::span<const uin
   if (!detail::is_valid_norm(norm)) {
     detail::fail_record_norm(check, one_record ? std::string("record norm") : fmt::format("records[{}] norm", n), norm);
   }
-  if (!(correction > 0.0f && correction <= 1.0f)) {
-    check.fail(one_record ? std::string("record correction") : fmt::format("records[{}] correction", n),
-               "a correction <o_bar, o> in (0, 1]", fmt::format("{}", correction));
+  if (!detail::is_valid_rabitq_correction(correction)) {
+    detail::fail_rabitq_correction(
+        check, one_record ? std::string("record correction") : fmt::format("records[{}] correction", n), correction);
   }
   return {norm, correction};
 }

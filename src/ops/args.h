@@ -10,6 +10,7 @@
 #include "decodelab/layers.h"
 #include "decodelab/model.h"
 #include "decodelab/quant.h"
+#include "decodelab/rabitq_cache.h"
 #include "decodelab/turboquant_cache.h"
 
 namespace decodelab {
@@ -141,6 +142,15 @@ struct KiviDecodeAttentionPagedArgs {
   static constexpr const char* kOp = "kivi_decode_attention_paged";
   Tensor q;
   PagedKiviKV cache;
+  Tensor out;
+  AttentionOptions options;  // scale resolved
+  Stream stream;
+};
+
+struct RabitqDecodeAttentionPagedArgs {
+  static constexpr const char* kOp = "rabitq_decode_attention_paged";
+  Tensor q;
+  PagedRabitqKV cache;
   Tensor out;
   AttentionOptions options;  // scale resolved
   Stream stream;

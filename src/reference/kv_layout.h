@@ -2,8 +2,10 @@
 // one statement of the cache layouts in kv_cache.h that reference appends and attention share.
 #pragma once
 
+#include <span>
+
 #include "decodelab/kv_cache.h"
-#include "decodelab/turboquant_cache.h"
+#include "kvquant/record.h"
 #include "reference/elements.h"
 
 namespace decodelab::reference {
@@ -54,10 +56,12 @@ struct PagedKVLayout {
   }
 };
 
-// Paged TurboQuant cache: pools [num_pages, page_size, Hkv, R] of R-byte records. record() is the
-// index of a token's record in its pool, so its bytes start at record() * R (R of that pool).
+// Paged caches of records (PagedTurboQuantKV, PagedRabitqKV): pools [num_pages, page_size, Hkv, R]
+// of R-byte records. record() is the index of a token's record in its pool, so its bytes start at
+// record() * R (R of that pool).
 struct PagedRecordLayout {
-  explicit PagedRecordLayout(const PagedTurboQuantKV& c)
+  template <class Cache>
+  explicit PagedRecordLayout(const Cache& c)
       : k(c.k_pages), lengths(c.lengths), page_table(c.page_table) {}
   const Tensor& k;
   const Tensor& lengths;
@@ -66,5 +70,21 @@ struct PagedRecordLayout {
   int64_t length(int64_t b) const { return load_index(lengths, b); }
   int64_t record(int64_t b, int64_t h, int64_t t) const { return paged_slot(page_table, k.dim(1), b, t) * k.dim(2) + h; }
 };
+
+// The record bytes of record `index` of a pool [num_pages, page_size, Hkv, R].
+inline std::span<uint8_t> record_bytes(const Tensor& pool, int64_t index) {
+  const int64_t r = pool.dim(3);
+  return {pool.ptr<uint8_t>() + index * r, size_t(r)};
+}
+
+// The TurboQuant record of token t of sequence b, KV head h, whose norm must be valid
+// (turboquant_cache.h); `op` names the op in the error.
+inline std::span<uint8_t> checked_turboquant_record(const char* op, const Tensor& pool, const char* pool_name,
+                                                    int64_t index, int64_t b, int64_t t, int64_t h) {
+  const std::span<uint8_t> record = record_bytes(pool, index);
+  const float norm = detail::load_f32_le(record.data());
+  if (!detail::is_valid_norm(norm)) detail::fail_paged_record_norm(detail::ArgCheck(op), pool_name, b, t, h, norm);
+  return record;
+}
 
 }  // namespace decodelab::reference

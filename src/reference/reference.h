@@ -28,6 +28,7 @@ void decode_attention_paged(const DecodeAttentionPagedArgs& a);
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
+void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
 
 void quantize(const QuantizeArgs& a);
 void dequantize(const DequantizeArgs& a);

@@ -8,33 +8,11 @@
 #include <tuple>
 #include <vector>
 
-#include "kvquant/record.h"
 #include "reference/decoded_attention.h"
 #include "reference/kv_layout.h"
 #include "reference/reference.h"
 
 namespace decodelab::reference {
-namespace {
-
-// The record bytes of record `index` of a pool [num_pages, page_size, Hkv, R].
-std::span<uint8_t> record_bytes(const Tensor& pool, int64_t index) {
-  const int64_t r = pool.dim(3);
-  return {pool.ptr<uint8_t>() + index * r, size_t(r)};
-}
-
-// The record of token t of sequence b, KV head h, whose norm must be valid (turboquant_cache.h).
-std::span<uint8_t> checked_record(const Tensor& pool, const char* pool_name, int64_t index, int64_t b, int64_t t,
-                                  int64_t h) {
-  const std::span<uint8_t> record = record_bytes(pool, index);
-  const float norm = detail::load_f32_le(record.data());
-  if (!detail::is_valid_norm(norm)) {
-    detail::fail_paged_record_norm(detail::ArgCheck(TurboQuantDecodeAttentionPagedArgs::kOp), pool_name, b, t, h, norm);
-  }
-  return record;
-}
-
-}  // namespace
-
 void turboquant_append_rows(const TurboQuantAppendPagedArgs& a, int64_t row_begin, int64_t row_end) {
   const PagedRecordLayout at(a.cache);
   const int64_t hkv = a.k_new.dim(1), d = a.k_new.dim(2);
@@ -67,9 +45,11 @@ void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs&
       std::vector<double> keys(size_t(length * d)), values(size_t(length * d));
       for (int64_t t = 0; t < length; ++t) {
         const int64_t index = at.record(b, h, t);
-        a.cache.k_codec->decode(checked_record(a.cache.k_pages, "cache.k_pages", index, b, t, h), decoded);
+        a.cache.k_codec->decode(
+            checked_turboquant_record(a.kOp, a.cache.k_pages, "cache.k_pages", index, b, t, h), decoded);
         std::copy(decoded.begin(), decoded.end(), keys.begin() + t * d);
-        a.cache.v_codec->decode(checked_record(a.cache.v_pages, "cache.v_pages", index, b, t, h), decoded);
+        a.cache.v_codec->decode(
+            checked_turboquant_record(a.kOp, a.cache.v_pages, "cache.v_pages", index, b, t, h), decoded);
         std::copy(decoded.begin(), decoded.end(), values.begin() + t * d);
       }
       attend_decoded(a.q, a.out, b, h, group, a.options.scale, keys, values, length);

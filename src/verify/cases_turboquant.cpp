@@ -5,15 +5,12 @@
 // 4, 6, 8; pages of 16 and 128; K and V at their own bits and scale modes.
 #include <fmt/format.h>
 
-#include <algorithm>
-#include <cstring>
 #include <memory>
-#include <mutex>
-#include <numeric>
 
 #include "decodelab/turboquant_cache.h"
 #include "verify/harness.h"
 #include "verify/random.h"
+#include "verify/record_cache_fixture.h"
 
 namespace decodelab::verify {
 namespace {
@@ -23,23 +20,7 @@ using kvquant::ScaleMode;
 using kvquant::TurboQuantConfig;
 using kvquant::TurboQuantMse;
 
-// A case's two codecs, built on first use (a Lloyd-Max codebook is computed, not looked up, and
-// the grid is listed far more often than it is run).
-class Codecs {
- public:
-  Codecs(TurboQuantConfig k, TurboQuantConfig v) : k_config_(k), v_config_(v) {}
-  const TurboQuantMse& k() { return get().first; }
-  const TurboQuantMse& v() { return get().second; }
-
- private:
-  std::pair<TurboQuantMse, TurboQuantMse>& get() {
-    std::call_once(once_, [&] { codecs_ = std::make_unique<std::pair<TurboQuantMse, TurboQuantMse>>(k_config_, v_config_); });
-    return *codecs_;
-  }
-  TurboQuantConfig k_config_, v_config_;
-  std::once_flag once_;
-  std::unique_ptr<std::pair<TurboQuantMse, TurboQuantMse>> codecs_;
-};
+using Codecs = LazyCodecs<TurboQuantMse, TurboQuantMse>;
 
 struct Shape {
   std::vector<int32_t> lengths;
@@ -85,45 +66,8 @@ const Shape kAppend[] = {
     {{9}, 4, 2, 128, 16, 3, 2, ScaleMode::unbiased, ScaleMode::norm_corrected},
 };
 
-// The pools, page table and lengths of `s` with `extra` free slots after each length: every
-// record below a length encodes an N(0, 1) vector; every other byte is 0xFF, whose norm reads as
-// NaN, so a kernel that reads past a length or a page it does not own fails (a corrupt record,
-// turboquant_cache.h) or outputs NaN.
-struct Fixture {
-  Array k_pages, v_pages, page_table, lengths;
-};
-
-Fixture make_fixture(const Shape& s, Codecs& codecs, int64_t extra, Rng& rng) {
-  const int64_t batch = int64_t(s.lengths.size());
-  const int64_t longest = *std::max_element(s.lengths.begin(), s.lengths.end());
-  const int64_t max_pages = (longest + extra + s.page_size - 1) / s.page_size;
-  const int64_t num_pages = batch * max_pages + 3;  // a few pages nobody owns
-  std::vector<int32_t> order(static_cast<size_t>(num_pages));
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng.engine());
-  order.resize(size_t(batch * max_pages));
-  const TurboQuantMse& k = codecs.k();
-  const TurboQuantMse& v = codecs.v();
-  Fixture f{Array(DType::u8, {num_pages, s.page_size, s.hkv, k.record_bytes()}),
-            Array(DType::u8, {num_pages, s.page_size, s.hkv, v.record_bytes()}), i32_array({batch, max_pages}, order),
-            i32_array({batch}, s.lengths)};
-  std::memset(f.k_pages.data(), 0xFF, f.k_pages.nbytes());
-  std::memset(f.v_pages.data(), 0xFF, f.v_pages.nbytes());
-  std::vector<float> x(static_cast<size_t>(s.d));
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < s.lengths[size_t(b)]; ++t) {
-      const int64_t page = order[size_t(b * max_pages + t / s.page_size)];
-      for (int64_t h = 0; h < s.hkv; ++h) {
-        const int64_t index = (page * s.page_size + t % s.page_size) * s.hkv + h;
-        for (const auto& [codec, pool] : {std::pair{&k, &f.k_pages}, std::pair{&v, &f.v_pages}}) {
-          for (float& e : x) e = float(rng.normal());
-          const int64_t r = codec->record_bytes();
-          codec->encode(x, std::span<uint8_t>(pool->ptr<uint8_t>() + index * r, size_t(r)));
-        }
-      }
-    }
-  }
-  return f;
+RecordFixture make_fixture(const Shape& s, Codecs& codecs, int64_t extra, Rng& rng) {
+  return make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, codecs, extra, rng);
 }
 
 PagedTurboQuantKV cache_view(std::span<const Tensor> pools_from, size_t at, std::span<const Tensor> in,
@@ -141,7 +85,7 @@ void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
           const int64_t batch = int64_t(s.lengths.size());
           CaseData d;
           d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
-          Fixture f = make_fixture(s, *codecs, 5, rng);
+          RecordFixture f = make_fixture(s, *codecs, 5, rng);
           d.inputs.push_back(std::move(f.k_pages));
           d.inputs.push_back(std::move(f.v_pages));
           d.inputs.push_back(std::move(f.page_table));
@@ -167,7 +111,7 @@ void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {
           CaseData d;
           d.inputs.push_back(random_array(t, {batch, s.hkv, s.d}, rng));
           d.inputs.push_back(random_array(t, {batch, s.hkv, s.d}, rng));
-          Fixture f = make_fixture(s, *codecs, 1, rng);
+          RecordFixture f = make_fixture(s, *codecs, 1, rng);
           const std::vector<int64_t> k_shape(f.k_pages.view().shape.begin(), f.k_pages.view().shape.begin() + 4);
           const std::vector<int64_t> v_shape(f.v_pages.view().shape.begin(), f.v_pages.view().shape.begin() + 4);
           d.inputs.push_back(std::move(f.k_pages));

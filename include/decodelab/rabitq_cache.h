@@ -1,0 +1,64 @@
+// A paged KV cache whose keys are RaBitQ / extended RaBitQ records and whose values are TurboQuant
+// (MSE) records (kvquant.h), and fused decode attention over it (issue 5, item 8).
+//
+// Layout. The pages, page table and lengths of PagedTurboQuantKV (turboquant_cache.h), with
+// RabitqKeys records on the key side:
+//   k_pages: u8 [num_pages, page_size, Hkv, Rk], Rk = k_codec->record_bytes() = 8 + B * ceil(D / 8)
+//   v_pages: u8 [num_pages, page_size, Hkv, Rv], Rv = v_codec->record_bytes() = 4 + ceil(D * bv / 8)
+//   page_table: i32 [B, max_pages]; lengths: i32 [B].
+// The key record of token t of sequence b, KV head h starts at byte
+//   ((page_table[b, t / page_size] * page_size + t % page_size) * Hkv + h) * Rk
+// of k_pages (values likewise with Rv). A key record is RabitqKeys' (kvquant.h): bytes [0, 4) the
+// norm n = ||k - c|| and [4, 8) the correction <o_bar, o>, little-endian f32s, then B bit planes of
+// ceil(D / 8) bytes holding the codes u_j of the grid point y_j = u_j - (2^B - 1) / 2. A value
+// record is TurboQuantMse's (turboquant_cache.h). Both codecs have the queries' head_dim; the
+// value codec has one integer width (a split-width codec is refused, as for PagedTurboQuantKV).
+// At D = 128 a 1-bit key costs 24 bytes per KV head and a 4-bit one 72, against 256 in f16.
+// There is no append op yet: k_codec->encode and v_codec->encode write the records.
+//
+// As with PagedKV, ops never change `lengths`. The codecs are host objects; the tensors live in
+// host memory (the reference and cpu backends run this op).
+#pragma once
+
+#include "decodelab/attention.h"
+#include "decodelab/kvquant.h"
+#include "decodelab/router.h"
+#include "decodelab/tensor.h"
+
+namespace decodelab {
+
+struct PagedRabitqKV {
+  Tensor k_pages;
+  Tensor v_pages;
+  Tensor page_table;
+  Tensor lengths;
+  const kvquant::RabitqKeys* k_codec = nullptr;     // owned by the caller, alive for the call
+  const kvquant::TurboQuantMse* v_codec = nullptr;
+};
+
+// Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
+// q, out = [B, Hq, D] (f32, f16 or bf16), Hq a multiple of Hkv (query head h reads KV head
+// h / (Hq / Hkv)); options.scale as in decode_attention (0 = 1/sqrt(D)); options.causal has no
+// effect with one query.
+//
+// Scores are RaBitQ's estimator with the full-precision query, k_codec->estimate(q, record):
+//   <q, k>^ = <q, c> + n <y, R_K q> / (||y|| <o_bar, o>),
+// computed without decoding: q' = R_K q once per query head, then per token a dot product of q'
+// with the record's grid point y and one factor n / (||y|| <o_bar, o>). The term <q, c> of a
+// centroid c is the same for every token of a query, so the softmax does not see it and the fused
+// kernels leave it out. The quantized-query popcount score (RabitqKeys::quantize_query and score)
+// is not offered: it adds the query's rounding variance (kvquant.h) to a score whose dot product
+// over f32 rows costs no more in this kernel than the popcounts, and it needs a rounding seed per
+// call. The softmax weights p_t accumulate o' = sum_t p_t n_t s_t c_V[idx_t] in V's rotated domain
+// and out = R_V^T o' is rotated back once per query head, as turboquant_decode_attention_paged.
+//
+// Record contents are checked where they are read (the argument checks cannot afford a scan of the
+// cache): a key record whose norm is NaN, infinite or negative, or whose correction is outside
+// (0, 1], or a value record with such a norm (no encoder writes them, so the cache is corrupt),
+// among the lengths[b] tokens read gets an error naming the first in (sequence, KV head, token)
+// order, key before value, norm before correction, instead of a NaN output. Records past
+// lengths[b] are never read.
+void rabitq_decode_attention_paged(const Tensor& q, const PagedRabitqKV& cache, const Tensor& out,
+                                   const AttentionOptions& options = {}, const RunOptions& run = {});
+
+}  // namespace decodelab

@@ -1,0 +1,93 @@
+// Verification cases for fused decode attention over the paged RaBitQ-key / TurboQuant-value cache
+// (rabitq_cache.h), against the reference, which scores every key with RabitqKeys::estimate,
+// decodes every value and attends in double. Single-token decode only: one query per sequence, at
+// lengths 1, 17, lengths that are not page multiples and about 2000; RaBitQ at 1 bit and extended
+// RaBitQ at 2 and 4 bits; values at 2 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8;
+// pages of 16 and 128; a key centroid (whose term the fused kernels drop: the softmax does not see
+// it) and the dense rotation once each.
+#include <fmt/format.h>
+
+#include <cmath>
+#include <memory>
+
+#include "decodelab/rabitq_cache.h"
+#include "verify/harness.h"
+#include "verify/random.h"
+#include "verify/record_cache_fixture.h"
+
+namespace decodelab::verify {
+namespace {
+
+using kvquant::RabitqConfig;
+using kvquant::RabitqKeys;
+using kvquant::RotationKind;
+using kvquant::ScaleMode;
+using kvquant::TurboQuantConfig;
+using kvquant::TurboQuantMse;
+using Codecs = LazyCodecs<RabitqKeys, TurboQuantMse>;
+
+struct Shape {
+  std::vector<int32_t> lengths;
+  int64_t hq, hkv, d, page_size;
+  int k_bits, v_bits;
+  RotationKind rotation = RotationKind::hadamard;
+  bool centroid = false;  // a key centroid c_j = sin(j)
+  double q_scale = 1.0;   // > 1: large logits
+
+  RabitqConfig k_config() const {
+    RabitqConfig c{d, k_bits, 4, rotation, 21, {}};
+    for (int64_t j = 0; centroid && j < d; ++j) c.centroid.push_back(float(std::sin(double(j))));
+    return c;
+  }
+  TurboQuantConfig v_config() const { return {d, v_bits, rotation, 22, ScaleMode::norm_corrected}; }
+  std::string name() const {
+    return fmt::format("Hq={} Hkv={} D={} lengths [{}] page {} K RaBitQ {}-bit V {}-bit {}{}{}", hq, hkv, d,
+                       fmt::join(lengths, ", "), page_size, k_bits, v_bits, kvquant::rotation_kind_name(rotation),
+                       centroid ? " centroid" : "", q_scale > 1.0 ? " large-logits" : "");
+  }
+};
+
+const Shape kAttention[] = {
+    {{1, 17}, 8, 2, 128, 16, 1, 4},                              // length 1 and 17, GQA 4
+    {{1, 17}, 8, 2, 128, 16, 4, 2},
+    {{45, 130}, 8, 8, 64, 16, 1, 2},                             // MHA, D = 64
+    {{45, 130}, 8, 8, 64, 16, 4, 4},
+    {{100, 33}, 12, 2, 96, 16, 1, 4},                            // GQA 6, D = 96
+    {{100, 33}, 12, 2, 96, 16, 4, 2},
+    {{2001}, 32, 4, 128, 128, 1, 2},                             // GQA 8, thousands
+    {{2001}, 32, 4, 128, 128, 4, 4},
+    {{200, 1}, 4, 1, 256, 128, 1, 4, RotationKind::dense},       // D = 256, MQA, dense rotation
+    {{200, 1}, 4, 1, 256, 128, 4, 2},
+    {{77}, 8, 2, 128, 16, 2, 2},                                 // extended RaBitQ at 2 bits
+    {{150}, 8, 2, 128, 16, 4, 4, RotationKind::hadamard, true},  // a centroid
+    {{64, 300}, 32, 8, 128, 16, 1, 4, RotationKind::hadamard, false, 4.0},  // Llama-3-8B heads, large logits
+};
+
+}  // namespace
+
+void add_rabitq_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  for (const Shape& s : kAttention) {
+    auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
+    add_cases<RabitqDecodeAttentionPagedArgs>(
+        grid, filter, s.name(), [s](DType t) { return compressed_attention_tolerance(t, s.q_scale); },
+        [s, codecs](DType t, uint64_t seed) {
+          Rng rng(seed);
+          const int64_t batch = int64_t(s.lengths.size());
+          CaseData d;
+          d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
+          RecordFixture f = make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, *codecs, 5, rng);
+          d.inputs.push_back(std::move(f.k_pages));
+          d.inputs.push_back(std::move(f.v_pages));
+          d.inputs.push_back(std::move(f.page_table));
+          d.inputs.push_back(std::move(f.lengths));
+          d.outputs.push_back({t, {batch, s.hq, s.d}});
+          return d;
+        },
+        [codecs](auto in, auto out) {
+          return RabitqDecodeAttentionPagedArgs{
+              in[0], PagedRabitqKV{in[1], in[2], in[3], in[4], &codecs->k(), &codecs->v()}, out[0], {true, 0.0f}, {}};
+        });
+  }
+}
+
+}  // namespace decodelab::verify

@@ -1,0 +1,89 @@
+// What the verification cases of the paged record caches share (cases_turboquant.cpp,
+// cases_rabitq.cpp): a case's two codecs built on first use, and pools filled with the records of
+// random vectors.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "verify/harness.h"
+#include "verify/random.h"
+
+namespace decodelab::verify {
+
+// A case's key and value codecs, built on first use (a Lloyd-Max codebook is computed, not looked
+// up, and the grid is listed far more often than it is run).
+template <class K, class V>
+class LazyCodecs {
+ public:
+  using KConfig = std::remove_cvref_t<decltype(std::declval<const K&>().config())>;
+  using VConfig = std::remove_cvref_t<decltype(std::declval<const V&>().config())>;
+  LazyCodecs(KConfig k, VConfig v) : k_config_(std::move(k)), v_config_(std::move(v)) {}
+  const K& k() { return get().first; }
+  const V& v() { return get().second; }
+
+ private:
+  std::pair<K, V>& get() {
+    std::call_once(once_, [&] { codecs_ = std::make_unique<std::pair<K, V>>(k_config_, v_config_); });
+    return *codecs_;
+  }
+  KConfig k_config_;
+  VConfig v_config_;
+  std::once_flag once_;
+  std::unique_ptr<std::pair<K, V>> codecs_;
+};
+
+// The pools, page table and lengths of a paged record cache of Hkv heads of dimension d, with
+// `extra` free slots after each length: every record below a length encodes an N(0, 1) vector;
+// every other byte is 0xFF, whose norm reads as NaN, so a kernel that reads past a length or a
+// page it does not own fails (a corrupt record) or outputs NaN.
+struct RecordFixture {
+  Array k_pages, v_pages, page_table, lengths;
+};
+
+template <class Codecs>
+RecordFixture make_record_fixture(const std::vector<int32_t>& lengths, int64_t hkv, int64_t d, int64_t page_size,
+                                  Codecs& codecs, int64_t extra, Rng& rng) {
+  const int64_t batch = int64_t(lengths.size());
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  const int64_t max_pages = (longest + extra + page_size - 1) / page_size;
+  const int64_t num_pages = batch * max_pages + 3;  // a few pages nobody owns
+  std::vector<int32_t> order(static_cast<size_t>(num_pages));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng.engine());
+  order.resize(size_t(batch * max_pages));
+  const auto& k = codecs.k();
+  const auto& v = codecs.v();
+  RecordFixture f{Array(DType::u8, {num_pages, page_size, hkv, k.record_bytes()}),
+                  Array(DType::u8, {num_pages, page_size, hkv, v.record_bytes()}), i32_array({batch, max_pages}, order),
+                  i32_array({batch}, lengths)};
+  std::memset(f.k_pages.data(), 0xFF, f.k_pages.nbytes());
+  std::memset(f.v_pages.data(), 0xFF, f.v_pages.nbytes());
+  std::vector<float> x(static_cast<size_t>(d));
+  // Encodes the next N(0, 1) vector into record `index` of `pool`.
+  const auto encode = [&](const auto& codec, Array& pool, int64_t index) {
+    for (float& e : x) e = float(rng.normal());
+    const int64_t r = codec.record_bytes();
+    codec.encode(x, std::span<uint8_t>(pool.template ptr<uint8_t>() + index * r, size_t(r)));
+  };
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < lengths[size_t(b)]; ++t) {
+      const int64_t page = order[size_t(b * max_pages + t / page_size)];
+      for (int64_t h = 0; h < hkv; ++h) {
+        const int64_t index = (page * page_size + t % page_size) * hkv + h;
+        encode(k, f.k_pages, index);
+        encode(v, f.v_pages, index);
+      }
+    }
+  }
+  return f;
+}
+
+}  // namespace decodelab::verify
