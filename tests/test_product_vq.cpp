@@ -357,7 +357,7 @@ TEST_F(ProductVqFile, EveryCorruptionNamesItsField) {
       {"sizes inconsistent", [](auto& b) { put_u32(b, 20, 5); },
        "cb.pvq: size: expected 4280 bytes (48 header + 4 x 32 scales + 4 x 1024 centroids + 8 checksum, for head_dim 32 and bits 5), "
        "got 2232 bytes (truncated)"},
-      {"truncated", [](auto& b) { b.resize(b.size() - 5); },
+      {"truncated", [](auto& b) { b.erase(b.end() - 5, b.end()); },
        "cb.pvq: size: expected 2232 bytes (48 header + 4 x 32 scales + 4 x 512 centroids + 8 checksum, for head_dim 32 and bits 4), "
        "got 2227 bytes (truncated)"},
       {"trailing", [](auto& b) { b.push_back(0); },
