@@ -153,6 +153,23 @@ double relative_error(const std::vector<A>& out, const std::vector<double>& ref)
   return std::sqrt(err / norm);
 }
 
+// The host backends that run these ops.
+inline constexpr const char* kHostBackends[] = {"reference", "cpu"};
+
+// On every host backend the op's output for q (Hq heads) matches the softmax of the key codec's
+// estimates over the decoded values (cache.expected) to f32 accuracy. The check would not miss a
+// kernel that scored the exact keys instead of the records: the estimator's error moves the
+// output well past its tolerance, which is checked too.
+template <class Cache>
+void expect_attention_over_estimates(const Cache& cache, const std::vector<float>& q, int64_t hq) {
+  const std::vector<double> expected = cache.expected(q, hq);
+  for (const char* backend : kHostBackends) {
+    SCOPED_TRACE(backend);
+    EXPECT_LT(relative_error(cache.attend(q, hq, backend), expected), 2e-6);
+  }
+  EXPECT_GT(relative_error(cache.expected(q, hq, true), expected), 1e-3);
+}
+
 inline void set_f32(std::span<uint8_t> record, int64_t at, float value) { std::memcpy(record.data() + 4 * at, &value, 4); }
 
 // The bad-argument fixture's value codec: D = 64, 2 bits, plain scale.

@@ -29,8 +29,6 @@ using record_cache_test::relative_error;
 using record_cache_test::set_f32;
 using Cache = record_cache_test::RecordCache<QjlKeys, PagedQjlKV, qjl_decode_attention_paged>;
 
-constexpr const char* kBackends[] = {"reference", "cpu"};
-
 // ---------------------------------------------------------------------------------------------
 // Attention with QJL's estimated scores over TurboQuant's decoded values
 
@@ -44,15 +42,7 @@ TEST(QjlCacheAttention, MatchesSoftmaxOfEstimatedScoresOverDecodedValues) {
       const Cache cache(QjlConfig{kD, m, 5}, {kD, v_bits, RotationKind::hadamard, 6, ScaleMode::norm_corrected}, kHkv,
                         kPage, {1, 23, 300}, uint64_t(m + v_bits));
       verify::Rng rng(uint64_t(m * 3 + v_bits));
-      const std::vector<float> q = normal(rng, 3 * kHq * kD);
-      const std::vector<double> expected = cache.expected(q, kHq);
-      for (const char* backend : kBackends) {
-        SCOPED_TRACE(backend);
-        EXPECT_LT(relative_error(cache.attend(q, kHq, backend), expected), 2e-6);
-      }
-      // The check above would not miss a kernel that scored exact keys instead of the records:
-      // the estimator's error moves the output well past that tolerance.
-      EXPECT_GT(relative_error(cache.expected(q, kHq, true), expected), 1e-3);
+      record_cache_test::expect_attention_over_estimates(cache, normal(rng, 3 * kHq * kD), kHq);
     }
   }
 }
@@ -64,7 +54,7 @@ TEST(QjlCacheAttention, ScoresFollowTheSketchNotTheKeysAlone) {
   const Cache a(QjlConfig{kD, 64, 1}, {kD, 4}, 2, 16, {50}, 7), b(QjlConfig{kD, 64, 2}, {kD, 4}, 2, 16, {50}, 7);
   verify::Rng rng(3);
   const std::vector<float> q = normal(rng, kHq * kD);
-  for (const char* backend : kBackends) {
+  for (const char* backend : record_cache_test::kHostBackends) {
     SCOPED_TRACE(backend);
     EXPECT_LT(relative_error(a.attend(q, kHq, backend), a.expected(q, kHq)), 2e-6);
     EXPECT_LT(relative_error(b.attend(q, kHq, backend), b.expected(q, kHq)), 2e-6);
@@ -121,7 +111,7 @@ TEST_P(QjlBadArgs, CorruptRecordsAreNamedWhereTheyAreRead) {
   record_cache_test::expect_reads_stop_at_length(op, data, q, out, decoder());
 }
 
-INSTANTIATE_TEST_SUITE_P(HostBackends, QjlBadArgs, ::testing::ValuesIn(kBackends));
+INSTANTIATE_TEST_SUITE_P(HostBackends, QjlBadArgs, ::testing::ValuesIn(record_cache_test::kHostBackends));
 
 }  // namespace
 }  // namespace decodelab

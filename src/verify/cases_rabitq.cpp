@@ -66,10 +66,7 @@ const Shape kAttention[] = {
 }  // namespace
 
 void add_rabitq_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
-  for (const Shape& s : kAttention) {
-    add_record_attention_cases<RabitqDecodeAttentionPagedArgs, PagedRabitqKV>(
-        grid, filter, s, std::make_shared<Codecs>(s.k_config(), s.v_config()));
-  }
+  add_record_attention_cases<RabitqDecodeAttentionPagedArgs, PagedRabitqKV, Codecs>(grid, filter, kAttention);
 }
 
 }  // namespace decodelab::verify

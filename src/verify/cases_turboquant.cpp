@@ -76,10 +76,7 @@ PagedTurboQuantKV cache_view(std::span<const Tensor> pools_from, size_t at, std:
 }
 
 void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
-  for (const Shape& s : kAttention) {
-    add_record_attention_cases<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV>(
-        grid, filter, s, std::make_shared<Codecs>(s.k_config(), s.v_config()));
-  }
+  add_record_attention_cases<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV, Codecs>(grid, filter, kAttention);
 }
 
 void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {

@@ -86,14 +86,16 @@ RecordFixture make_record_fixture(const std::vector<int32_t>& lengths, int64_t h
   return f;
 }
 
-// Decode attention cases over a paged record cache, one per backend and dtype, for shape `s`
-// (lengths, hq, hkv, d, page_size, q_scale, name()): q [B, Hq, D] of N(0, q_scale^2) draws, the
-// fixture's pools with 5 free slots after each length, out [B, Hq, D]; the default scale.
-// Args{q, Cache{k_pages, v_pages, page_table, lengths, &k codec, &v codec}, out, ..}.
-template <class Args, class Cache, class Shape, class Codecs>
-void add_record_attention_cases(std::vector<VerifyCase>& grid, const GridFilter& filter, const Shape& s,
-                                std::shared_ptr<Codecs> codecs) {
-  add_cases<Args>(
+// Decode attention cases over a paged record cache, one per backend and dtype, for each shape `s`
+// (lengths, hq, hkv, d, page_size, q_scale, name(), k_config(), v_config()): q [B, Hq, D] of
+// N(0, q_scale^2) draws, the fixture's pools with 5 free slots after each length, out [B, Hq, D];
+// the default scale. Args{q, Cache{k_pages, v_pages, page_table, lengths, &k codec, &v codec},
+// out, ..}, the codecs a LazyCodecs<K, V> per shape.
+template <class Args, class Cache, class Codecs, class Shapes>
+void add_record_attention_cases(std::vector<VerifyCase>& grid, const GridFilter& filter, const Shapes& shapes) {
+  for (const auto& s : shapes) {
+    const auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
+    add_cases<Args>(
       grid, filter, s.name(), [s](DType t) { return compressed_attention_tolerance(t, s.q_scale); },
       [s, codecs](DType t, uint64_t seed) {
         Rng rng(seed);
@@ -111,6 +113,7 @@ void add_record_attention_cases(std::vector<VerifyCase>& grid, const GridFilter&
       [codecs](auto in, auto out) {
         return Args{in[0], Cache{in[1], in[2], in[3], in[4], &codecs->k(), &codecs->v()}, out[0], {true, 0.0f}, {}};
       });
+  }
 }
 
 }  // namespace decodelab::verify
