@@ -22,19 +22,13 @@
 
 #include "decodelab/attention.h"
 #include "decodelab/kvquant.h"
+#include "decodelab/record_cache.h"
 #include "decodelab/router.h"
 #include "decodelab/tensor.h"
 
 namespace decodelab {
 
-struct PagedRabitqKV {
-  Tensor k_pages;
-  Tensor v_pages;
-  Tensor page_table;
-  Tensor lengths;
-  const kvquant::RabitqKeys* k_codec = nullptr;     // owned by the caller, alive for the call
-  const kvquant::TurboQuantMse* v_codec = nullptr;
-};
+using PagedRabitqKV = PagedRecordKV<kvquant::RabitqKeys>;
 
 // Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
 // q, out = [B, Hq, D] (f32, f16 or bf16), Hq a multiple of Hkv (query head h reads KV head

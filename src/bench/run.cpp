@@ -13,6 +13,7 @@
 
 #include "decodelab/bench.h"
 #include "decodelab/kivi_cache.h"
+#include "decodelab/qjl_cache.h"
 #include "decodelab/rabitq_cache.h"
 #include "decodelab/router.h"
 #include "decodelab/turboquant_cache.h"
@@ -278,6 +279,44 @@ Array random_records(const std::vector<int64_t>& shape, int64_t d, uint64_t seed
   return a;
 }
 
+// Fused decode attention over a paged cache of records (turboquant_cache.h, rabitq_cache.h,
+// qjl_cache.h): B sequences of `length` tokens in pages of `page`, key and value records of kr and
+// vr bytes. The bytes are those read: the K and V records, the page table, q and out.
+int64_t record_attention_bytes(DType t, int64_t batch, int64_t length, int64_t page, int64_t kr, int64_t vr) {
+  return batch * length * kHkv * (kr + vr) + batch * (length / page) * 4 + 2 * batch * kHq * kD * int64_t(dtype_size(t));
+}
+
+// Its inputs: q, the key and value pools (their records filled by the caller), pages scattered as
+// add_decode's paged case, the lengths; and out.
+CaseData record_attention_data(DType t, int64_t batch, int64_t length, int64_t page, Array keys, Array values) {
+  const int64_t pages_per_seq = length / page;
+  CaseData d;
+  d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
+  d.inputs.push_back(std::move(keys));
+  d.inputs.push_back(std::move(values));
+  std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+  for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+  d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+  d.inputs.push_back(verify::i32_array({batch}, std::vector<int32_t>(static_cast<size_t>(batch), int32_t(length))));
+  d.outputs.push_back({t, {batch, kHq, kD}});
+  return d;
+}
+
+// Its arguments over record_attention_data's tensors, the codecs a shared pair, scale 1/sqrt(D).
+template <class Args, class Cache, class Codecs>
+MakeArgs<Args> record_attention_args(std::shared_ptr<const Codecs> codecs) {
+  return [codecs](auto in, auto out) {
+    return Args{in[0], Cache{in[1], in[2], in[3], in[4], &codecs->first, &codecs->second}, out[0],
+                {true, 1.0f / 11.3137085f}, {}};
+  };
+}
+
+// The (batch, length) pairs of the host-only fused attention benches, add_turboquant's on the CPU.
+std::vector<std::pair<int64_t, int64_t>> host_attention_shapes(const BenchOptions& o) {
+  if (o.quick) return {{1, 4096}};
+  return {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+}
+
 // Fused decode attention over the paged TurboQuant cache, the shapes of f16 decode attention
 // (add_decode) so the two compare row by row, and the append of one new token per sequence.
 void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
@@ -297,30 +336,16 @@ void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
     const int64_t record = codecs->first.record_bytes();
     for (const auto& [batch, length] : shapes) {
       const int64_t pages_per_seq = length / page;
-      const int64_t bytes = 2 * batch * length * kHkv * record + batch * pages_per_seq * 4 + 2 * batch * kHq * kD * e;
-      const std::vector<int32_t> lens(static_cast<size_t>(batch), int32_t(length));
       add_bench<TurboQuantDecodeAttentionPagedArgs>(
           cases, o, t,
           fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K/V {}/{}-bit", batch, length, kHq, kHkv, kD, page, bits, bits),
-          bytes, 4 * batch * kHq * length * kD, false,
+          record_attention_bytes(t, batch, length, page, record, record), 4 * batch * kHq * length * kD, false,
           [=] {
-            CaseData d;
-            d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
-            d.inputs.push_back(random_records({batch * pages_per_seq, page, kHkv, record}, kD, 2));
-            d.inputs.push_back(random_records({batch * pages_per_seq, page, kHkv, record}, kD, 3));
-            // Scattered pages, as add_decode's paged case.
-            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
-            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
-            d.inputs.push_back(verify::i32_array({batch}, lens));
-            d.outputs.push_back({t, {batch, kHq, kD}});
-            return d;
+            return record_attention_data(t, batch, length, page,
+                                         random_records({batch * pages_per_seq, page, kHkv, record}, kD, 2),
+                                         random_records({batch * pages_per_seq, page, kHkv, record}, kD, 3));
           },
-          [codecs](auto in, auto out) {
-            return TurboQuantDecodeAttentionPagedArgs{
-                in[0], PagedTurboQuantKV{in[1], in[2], in[3], in[4], &codecs->first, &codecs->second}, out[0],
-                {true, 1.0f / 11.3137085f}, {}};
-          });
+          record_attention_args<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV>(codecs));
     }
     // One new token for each of `batch` sequences: read the new K and V rows, write their records.
     for (const int64_t batch : {int64_t{1}, int64_t{16}}) {
@@ -360,8 +385,7 @@ void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
   const int64_t e = int64_t(dtype_size(t)), page = 32;
-  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
-  if (!o.quick) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = host_attention_shapes(o);
   std::vector<int> bit_widths = {4};
   if (!o.quick) bit_widths = {4, 2};
   for (const int bits : bit_widths) {
@@ -414,13 +438,11 @@ void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
 
 // Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h), the
 // CPU shapes of add_turboquant: 1-bit RaBitQ keys with 2-bit values, 4-bit extended RaBitQ keys
-// with 4-bit values. The bytes are those read: the K and V records, the page table, q and out.
+// with 4-bit values.
 void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
-  const int64_t e = int64_t(dtype_size(t)), page = 16;
-  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
-  if (!o.quick) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
+  const int64_t page = 16;
   std::vector<std::pair<int, int>> bit_widths = {{1, 2}};
   if (!o.quick) bit_widths = {{1, 2}, {4, 4}};
   for (const auto& [k_bits, v_bits] : bit_widths) {
@@ -428,39 +450,54 @@ void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
         kvquant::RabitqConfig{kD, k_bits, 4, kvquant::RotationKind::hadamard, 1, {}},
         kvquant::TurboQuantConfig{kD, v_bits, kvquant::RotationKind::hadamard, 2});
     const int64_t kr = codecs->first.record_bytes(), vr = codecs->second.record_bytes();
-    for (const auto& [batch, length] : shapes) {
-      const int64_t pages_per_seq = length / page;
-      const int64_t bytes = batch * length * kHkv * (kr + vr) + batch * pages_per_seq * 4 + 2 * batch * kHq * kD * e;
-      const std::vector<int32_t> lens(static_cast<size_t>(batch), int32_t(length));
+    for (const auto& [batch, length] : host_attention_shapes(o)) {
+      const int64_t pages = batch * (length / page);
       add_bench<RabitqDecodeAttentionPagedArgs>(
           cases, o, t,
           fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K RaBitQ {}-bit V {}-bit", batch, length, kHq, kHkv, kD, page,
                       k_bits, v_bits),
-          bytes, 4 * batch * kHq * length * kD, false,
+          record_attention_bytes(t, batch, length, page, kr, vr), 4 * batch * kHq * length * kD, false,
           [=] {
             // Random codes; every key record's correction set to a valid value, which the
             // kernel's cost does not depend on.
-            Array keys = random_records({batch * pages_per_seq, page, kHkv, kr}, kD, 2);
+            Array keys = random_records({pages, page, kHkv, kr}, kD, 2);
             for (size_t at = 0; at < keys.nbytes(); at += size_t(kr)) {
               detail::store_f32_le(keys.ptr<uint8_t>() + at + detail::kRabitqCorrectionOffset, 0.8f);
             }
-            CaseData d;
-            d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
-            d.inputs.push_back(std::move(keys));
-            d.inputs.push_back(random_records({batch * pages_per_seq, page, kHkv, vr}, kD, 3));
-            // Scattered pages, as add_decode's paged case.
-            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
-            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
-            d.inputs.push_back(verify::i32_array({batch}, lens));
-            d.outputs.push_back({t, {batch, kHq, kD}});
-            return d;
+            return record_attention_data(t, batch, length, page, std::move(keys),
+                                         random_records({pages, page, kHkv, vr}, kD, 3));
           },
-          [codecs](auto in, auto out) {
-            return RabitqDecodeAttentionPagedArgs{
-                in[0], PagedRabitqKV{in[1], in[2], in[3], in[4], &codecs->first, &codecs->second}, out[0],
-                {true, 1.0f / 11.3137085f}, {}};
-          });
+          record_attention_args<RabitqDecodeAttentionPagedArgs, PagedRabitqKV>(codecs));
+    }
+  }
+}
+
+// Fused decode attention over the paged QJL-key / TurboQuant-value cache (qjl_cache.h), the CPU
+// shapes of add_turboquant: sketches of m = D and 2D (the paper's keys use m of a few D) with
+// 2-bit values, m = 2D with 4-bit values. A QJL record is its norm and sign bits, all of whose
+// values are valid codes, so random_records' bytes are a cache.
+void add_qjl(std::vector<BenchCase>& cases, const BenchOptions& o) {
+  if (o.device != Device::cpu) return;  // host backends only
+  const DType t = DType::f16;
+  const int64_t page = 16;
+  std::vector<std::pair<int64_t, int>> widths = {{2 * kD, 2}};
+  if (!o.quick) widths = {{kD, 2}, {2 * kD, 2}, {2 * kD, 4}};
+  for (const auto& [m, v_bits] : widths) {
+    const auto codecs = std::make_shared<const std::pair<kvquant::QjlKeys, kvquant::TurboQuantMse>>(
+        kvquant::QjlConfig{kD, m, 1}, kvquant::TurboQuantConfig{kD, v_bits, kvquant::RotationKind::hadamard, 2});
+    const int64_t kr = codecs->first.record_bytes(), vr = codecs->second.record_bytes();
+    for (const auto& [batch, length] : host_attention_shapes(o)) {
+      const int64_t pages = batch * (length / page);
+      add_bench<QjlDecodeAttentionPagedArgs>(
+          cases, o, t,
+          fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K QJL m={} V {}-bit", batch, length, kHq, kHkv, kD, page, m,
+                      v_bits),
+          record_attention_bytes(t, batch, length, page, kr, vr), 2 * batch * kHq * length * (m + kD), false,
+          [=] {
+            return record_attention_data(t, batch, length, page, random_records({pages, page, kHkv, kr}, kD, 2),
+                                         random_records({pages, page, kHkv, vr}, kD, 3));
+          },
+          record_attention_args<QjlDecodeAttentionPagedArgs, PagedQjlKV>(codecs));
     }
   }
 }
@@ -584,6 +621,7 @@ std::vector<BenchCase> bench_grid(const BenchOptions& o) {
   add_turboquant(cases, o);
   add_kivi(cases, o);
   add_rabitq(cases, o);
+  add_qjl(cases, o);
   add_prefill(cases, o);
   add_layers(cases, o);
   return cases;

@@ -41,6 +41,9 @@ void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
 // rabitq_attention.cpp
 void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
 
+// qjl_attention.cpp
+void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a);
+
 }  // namespace decodelab::cpu
 
 // The matvec family (matvec.cpp) and attention (attention.cpp) declare their kernels in

@@ -1,13 +1,15 @@
 // The fused decode attention that CPU kernels over rotating codecs share (turboquant_attention.cpp,
-// rabitq_attention.cpp): keys scored and values summed in their codecs' rotated domains, straight
-// from the codes.
+// rabitq_attention.cpp, qjl_attention.cpp): keys scored in their codec's rotated (or projected)
+// domain and values summed in theirs, straight from the codes.
 //
 // Both codecs store a record as a few per-token numbers and codes of the rotated direction, so with
 // q' = R_K q, <q, x~_K> = f_K * sum_j q'_j e_K[code_j] and sum_t p_t x~_V,t = R_V^T sum_t p_t f_V,t
 // e_V[code_t], where e[code] is a record's expanded row (TurboQuant: its centroids; RaBitQ: its
 // grid point y) and f its factor (TurboQuant: n s; RaBitQ: n / (||y|| <o_bar, o>)). So each query
 // head is rotated once, every token costs an expansion of its codes (no rotation, no decoded
-// cache), and the output is rotated back once per head. A key side is any type with
+// cache), and the output is rotated back once per head. QJL keys fit the same form with the
+// rotation replaced by the m x D sketch S: <q, k>^ = f_K * sum_i (S q)_i e_K[sign_i], so a key's
+// row has the sketch's m entries instead of D (ProjectedDecodeAttention). A key side is any type with
 //   void Prefetch(int64_t index); float Expand(int64_t index, int64_t d, float* row);
 //   bool Valid(int64_t index); void CheckRecord(check, pool name, b, t, h)  (fails if invalid),
 // the value side is TurboQuant's (TurboQuantCodes).
@@ -34,6 +36,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -120,6 +123,7 @@ struct RotatedProblem {
   const int32_t* page_table;
   int64_t max_pages, page_size;
   int64_t batch, hq, hkv, d;
+  int64_t dk;  // a key row's and a projected query's width: d, or QJL's m
   KeyCodes k;
   TurboQuantCodes v;
   int64_t group() const { return hq / hkv; }
@@ -128,7 +132,7 @@ struct RotatedProblem {
   }
 };
 
-// One task: the G rotated query rows q [G][d] (pre-scaled) over its keys, into `slot`. Returns
+// One task: the G rotated query rows q [G][dk] (pre-scaled) over its keys, into `slot`. Returns
 // whether every record it read was valid (a corrupt one makes the slot NaN).
 template <class KeyCodes>
 bool RunRotatedTask(const RotatedProblem<KeyCodes>& p, const DecodeTask& task, const float* HWY_RESTRICT q,
@@ -136,11 +140,11 @@ bool RunRotatedTask(const RotatedProblem<KeyCodes>& p, const DecodeTask& task, c
   const DF df;
   const int64_t N = int64_t(hn::Lanes(df));
   constexpr int64_t kTile = kRotatedTileKeys;
-  const int64_t d = p.d, rows = p.group(), stride = RoundUp(kTile, N);
-  std::vector<float> k_rows(static_cast<size_t>(kTile * d)), v_rows(k_rows.size());
+  const int64_t d = p.d, dk = p.dk, rows = p.group(), stride = RoundUp(kTile, N);
+  std::vector<float> k_rows(static_cast<size_t>(kTile * dk)), v_rows(static_cast<size_t>(kTile * d));
   std::vector<const float*> k_ptrs(static_cast<size_t>(kTile)), v_ptrs(k_ptrs.size());
   for (int64_t j = 0; j < kTile; ++j) {
-    k_ptrs[size_t(j)] = k_rows.data() + j * d;
+    k_ptrs[size_t(j)] = k_rows.data() + j * dk;
     v_ptrs[size_t(j)] = v_rows.data() + j * d;
   }
   std::vector<float> k_factor(static_cast<size_t>(kTile)), v_factor(k_factor.size());
@@ -166,7 +170,7 @@ bool RunRotatedTask(const RotatedProblem<KeyCodes>& p, const DecodeTask& task, c
     int64_t page = t0 / p.page_size, slot_in_page = t0 % p.page_size;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t index = (int64_t(pages[page]) * p.page_size + slot_in_page) * p.hkv + task.h;
-      k_factor[size_t(j)] = p.k.Expand(index, d, k_rows.data() + j * d);
+      k_factor[size_t(j)] = p.k.Expand(index, dk, k_rows.data() + j * dk);
       v_factor[size_t(j)] = p.v.Expand(index, d, v_rows.data() + j * d);
       // Noted without a branch; the record is named after all tasks ran (FailCorruptRecord).
       records_valid &= p.k.Valid(index) & p.v.Valid(index);
@@ -178,8 +182,8 @@ bool RunRotatedTask(const RotatedProblem<KeyCodes>& p, const DecodeTask& task, c
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       WithBlock(rows - r0, [&](auto kr) {
         int64_t j = 0;
-        for (; j + 4 <= n; j += 4) DotKeys<kr(), 4>(q + r0 * d, d, k_ptrs.data() + j, scores.data() + r0 * stride + j, stride);
-        for (; j < n; ++j) DotKeys<kr(), 1>(q + r0 * d, d, k_ptrs.data() + j, scores.data() + r0 * stride + j, stride);
+        for (; j + 4 <= n; j += 4) DotKeys<kr(), 4>(q + r0 * dk, dk, k_ptrs.data() + j, scores.data() + r0 * stride + j, stride);
+        for (; j < n; ++j) DotKeys<kr(), 1>(q + r0 * dk, dk, k_ptrs.data() + j, scores.data() + r0 * stride + j, stride);
       });
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -222,11 +226,12 @@ template <class KeyCodes>
 }
 
 // The op for arguments `a` (q, out, options, and a cache with k_pages, v_pages, page_table,
-// lengths) whose keys are read through `keys` and rotated by `k_rotation`, and whose values are
+// lengths) whose keys are read through `keys` as rows of key_width floats, scored against each
+// query head projected by project(q [D], q' [key_width]) (in double), and whose values are
 // TurboQuant records of `v_codec`.
-template <class Args, class KeyCodes>
-void RotatedDecodeAttention(const Args& a, const KeyCodes& keys, const kvquant::Rotation& k_rotation,
-                            const kvquant::TurboQuantMse& v_codec) {
+template <class Args, class KeyCodes, class ProjectQuery>
+void ProjectedDecodeAttention(const Args& a, const KeyCodes& keys, int64_t key_width, const ProjectQuery& project,
+                              const kvquant::TurboQuantMse& v_codec) {
   const auto& c = a.cache;
   const RotatedProblem<KeyCodes> p{c.lengths.template ptr<const int32_t>(),
                                    c.page_table.template ptr<const int32_t>(),
@@ -236,21 +241,22 @@ void RotatedDecodeAttention(const Args& a, const KeyCodes& keys, const kvquant::
                                    a.q.dim(1),
                                    c.k_pages.dim(2),
                                    a.q.dim(2),
+                                   key_width,
                                    keys,
                                    TurboQuantCodes(c.v_pages, v_codec)};
-  const int64_t d = p.d, heads = p.batch * p.hq;
+  const int64_t d = p.d, dk = p.dk, heads = p.batch * p.hq;
   ThreadPool& pool = ThreadPool::instance();
   dispatch_activation(a.q.dtype, [&](auto tag) {
     using T = decltype(tag);
-    // (1) q' = scale * R_K q per query head, [B, Hq, D] f32: the query heads of a KV head are
-    // consecutive, so a group's rows are contiguous.
-    std::vector<float> rotated(static_cast<size_t>(heads * d));
+    // (1) q' = scale * R_K q (or scale * S q) per query head, [B, Hq, dk] f32: the query heads
+    // of a KV head are consecutive, so a group's rows are contiguous.
+    std::vector<float> rotated(static_cast<size_t>(heads * dk));
     pool.parallel_for(heads, [&](int64_t i) {
-      std::vector<double> x(static_cast<size_t>(d));
+      std::vector<double> x(static_cast<size_t>(d)), y(static_cast<size_t>(dk));
       const T* q = a.q.template ptr<const T>() + i * d;
       for (int64_t j = 0; j < d; ++j) x[size_t(j)] = to_f32(q[j]);
-      k_rotation.apply(x, x);
-      for (int64_t j = 0; j < d; ++j) rotated[size_t(i * d + j)] = float(x[size_t(j)] * a.options.scale);
+      project(std::span<const double>(x), std::span<double>(y));
+      for (int64_t j = 0; j < dk; ++j) rotated[size_t(i * dk + j)] = float(y[size_t(j)] * a.options.scale);
     });
     // (2) Every task's partial state.
     std::vector<DecodeTask> tasks;
@@ -264,7 +270,7 @@ void RotatedDecodeAttention(const Args& a, const KeyCodes& keys, const kvquant::
     pool.parallel_for(int64_t(tasks.size()), [&](int64_t t) {
       const DecodeTask& task = tasks[size_t(t)];
       records_valid[size_t(t)] =
-          RunRotatedTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * d, slots[size_t(t)]);
+          RunRotatedTask(p, task, rotated.data() + (task.b * p.hq + task.h * rows) * dk, slots[size_t(t)]);
     });
     for (size_t t = 0; t < tasks.size(); ++t) {
       if (!records_valid[t]) FailCorruptRecord(p, tasks[t], Args::kOp);
@@ -282,6 +288,14 @@ void RotatedDecodeAttention(const Args& a, const KeyCodes& keys, const kvquant::
       for (int64_t j = 0; j < d; ++j) out[j] = from_f32<T>(float(x[size_t(j)]));
     });
   });
+}
+
+// Keys in the rotated domain of `k_rotation`: rows of D floats.
+template <class Args, class KeyCodes>
+void RotatedDecodeAttention(const Args& a, const KeyCodes& keys, const kvquant::Rotation& k_rotation,
+                            const kvquant::TurboQuantMse& v_codec) {
+  ProjectedDecodeAttention(
+      a, keys, a.q.dim(2), [&](std::span<const double> x, std::span<double> y) { k_rotation.apply(x, y); }, v_codec);
 }
 
 }  // namespace decodelab::cpu::HWY_NAMESPACE

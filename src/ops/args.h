@@ -10,6 +10,7 @@
 #include "decodelab/layers.h"
 #include "decodelab/model.h"
 #include "decodelab/quant.h"
+#include "decodelab/qjl_cache.h"
 #include "decodelab/rabitq_cache.h"
 #include "decodelab/turboquant_cache.h"
 
@@ -151,6 +152,15 @@ struct RabitqDecodeAttentionPagedArgs {
   static constexpr const char* kOp = "rabitq_decode_attention_paged";
   Tensor q;
   PagedRabitqKV cache;
+  Tensor out;
+  AttentionOptions options;  // scale resolved
+  Stream stream;
+};
+
+struct QjlDecodeAttentionPagedArgs {
+  static constexpr const char* kOp = "qjl_decode_attention_paged";
+  Tensor q;
+  PagedQjlKV cache;
   Tensor out;
   AttentionOptions options;  // scale resolved
   Stream stream;

@@ -29,6 +29,7 @@ void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
 void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
+void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a);
 
 void quantize(const QuantizeArgs& a);
 void dequantize(const DequantizeArgs& a);

@@ -66,28 +66,7 @@ const Shape kAttention[] = {
 }  // namespace
 
 void add_rabitq_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
-  for (const Shape& s : kAttention) {
-    auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
-    add_cases<RabitqDecodeAttentionPagedArgs>(
-        grid, filter, s.name(), [s](DType t) { return compressed_attention_tolerance(t, s.q_scale); },
-        [s, codecs](DType t, uint64_t seed) {
-          Rng rng(seed);
-          const int64_t batch = int64_t(s.lengths.size());
-          CaseData d;
-          d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
-          RecordFixture f = make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, *codecs, 5, rng);
-          d.inputs.push_back(std::move(f.k_pages));
-          d.inputs.push_back(std::move(f.v_pages));
-          d.inputs.push_back(std::move(f.page_table));
-          d.inputs.push_back(std::move(f.lengths));
-          d.outputs.push_back({t, {batch, s.hq, s.d}});
-          return d;
-        },
-        [codecs](auto in, auto out) {
-          return RabitqDecodeAttentionPagedArgs{
-              in[0], PagedRabitqKV{in[1], in[2], in[3], in[4], &codecs->k(), &codecs->v()}, out[0], {true, 0.0f}, {}};
-        });
-  }
+  add_record_attention_cases<RabitqDecodeAttentionPagedArgs, PagedRabitqKV, Codecs>(grid, filter, kAttention);
 }
 
 }  // namespace decodelab::verify

@@ -76,27 +76,7 @@ PagedTurboQuantKV cache_view(std::span<const Tensor> pools_from, size_t at, std:
 }
 
 void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
-  for (const Shape& s : kAttention) {
-    auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
-    add_cases<TurboQuantDecodeAttentionPagedArgs>(
-        grid, filter, s.name(), [s](DType t) { return compressed_attention_tolerance(t, s.q_scale); },
-        [s, codecs](DType t, uint64_t seed) {
-          Rng rng(seed);
-          const int64_t batch = int64_t(s.lengths.size());
-          CaseData d;
-          d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
-          RecordFixture f = make_fixture(s, *codecs, 5, rng);
-          d.inputs.push_back(std::move(f.k_pages));
-          d.inputs.push_back(std::move(f.v_pages));
-          d.inputs.push_back(std::move(f.page_table));
-          d.inputs.push_back(std::move(f.lengths));
-          d.outputs.push_back({t, {batch, s.hq, s.d}});
-          return d;
-        },
-        [codecs](auto in, auto out) {
-          return TurboQuantDecodeAttentionPagedArgs{in[0], cache_view(in, 1, in, 3, *codecs), out[0], {true, 0.0f}, {}};
-        });
-  }
+  add_record_attention_cases<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV, Codecs>(grid, filter, kAttention);
 }
 
 void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {

@@ -251,6 +251,7 @@ std::vector<VerifyCase> verification_grid(const GridFilter& filter) {
   verify::add_turboquant_cases(grid, filter);
   verify::add_kivi_cases(grid, filter);
   verify::add_rabitq_cases(grid, filter);
+  verify::add_qjl_cases(grid, filter);
   return grid;
 }
 

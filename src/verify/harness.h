@@ -113,6 +113,7 @@ void add_block_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 void add_turboquant_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 void add_kivi_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 void add_rabitq_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
+void add_qjl_cases(std::vector<VerifyCase>& grid, const GridFilter& filter);
 
 // Standard tolerances: NMSE of one rounding to the output dtype, with headroom for an f32
 // accumulation order that differs from the reference. `scale` widens them for ops whose

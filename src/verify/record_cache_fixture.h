@@ -1,6 +1,6 @@
 // What the verification cases of the paged record caches share (cases_turboquant.cpp,
-// cases_rabitq.cpp): a case's two codecs built on first use, and pools filled with the records of
-// random vectors.
+// cases_rabitq.cpp, cases_qjl.cpp): a case's two codecs built on first use, pools filled with the
+// records of random vectors, and the decode attention cases over them.
 #pragma once
 
 #include <algorithm>
@@ -84,6 +84,36 @@ RecordFixture make_record_fixture(const std::vector<int32_t>& lengths, int64_t h
     }
   }
   return f;
+}
+
+// Decode attention cases over a paged record cache, one per backend and dtype, for each shape `s`
+// (lengths, hq, hkv, d, page_size, q_scale, name(), k_config(), v_config()): q [B, Hq, D] of
+// N(0, q_scale^2) draws, the fixture's pools with 5 free slots after each length, out [B, Hq, D];
+// the default scale. Args{q, Cache{k_pages, v_pages, page_table, lengths, &k codec, &v codec},
+// out, ..}, the codecs a LazyCodecs<K, V> per shape.
+template <class Args, class Cache, class Codecs, class Shapes>
+void add_record_attention_cases(std::vector<VerifyCase>& grid, const GridFilter& filter, const Shapes& shapes) {
+  for (const auto& s : shapes) {
+    const auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
+    add_cases<Args>(
+      grid, filter, s.name(), [s](DType t) { return compressed_attention_tolerance(t, s.q_scale); },
+      [s, codecs](DType t, uint64_t seed) {
+        Rng rng(seed);
+        const int64_t batch = int64_t(s.lengths.size());
+        CaseData d;
+        d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
+        RecordFixture f = make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, *codecs, 5, rng);
+        d.inputs.push_back(std::move(f.k_pages));
+        d.inputs.push_back(std::move(f.v_pages));
+        d.inputs.push_back(std::move(f.page_table));
+        d.inputs.push_back(std::move(f.lengths));
+        d.outputs.push_back({t, {batch, s.hq, s.d}});
+        return d;
+      },
+      [codecs](auto in, auto out) {
+        return Args{in[0], Cache{in[1], in[2], in[3], in[4], &codecs->k(), &codecs->v()}, out[0], {true, 0.0f}, {}};
+      });
+  }
 }
 
 }  // namespace decodelab::verify

@@ -1,0 +1,55 @@
+// A paged KV cache whose keys are QJL records and whose values are TurboQuant (MSE) records
+// (kvquant.h), and fused decode attention over it (issue 5, item 8).
+//
+// Layout. The pages, page table and lengths of PagedTurboQuantKV (turboquant_cache.h), with
+// QjlKeys records on the key side:
+//   k_pages: u8 [num_pages, page_size, Hkv, Rk], Rk = k_codec->record_bytes() = 4 + m / 8
+//   v_pages: u8 [num_pages, page_size, Hkv, Rv], Rv = v_codec->record_bytes() = 4 + ceil(D * bv / 8)
+//   page_table: i32 [B, max_pages]; lengths: i32 [B].
+// The key record of token t of sequence b, KV head h starts at byte
+//   ((page_table[b, t / page_size] * page_size + t % page_size) * Hkv + h) * Rk
+// of k_pages (values likewise with Rv). A key record is QjlKeys' (kvquant.h): bytes [0, 4) the
+// norm n = ||k|| as a little-endian f32, then the m sign bits of S k (bit i % 8 of byte 4 + i / 8
+// is 1 where (S k)_i < 0), S the codec's m x D Gaussian sketch. A value record is
+// TurboQuantMse's (turboquant_cache.h). Both codecs have the queries' head_dim; the sketch size m
+// is a multiple of 16 (the fused kernels read the sign bits 16 at a time, two whole bytes); the
+// value codec has one integer width (a split-width codec is refused, as for PagedTurboQuantKV).
+// At D = 128 and m = 256 a key costs 36 bytes per KV head, against 256 in f16.
+// There is no append op yet: k_codec->encode and v_codec->encode write the records.
+//
+// As with PagedKV, ops never change `lengths`. The codecs are host objects; the tensors live in
+// host memory (the reference and cpu backends run this op).
+#pragma once
+
+#include "decodelab/attention.h"
+#include "decodelab/kvquant.h"
+#include "decodelab/record_cache.h"
+#include "decodelab/router.h"
+#include "decodelab/tensor.h"
+
+namespace decodelab {
+
+using PagedQjlKV = PagedRecordKV<kvquant::QjlKeys>;
+
+// Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
+// q, out = [B, Hq, D] (f32, f16 or bf16), Hq a multiple of Hkv (query head h reads KV head
+// h / (Hq / Hkv)); options.scale as in decode_attention (0 = 1/sqrt(D)); options.causal has no
+// effect with one query.
+//
+// Scores are QJL's asymmetric estimator with the full-precision query, k_codec->estimate(q, record):
+//   <q, k>^ = sqrt(pi/2) / m * n * sum_i (S q)_i s_i,   s_i = sign((S k)_i),
+// computed without decoding: q' = S q once per query head (m values), then per token a dot
+// product of q' with the record's signs and one factor sqrt(pi/2) n / m. The query is never
+// quantized (a sign-quantized query and popcounts would be another, biased, estimator). The softmax
+// weights p_t accumulate o' = sum_t p_t n_t s_t c_V[idx_t] in V's rotated domain and
+// out = R_V^T o' is rotated back once per query head, as turboquant_decode_attention_paged.
+//
+// Record contents are checked where they are read (the argument checks cannot afford a scan of the
+// cache): a key or value record whose norm is NaN, infinite or negative (no encoder writes one, so
+// the cache is corrupt) among the lengths[b] tokens read gets an error naming the first in
+// (sequence, KV head, token) order, key before value, instead of a NaN output. Records past
+// lengths[b] are never read.
+void qjl_decode_attention_paged(const Tensor& q, const PagedQjlKV& cache, const Tensor& out,
+                                const AttentionOptions& options = {}, const RunOptions& run = {});
+
+}  // namespace decodelab

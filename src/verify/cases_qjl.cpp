@@ -1,0 +1,61 @@
+// Verification cases for fused decode attention over the paged QJL-key / TurboQuant-value cache
+// (qjl_cache.h), against the reference, which scores every key with QjlKeys::score (S q and the
+// signed sums in double), decodes every value and attends in double. Single-token decode only:
+// one query per sequence, at lengths 1, 17, lengths that are not page multiples and about 2000;
+// sketches of m = 16 (the smallest the kernels take), 48 (not a power of 2, below D), 128, 256
+// and 512 (above D); values at 2 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8; pages of
+// 16, 32, 64 and 128; the dense value rotation once.
+#include <fmt/format.h>
+
+#include <memory>
+
+#include "decodelab/qjl_cache.h"
+#include "verify/harness.h"
+#include "verify/random.h"
+#include "verify/record_cache_fixture.h"
+
+namespace decodelab::verify {
+namespace {
+
+using kvquant::QjlConfig;
+using kvquant::QjlKeys;
+using kvquant::RotationKind;
+using kvquant::ScaleMode;
+using kvquant::TurboQuantConfig;
+using kvquant::TurboQuantMse;
+using Codecs = LazyCodecs<QjlKeys, TurboQuantMse>;
+
+struct Shape {
+  std::vector<int32_t> lengths;
+  int64_t hq, hkv, d, page_size, m;
+  int v_bits;
+  RotationKind v_rotation = RotationKind::hadamard;
+  double q_scale = 1.0;  // > 1: large logits
+
+  QjlConfig k_config() const { return {d, m, 31}; }
+  TurboQuantConfig v_config() const { return {d, v_bits, v_rotation, 32, ScaleMode::norm_corrected}; }
+  std::string name() const {
+    return fmt::format("Hq={} Hkv={} D={} lengths [{}] page {} K QJL m={} V {}-bit {}{}", hq, hkv, d,
+                       fmt::join(lengths, ", "), page_size, m, v_bits, kvquant::rotation_kind_name(v_rotation),
+                       q_scale > 1.0 ? " large-logits" : "");
+  }
+};
+
+const Shape kAttention[] = {
+    {{1, 17}, 8, 2, 128, 16, 256, 4},                        // length 1 and 17, GQA 4
+    {{1}, 4, 4, 64, 16, 16, 2},                              // one token, MHA, the smallest sketch
+    {{45, 130}, 8, 8, 64, 32, 128, 2},                       // MHA, D = 64, pages of 32
+    {{100, 33}, 12, 2, 96, 64, 48, 4},                       // GQA 6, D = 96, m below D, pages of 64
+    {{100, 33}, 12, 2, 96, 16, 256, 2},
+    {{2001}, 32, 4, 128, 128, 256, 2},                       // GQA 8, thousands
+    {{200, 1}, 4, 1, 256, 128, 512, 4, RotationKind::dense},  // D = 256, MQA, m above D, dense
+    {{64, 300}, 32, 8, 128, 16, 128, 4, RotationKind::hadamard, 4.0},  // Llama-3-8B heads, large logits
+};
+
+}  // namespace
+
+void add_qjl_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  add_record_attention_cases<QjlDecodeAttentionPagedArgs, PagedQjlKV, Codecs>(grid, filter, kAttention);
+}
+
+}  // namespace decodelab::verify
