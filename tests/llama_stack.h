@@ -62,6 +62,17 @@ inline double nmse(std::span<const float> got, std::span<const float> want) {
   return err / ref;
 }
 
+// TurboQuant K and V records of these widths and scale mode; f16_layers stay in the activation dtype.
+inline KvQuantization turboquant_kv(int k_bits, int v_bits, std::vector<int> f16_layers = {},
+                                    kvquant::ScaleMode scale = kvquant::ScaleMode::plain) {
+  KvQuantization q;
+  q.k.bits = k_bits;
+  q.v.bits = v_bits;
+  q.k.scale = q.v.scale = scale;
+  q.f16_layers = std::move(f16_layers);
+  return q;
+}
+
 // Greedy decoding of `steps` tokens after `prompt`; every step's logits. kv: the decoder's KV
 // quantization (none: the activation dtype's caches).
 inline std::vector<std::vector<float>> greedy(const LlamaModel& model, std::string_view backend,

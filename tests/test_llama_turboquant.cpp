@@ -15,16 +15,6 @@
 namespace decodelab {
 namespace {
 
-KvQuantization turboquant(int k_bits, int v_bits, std::vector<int> f16_layers = {},
-                          kvquant::ScaleMode scale = kvquant::ScaleMode::plain) {
-  KvQuantization q;
-  q.k.bits = k_bits;
-  q.v.bits = v_bits;
-  q.k.scale = q.v.scale = scale;
-  q.f16_layers = std::move(f16_layers);
-  return q;
-}
-
 // The logits of every step of feeding `tokens` one by one to a fresh sequence on `backend`: the same
 // inputs for every cache, so that two caches' logits are compared step for step (greedy tokens
 // would diverge after the first difference and compare different contexts).
@@ -54,12 +44,12 @@ TEST(LlamaTurboQuantStack, AllLayersF16IsThePlainStack) {
   const std::vector<int32_t> prompt = {1, 17, 300, 42, 7};
   std::vector<int32_t> plain_tokens, f16_tokens;
   const auto plain = greedy(model, "cpu", prompt, 16, plain_tokens);
-  const auto f16 = greedy(model, "cpu", prompt, 16, f16_tokens, turboquant(4, 4, {1, 0}));
+  const auto f16 = greedy(model, "cpu", prompt, 16, f16_tokens, turboquant_kv(4, 4, {1, 0}));
   EXPECT_EQ(f16, plain);
   EXPECT_EQ(f16_tokens, plain_tokens);
   // One layer compressed is not the plain stack: the comparison above can fail.
   std::vector<int32_t> mixed_tokens;
-  EXPECT_NE(greedy(model, "cpu", prompt, 16, mixed_tokens, turboquant(4, 4, {1})), plain);
+  EXPECT_NE(greedy(model, "cpu", prompt, 16, mixed_tokens, turboquant_kv(4, 4, {1})), plain);
 }
 
 // The cpu stack against the reference stack, both over TurboQuant records, at the f32 stacks'
@@ -70,10 +60,10 @@ TEST(LlamaTurboQuantStack, AllLayersF16IsThePlainStack) {
 // error in any piece (a wrong position, a missing bias, a misread record) is far above 1e-9.
 TEST(LlamaTurboQuantStack, CpuMatchesReference) {
   const LlamaModel llama = LlamaModel::random(tiny_config(), {}, 22);
-  expect_stack_matches(llama, llama, "cpu", 1e-9, 2, turboquant(4, 3, {}, kvquant::ScaleMode::norm_corrected));
+  expect_stack_matches(llama, llama, "cpu", 1e-9, 2, turboquant_kv(4, 3, {}, kvquant::ScaleMode::norm_corrected));
   // A mixed stack (layer 0 f16) and Qwen2's biases in the projections before the encoder.
   const LlamaModel qwen2 = LlamaModel::random(tiny_qwen2_config(), {}, 23);
-  expect_stack_matches(qwen2, qwen2, "cpu", 1e-9, 2, turboquant(2, 4, {0}));
+  expect_stack_matches(qwen2, qwen2, "cpu", 1e-9, 2, turboquant_kv(2, 4, {0}));
 }
 
 // Two sequences of different lengths stepped together on the cpu (the batched path: q/k/v gathered
@@ -81,7 +71,7 @@ TEST(LlamaTurboQuantStack, CpuMatchesReference) {
 // at the stacks' tolerance.
 TEST(LlamaTurboQuantStack, BatchedSequencesMatchEachAloneOnReference) {
   const LlamaModel model = LlamaModel::random(tiny_config(), {}, 28);
-  const KvQuantization kv = turboquant(4, 3, {1});
+  const KvQuantization kv = turboquant_kv(4, 3, {1});
   const std::vector<int32_t> a = {1, 17, 300, 42, 7, 9, 11, 13, 5, 6, 400, 3}, b = {99, 98, 97, 96, 95, 94, 93, 92, 91};
   const auto a_alone = teacher_forced(model, a, kv, "reference"), b_alone = teacher_forced(model, b, kv, "reference");
   LlamaDecoder::Config config;
@@ -121,7 +111,7 @@ TEST(LlamaTurboQuantStack, LogitsCloseToF16AndWorseWithFewerBits) {
   tokens.insert(tokens.begin(), {1, 17, 300, 42, 7});
   const auto f16 = teacher_forced(model, tokens, std::nullopt);
   const auto mean_nmse = [&](int bits) {
-    const auto got = teacher_forced(model, tokens, turboquant(bits, bits));
+    const auto got = teacher_forced(model, tokens, turboquant_kv(bits, bits));
     double sum = 0.0;
     for (size_t i = 0; i < f16.size(); ++i) sum += nmse(got[i], f16[i]);
     return sum / double(f16.size());
@@ -142,7 +132,7 @@ TEST(LlamaTurboQuantStack, SkipReadsZeroRecords) {
   LlamaDecoder::Config config;
   config.max_tokens = 40;
   config.page_size = 8;
-  config.kv_quantization = turboquant(4, 4);
+  config.kv_quantization = turboquant_kv(4, 4);
   LlamaDecoder decoder(model, config);
   const int seq = decoder.add_sequence();
   decoder.skip(seq, 21);
@@ -164,8 +154,8 @@ TEST(LlamaTurboQuantStack, KvBytesPerToken) {
     return LlamaDecoder(model, config).kv_bytes_per_token();
   };
   EXPECT_EQ(bytes(std::nullopt), 2 * 2 * 2 * 64 * 4);
-  EXPECT_EQ(bytes(turboquant(4, 2)), 2 * 2 * (36 + 20));
-  EXPECT_EQ(bytes(turboquant(4, 2, {1})), 2 * (36 + 20) + 2 * 2 * 64 * 4);
+  EXPECT_EQ(bytes(turboquant_kv(4, 2)), 2 * 2 * (36 + 20));
+  EXPECT_EQ(bytes(turboquant_kv(4, 2, {1})), 2 * (36 + 20) + 2 * 2 * 64 * 4);
 }
 
 TEST(LlamaTurboQuantStack, BadConfigurationsNameTheField) {
@@ -179,15 +169,15 @@ TEST(LlamaTurboQuantStack, BadConfigurationsNameTheField) {
   const auto expect_contains = [](const std::string& got, const std::string& needle) {
     EXPECT_NE(got.find(needle), std::string::npos) << "expected \"" << needle << "\" in \"" << got << "\"";
   };
-  expect_contains(message(turboquant(4, 4, {0, 2})),
+  expect_contains(message(turboquant_kv(4, 4, {0, 2})),
                   "LlamaDecoder: config.kv_quantization.f16_layers[1]: expected a layer index in [0, 2), got 2");
-  expect_contains(message(turboquant(4, 4, {-1})), "f16_layers[0]: expected a layer index in [0, 2), got -1");
-  KvQuantization d128 = turboquant(4, 4);
+  expect_contains(message(turboquant_kv(4, 4, {-1})), "f16_layers[0]: expected a layer index in [0, 2), got -1");
+  KvQuantization d128 = turboquant_kv(4, 4);
   d128.k.head_dim = 128;
   expect_contains(message(d128), "config.kv_quantization.k.head_dim: expected 0 or the model's head_dim 64, got 128");
-  expect_contains(message(turboquant(4, 5)), "config.kv_quantization.v: expected an integer width of 1-4 bits");
-  expect_contains(message(turboquant(0, 4)), "config.kv_quantization.k: expected an integer width of 1-4 bits");
-  KvQuantization split = turboquant(2, 2);
+  expect_contains(message(turboquant_kv(4, 5)), "config.kv_quantization.v: expected an integer width of 1-4 bits");
+  expect_contains(message(turboquant_kv(0, 4)), "config.kv_quantization.k: expected an integer width of 1-4 bits");
+  KvQuantization split = turboquant_kv(2, 2);
   split.k.high_bits_channels = 32;
   expect_contains(message(split), "got bits 2, high_bits_channels 32");
   // The decoder's page bookkeeping for its TurboQuant layers has no pools to copy on write.

@@ -84,6 +84,18 @@ constexpr int staged_stages(int64_t stage_bytes) {
   const int64_t fit = kStagedBudget / stage_bytes;
   return int(fit < 2 ? 2 : fit > 6 ? 6 : fit);
 }
+// matvec_codes.cu (cuda.codes): batch 1, f16 x, MLX affine 4-bit weights of group 64 on the tensor
+// cores with the raw codes as operands and the scales applied per group after the mma; K a
+// multiple of 512 and at most kCodesMaxK (x is held in shared memory, 2 bytes an input).
+void matvec_codes(const MatvecArgs& a);
+void matvec_multi_codes(const MatvecMultiArgs& a);
+void output_projection_codes(const OutputProjectionArgs& a);
+void mlp_block_codes(const MlpBlockArgs& a);
+std::string matvec_codes_supports(const MatvecArgs& a);
+std::string matvec_multi_codes_supports(const MatvecMultiArgs& a);
+std::string output_projection_codes_supports(const OutputProjectionArgs& a);
+std::string mlp_block_codes_supports(const MlpBlockArgs& a);
+inline constexpr int64_t kCodesMaxK = int64_t{48} << 10;
 // Where the stable cuda matvecs hand a call they could both run to the tensor cores: every batch of
 // 2 or more, and 4-bit weights at batch 1 (docs/perf/NOTES.md, H200); the CUDA-core kernel keeps
 // dense and 8-bit weights at batch 1, where it measured faster.

@@ -250,6 +250,44 @@ std::string mlp_block_staged_supports(const MlpBlockArgs& a) {
   return mlp_block_mma_supports(a);
 }
 
+// cuda.codes (matvec_codes.cu): batch 1, f16 x, MLX 4-bit codes of group 64 with f16 scales,
+// whole steps of the kernel's groups (K a multiple of 512) and x within its shared memory.
+std::string codes_weight_supports(const Weight& w, const Tensor& x) {
+  if (x.dtype != DType::f16) return fmt::format("f16 activations, got {}", dtype_name(x.dtype));
+  if (x.dim(0) != 1) return fmt::format("batch 1 (larger batches: cuda.mma), got {}", x.dim(0));
+  if (!w.is_quantized || w.quantized.spec.format != QuantFormat::mlx_affine || w.quantized.spec.bits != 4 ||
+      w.quantized.spec.group_size != 64) {
+    return "MLX affine 4-bit weights of group size 64";
+  }
+  const int64_t k = w.cols();
+  if (k % 512 != 0 || k > kCodesMaxK) return fmt::format("K a multiple of 512 and at most {}, got {}", kCodesMaxK, k);
+  return matvec_weight_supports(w, x);
+}
+
+std::string matvec_codes_supports(const MatvecArgs& a) { return codes_weight_supports(a.w, a.x); }
+
+std::string matvec_multi_codes_supports(const MatvecMultiArgs& a) {
+  for (int i = 0; i < a.count; ++i) {
+    if (std::string why = codes_weight_supports(a.w[size_t(i)], a.x); !why.empty()) return why;
+  }
+  return matvec_multi_supports(a);
+}
+
+std::string output_projection_codes_supports(const OutputProjectionArgs& a) {
+  return codes_weight_supports(a.wo, a.attn);
+}
+
+// The down matvec reads the activation in the output dtype: f16 too.
+std::string mlp_block_codes_supports(const MlpBlockArgs& a) {
+  for (const Weight* w : {&a.gate, &a.up}) {
+    if (std::string why = codes_weight_supports(*w, a.x); !why.empty()) return why;
+  }
+  if (a.out.dtype != DType::f16) return fmt::format("f16 output (the down matvec's input), got {}", dtype_name(a.out.dtype));
+  const Tensor act = Tensor::contiguous(nullptr, a.out.dtype, {a.x.dim(0), a.gate.rows()}, Device::cuda);
+  if (std::string why = codes_weight_supports(a.down, act); !why.empty()) return fmt::format("down: {}", why);
+  return mlp_block_supports(a);
+}
+
 bool prefers_tensor_cores(const Weight& w, const Tensor& x) {
   if (x.dtype != DType::f16 && x.dtype != DType::bf16) return false;  // before any refusal text is made
   return x.dim(0) >= 2 || (w.is_quantized && w.quantized.spec.bits == 4);

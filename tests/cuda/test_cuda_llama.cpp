@@ -1,6 +1,6 @@
 // The decode stack on the GPU (backend "cuda" for every op, weights and caches in device memory)
 // against the reference stack on the host: logits NMSE per step over 32 greedy steps and identical
-// tokens. Without a GPU the tests skip and say so.
+// tokens, over plain and TurboQuant caches. Without a GPU the tests skip and say so.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -46,6 +46,23 @@ TEST(CudaLlamaStack, MatchesReferenceF16Quantized) {
     options.quantize = spec;
     expect_cuda_matches_reference(dir, options, 1e-4);
   }
+}
+
+// The stack over TurboQuant records (the cuda append encoder and fused attention) against the
+// reference stack over its own records, f32 weights and activations. The two encoders see K and V
+// that differ in the last bits, so a coordinate that close to a codebook boundary would take the
+// neighbouring code on one side only; the bound leaves room for a few such flips, each far below
+// what a misread record or a wrong position costs.
+TEST(CudaLlamaStack, TurboQuantCacheMatchesReference) {
+  if (gpu_chips().empty()) GTEST_SKIP() << "no CUDA GPU visible: the CUDA stack did not run";
+  const auto dir = fresh_dir("cuda-llama-turboquant");
+  write_random_llama(dir, tiny_config(), DType::f32, 9);
+  const LlamaModel host = LlamaModel::load(dir, {});
+  LoadOptions options;
+  options.device = Device::cuda;
+  const LlamaModel gpu = LlamaModel::load(dir, options);
+  expect_stack_matches(host, gpu, "cuda", 1e-6, 4, turboquant_kv(4, 3, {}, kvquant::ScaleMode::norm_corrected));
+  expect_stack_matches(host, gpu, "cuda", 1e-6, 4, turboquant_kv(2, 4, {0}));
 }
 
 // Steps replayed from CUDA graphs (captured at the first step of each batch size, then replayed as
