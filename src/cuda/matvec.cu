@@ -139,21 +139,26 @@ struct CudaCoreMatvec {
 
 }  // namespace
 
-// The stable cuda ops: the tensor-core kernel (matvec_mma.cu) where it takes the call and measured
+// The stable cuda ops: cuda.codes (matvec_codes.cu) for batch-1 MLX q4 calls it takes
+// (prefers_codes), the tensor-core kernel (matvec_mma.cu) where it takes the call and measured
 // faster (prefers_tensor_cores), this file's kernel otherwise.
 void matvec(const MatvecArgs& a) {
+  if (prefers_codes(a.w, a.x) && matvec_codes_supports(a).empty()) return matvec_codes(a);
   if (prefers_tensor_cores(a.w, a.x) && matvec_mma_supports(a).empty()) return matvec_mma(a);
   run_matvec<CudaCoreMatvec>(a);
 }
 void matvec_multi(const MatvecMultiArgs& a) {
+  if (prefers_codes(a.w[0], a.x) && matvec_multi_codes_supports(a).empty()) return matvec_multi_codes(a);
   if (prefers_tensor_cores(a.w[0], a.x) && matvec_multi_mma_supports(a).empty()) return matvec_multi_mma(a);
   run_matvec_multi<CudaCoreMatvec>(a);
 }
 void output_projection(const OutputProjectionArgs& a) {
+  if (prefers_codes(a.wo, a.attn) && output_projection_codes_supports(a).empty()) return output_projection_codes(a);
   if (prefers_tensor_cores(a.wo, a.attn) && output_projection_mma_supports(a).empty()) return output_projection_mma(a);
   run_output_projection<CudaCoreMatvec>(a);
 }
 void mlp_block(const MlpBlockArgs& a) {
+  if (prefers_codes(a.gate, a.x) && mlp_block_codes_supports(a).empty()) return mlp_block_codes(a);
   if (prefers_tensor_cores(a.gate, a.x) && mlp_block_mma_supports(a).empty()) return mlp_block_mma(a);
   run_mlp_block<CudaCoreMatvec>(a);
 }

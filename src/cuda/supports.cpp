@@ -293,4 +293,9 @@ bool prefers_tensor_cores(const Weight& w, const Tensor& x) {
   return x.dim(0) >= 2 || (w.is_quantized && w.quantized.spec.bits == 4);
 }
 
+bool prefers_codes(const Weight& w, const Tensor& x) {
+  return x.dtype == DType::f16 && x.dim(0) == 1 && w.is_quantized && w.quantized.spec.format == QuantFormat::mlx_affine &&
+         w.quantized.spec.bits == 4;
+}
+
 }  // namespace decodelab::cuda
