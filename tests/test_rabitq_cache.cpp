@@ -1,8 +1,8 @@
-// Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h), on
-// every backend that runs it: a cache filled through the codecs gives softmax attention whose
-// scores are RabitqKeys::estimate over the key records and whose values are TurboQuantMse's
-// decoded value records, in plain math here; each bad argument and each corrupt record read gets
-// an error naming it.
+// The paged RaBitQ-key / TurboQuant-value cache ops (rabitq_cache.h), on every backend that runs
+// them: a cache filled through the codecs, or through rabitq_append_paged (whose records are the
+// codecs' encodings bit for bit), gives softmax attention whose scores are RabitqKeys::estimate
+// over the key records and whose values are TurboQuantMse's decoded value records, in plain math
+// here; each bad argument and each corrupt record read gets an error naming it.
 #include <gtest/gtest.h>
 
 #include <fmt/format.h>
@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "decodelab/dtype.h"
 #include "decodelab/rabitq_cache.h"
 #include "error_of.h"
 #include "verify/random.h"
@@ -32,15 +33,18 @@ using verify::i32_array;
 
 constexpr const char* kBackends[] = {"reference", "cpu"};
 
+float element(const Tensor& t, int64_t i);  // element i of an f32, f16 or bf16 tensor, as f32
+
 // B sequences of `length` tokens each (their own lengths), Hkv heads, in pages of `page` slots;
 // sequence b owns every B-th page from b, so the sequences' pages interleave. Keys are N(0, 1)
 // plus a per-channel offset, values N(0, 1); the exact vectors are kept beside the records.
 class Cache {
  public:
+  // With room for `capacity` tokens per sequence (at least the longest length).
   Cache(const RabitqConfig& k, const TurboQuantConfig& v, int64_t hkv, int64_t page, std::vector<int32_t> lengths,
-        uint64_t seed)
+        uint64_t seed, int64_t capacity = 0)
       : k_codec_(k), v_codec_(v), batch_(int64_t(lengths.size())), hkv_(hkv), d_(k.head_dim), page_(page),
-        max_pages_((*std::max_element(lengths.begin(), lengths.end()) + page - 1) / page),
+        max_pages_((std::max<int64_t>(*std::max_element(lengths.begin(), lengths.end()), capacity) + page - 1) / page),
         k_pages_(DType::u8, {batch_ * max_pages_, page, hkv, k_codec_.record_bytes()}),
         v_pages_(DType::u8, {batch_ * max_pages_, page, hkv, v_codec_.record_bytes()}),
         lengths_(i32_array({batch_}, lengths)) {
@@ -71,6 +75,38 @@ class Cache {
 
   PagedRabitqKV cache() const { return {k_pages_, v_pages_, table_, lengths_, &k_codec_, &v_codec_}; }
   int64_t length(int64_t b) const { return lengths_.ptr<int32_t>()[b]; }
+  const RabitqKeys& k_codec() const { return k_codec_; }
+  const TurboQuantMse& v_codec() const { return v_codec_; }
+
+  // rabitq_append_paged of k_new, v_new ([B, Hkv, D] or [B, S, Hkv, D]) on `backend`, then the
+  // lengths advanced; true when every record it wrote is the codecs' encoding of its token as
+  // stored (widened to f32). The exact keys of the new tokens are not kept: expected() with
+  // exact_keys covers the records made at construction only.
+  bool append(const Array& k_new, const Array& v_new, const char* backend) {
+    rabitq_append_paged(k_new, v_new, cache(), {backend});
+    const Tensor& k = k_new.view();
+    const int64_t tokens = k.rank == 4 ? k.dim(1) : 1;
+    std::vector<float> x(static_cast<size_t>(d_));
+    std::vector<uint8_t> record;
+    bool same = true;
+    const auto check = [&](const Tensor& src, int64_t row, const auto& codec, std::span<const uint8_t> written) {
+      for (int64_t j = 0; j < d_; ++j) x[size_t(j)] = element(src, row * d_ + j);
+      record.assign(written.size(), 0);
+      codec.encode(x, record);
+      same = same && std::equal(record.begin(), record.end(), written.begin());
+    };
+    for (int64_t b = 0; b < batch_; ++b) {
+      for (int64_t s = 0; s < tokens; ++s) {
+        for (int64_t h = 0; h < hkv_; ++h) {
+          const int64_t row = (b * tokens + s) * hkv_ + h;
+          check(k, row, k_codec_, key_record(b, h, length(b) + s));
+          check(v_new.view(), row, v_codec_, value_record(b, h, length(b) + s));
+        }
+      }
+      lengths_.ptr<int32_t>()[b] += int32_t(tokens);
+    }
+    return same;
+  }
 
   std::span<uint8_t> key_record(int64_t b, int64_t h, int64_t t) const {
     const int64_t r = k_codec_.record_bytes();
@@ -139,6 +175,12 @@ class Cache {
   std::vector<float> exact_k_;
 };
 
+float element(const Tensor& t, int64_t i) {
+  if (t.dtype == DType::f16) return f16_to_f32(t.ptr<uint16_t>()[i]);
+  if (t.dtype == DType::bf16) return bf16_to_f32(t.ptr<uint16_t>()[i]);
+  return t.ptr<float>()[i];
+}
+
 std::vector<float> normal(verify::Rng& rng, int64_t n) {
   std::vector<float> x(static_cast<size_t>(n));
   for (float& e : x) e = float(rng.normal());
@@ -180,6 +222,37 @@ TEST(RabitqCacheAttention, MatchesSoftmaxOfEstimatedScoresOverDecodedValues) {
         // The check above would not miss a kernel that scored exact keys instead of the records:
         // the estimator's error moves the output well past that tolerance.
         EXPECT_GT(relative_error(cache.expected(q, kHq, true), expected), 1e-3);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The append
+
+TEST(RabitqCacheAppend, WritesTheEncodersRecordsAndAttentionReadsThem) {
+  // Sequences at lengths 3 and 0 take appends of one token (the decode form, [B, Hkv, D]) and of
+  // many ([B, S, Hkv, D]) that end inside a page, on a page boundary and several pages on; in each
+  // activation dtype, on each backend. Every record written is the encoders' and attention over
+  // the grown cache matches the softmax of the estimated scores over the decoded values.
+  constexpr int64_t kD = 128, kHkv = 2, kHq = 8, kPage = 16;
+  const int64_t chunks[] = {1, 12, 1, 1, 40, 3, 1};
+  for (const char* backend : kBackends) {
+    for (const DType dtype : {DType::f32, DType::f16, DType::bf16}) {
+      for (const int k_bits : {1, 3}) {
+        SCOPED_TRACE(fmt::format("{}, {}, K {}-bit", backend, dtype_name(dtype), k_bits));
+        Cache cache({kD, k_bits, 4, RotationKind::hadamard, 5, {}}, {kD, 2, RotationKind::hadamard, 6, ScaleMode::plain},
+                    kHkv, kPage, {3, 0}, 11, 3 + 59);
+        verify::Rng rng(uint64_t(k_bits) + 20);
+        for (const int64_t n : chunks) {
+          const std::vector<int64_t> shape =
+              n == 1 ? std::vector<int64_t>{2, kHkv, kD} : std::vector<int64_t>{2, n, kHkv, kD};
+          const Array k_new = verify::random_array(dtype, shape, rng), v_new = verify::random_array(dtype, shape, rng);
+          ASSERT_TRUE(cache.append(k_new, v_new, backend));
+          SCOPED_TRACE(fmt::format("lengths {} and {}", cache.length(0), cache.length(1)));
+          const std::vector<float> q = normal(rng, 2 * kHq * kD);
+          EXPECT_LT(relative_error(cache.attend(q, kHq, "cpu"), cache.expected(q, kHq)), 2e-6);
+        }
       }
     }
   }
@@ -283,6 +356,52 @@ TEST_P(RabitqBadArgs, CorruptRecordsAreNamedWhereTheyAreRead) {
   for (int64_t i = 0; i < out.numel(); ++i) ASSERT_TRUE(std::isfinite(out.ptr<float>()[i])) << i;
   EXPECT_EQ(decode(data.cache()), op + "cache.k_pages[sequence 0, token 39, KV head 0] norm: expected a finite norm "
                                        ">= 0, got nan");
+}
+
+TEST_P(RabitqBadArgs, Append) {
+  const std::string op = "rabitq_append_paged: ";
+  const auto append = [&](const Tensor& k, const Tensor& v, const PagedRabitqKV& c) {
+    return error_of([&] { rabitq_append_paged(k, v, c, {GetParam()}); });
+  };
+  const Array k1(DType::f32, {1, 2, 64}), k8(DType::f32, {1, 8, 2, 64}), v8(DType::f32, {1, 8, 2, 64});
+  const Array k2d(DType::f32, {2, 64}), k_i32(DType::i32, {1, 8, 2, 64}), v_bf16(DType::bf16, {1, 8, 2, 64});
+  const Array v7(DType::f32, {1, 7, 2, 64}), k_h3(DType::f32, {1, 8, 3, 64}), k_b2(DType::f32, {2, 8, 2, 64});
+  const Array k_d40(DType::f32, {1, 8, 2, 40});
+  EXPECT_EQ(append(k2d, k2d, data.cache()), op + "k_new: expected [B, Hkv, D] (one new token per sequence) or "
+                                                 "[B, S, Hkv, D], got [2, 64] f32");
+  EXPECT_EQ(append(k_i32, k_i32, data.cache()), op + "k_new: expected dtype f32, f16 or bf16, got [1, 8, 2, 64] i32");
+  EXPECT_EQ(append(k8, v7, data.cache()), op + "v_new: expected the shape of k_new [1, 8, 2, 64] f32, got [1, 7, 2, 64] f32");
+  EXPECT_EQ(append(k8, v_bf16, data.cache()), op + "v_new: expected dtype f32 (the dtype of k_new), got [1, 8, 2, 64] bf16");
+  EXPECT_EQ(append(k_d40, k_d40, data.cache()), op + "k_new: expected head_dim D a multiple of 16 in [16, 256], got D = 40");
+  PagedRabitqKV c = data.cache();
+  c.k_codec = nullptr;
+  EXPECT_EQ(append(k8, v8, c), op + "cache.k_codec: expected a RabitqKeys codec, got null");
+  const RabitqKeys k128({128, 1, 4, RotationKind::hadamard, 1, {}});
+  c.k_codec = &k128;
+  EXPECT_EQ(append(k8, v8, c), op + "cache.k_codec: expected a codec for head_dim D = 64 (of k_new), got a codec for D = 128");
+  const TurboQuantMse v128({128, 2});
+  c = data.cache();
+  c.v_codec = &v128;
+  EXPECT_EQ(append(k8, v8, c), op + "cache.v_codec: expected a codec for head_dim D = 64 (of k_new), got a codec for D = 128");
+  EXPECT_EQ(append(k_h3, k_h3, data.cache()),
+            op + "cache.k_pages: expected shape [*, *, 3, 16] [num_pages, page_size, Hkv, R]: R = 16 bytes, a 1-bit "
+                 "record of D = 64 (cache.k_codec), got [3, 16, 2, 16] u8");
+  EXPECT_EQ(append(k_b2, k_b2, data.cache()), op + "cache.page_table: expected shape [2, *] [B, max_pages], got [1, 3] i32");
+  // 40 + 8 tokens fill the 3 pages of the table exactly; 41 + 8 do not fit.
+  const Array bad_page = i32_array({1, 3}, {0, 1, 3}), too_long = i32_array({1}, {41}), at_30 = i32_array({1}, {30});
+  c = data.cache();
+  c.page_table = bad_page;
+  EXPECT_EQ(append(k8, v8, c), op + "cache.page_table[0, 2]: expected a page index in [0, 3), got 3");
+  c = data.cache();
+  c.lengths = too_long;
+  EXPECT_EQ(append(k8, v8, c), op + "lengths[0]: expected a length in [0, 40] so that 8 new tokens fit, got 41");
+  // The good calls last, as they write: 40 + 8 tokens, one token in the decode form, and 30 + 1,
+  // which stays in the first two pages, so the bad third entry is not read.
+  EXPECT_EQ(append(k8, v8, data.cache()), "");
+  EXPECT_EQ(append(k1, k1, data.cache()), "");
+  c.page_table = bad_page;
+  c.lengths = at_30;
+  EXPECT_EQ(append(k1, k1, c), "");
 }
 
 INSTANTIATE_TEST_SUITE_P(HostBackends, RabitqBadArgs, ::testing::ValuesIn(kBackends));

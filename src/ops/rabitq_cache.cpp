@@ -1,5 +1,5 @@
-// Validation and routing of fused decode attention over the paged RaBitQ-key / TurboQuant-value
-// cache (include/decodelab/rabitq_cache.h).
+// Validation and routing of the paged RaBitQ-key / TurboQuant-value cache ops: the append and
+// fused decode attention (include/decodelab/rabitq_cache.h).
 #include <fmt/format.h>
 
 #include "decodelab/rabitq_cache.h"
@@ -10,7 +10,32 @@
 namespace decodelab {
 
 using detail::ArgCheck;
-using detail::kAny;
+
+namespace {
+
+// The whole cache against B sequences of Hkv heads of dimension D (of `d_of`), as
+// check_record_cache. A key codec for another D reads records of another length, on another
+// rotation.
+void check_cache(const ArgCheck& c, const PagedRabitqKV& cache, int64_t batch, int64_t hkv, int64_t d,
+                 const char* d_of, Device device, int64_t extra, int64_t min_length, bool check_values) {
+  if (cache.k_codec == nullptr) c.fail("cache.k_codec", "a RabitqKeys codec", "null");
+  const kvquant::RabitqKeys& k_codec = *cache.k_codec;
+  if (k_codec.config().head_dim != d) {
+    c.fail("cache.k_codec", fmt::format("a codec for head_dim D = {} (of {})", d, d_of),
+           fmt::format("a codec for D = {}", k_codec.config().head_dim));
+  }
+  detail::check_record_cache(c, cache, k_codec.record_bytes(), k_codec.config().bits, batch, hkv, d, d_of, device,
+                             extra, min_length, check_values);
+}
+
+}  // namespace
+
+void rabitq_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedRabitqKV& cache, const RunOptions& run) {
+  const ArgCheck c("rabitq_append_paged");
+  const auto [batch, tokens, hkv, d] = detail::check_new_tokens(c, k_new, v_new, k_new.device);
+  check_cache(c, cache, batch, hkv, d, "k_new", k_new.device, tokens, 0, run.check_indices);
+  dispatch(RabitqAppendPagedArgs{k_new, v_new, cache, run.stream}, run, k_new.device);
+}
 
 void rabitq_decode_attention_paged(const Tensor& q, const PagedRabitqKV& cache, const Tensor& out,
                                    const AttentionOptions& options, const RunOptions& run) {
@@ -20,26 +45,10 @@ void rabitq_decode_attention_paged(const Tensor& q, const PagedRabitqKV& cache, 
   c.same_dtype(out, "out", q.dtype, "the dtype of q");
   c.usable(out, "out", q.device);
   const AttentionOptions resolved = detail::resolve_attention_options(c, options, q.dim(2));
-  const int64_t d = q.dim(2);
-  // A key codec for another D reads records of another length, on another rotation.
-  if (cache.k_codec == nullptr) c.fail("cache.k_codec", "a RabitqKeys codec", "null");
-  const kvquant::RabitqKeys& k_codec = *cache.k_codec;
-  if (k_codec.config().head_dim != d) {
-    c.fail("cache.k_codec", fmt::format("a codec for head_dim D = {} (of q)", d),
-           fmt::format("a codec for D = {}", k_codec.config().head_dim));
-  }
-  const kvquant::TurboQuantMse& v_codec = detail::check_turboquant_codec(c, cache.v_codec, "cache.v_codec", d, "q");
   if (cache.k_pages.rank != 4) c.fail("cache.k_pages", "rank 4 [num_pages, page_size, Hkv, R]", cache.k_pages.describe());
-  const int64_t num_pages = cache.k_pages.dim(0), page_size = cache.k_pages.dim(1), hkv = cache.k_pages.dim(2);
-  if (page_size < 1) c.fail("cache.k_pages", "page_size >= 1", cache.k_pages.describe());
-  c.gqa(q.dim(1), hkv);
-  detail::check_record_pool(c, cache.k_pages, "cache.k_pages", k_codec.record_bytes(), k_codec.config().bits, d,
-                            "cache.k_codec", kAny, kAny, hkv, q.device);
-  detail::check_record_pool(c, cache.v_pages, "cache.v_pages", v_codec.record_bytes(), v_codec.config().bits, d,
-                            "cache.v_codec", num_pages, page_size, hkv, q.device);
+  c.gqa(q.dim(1), cache.k_pages.dim(2));
   // Every sequence needs a token: a softmax over none has no value.
-  detail::check_page_table(c, cache.page_table, cache.lengths, q.dim(0), num_pages, page_size, q.device, 0, 1,
-                           run.check_indices);
+  check_cache(c, cache, q.dim(0), cache.k_pages.dim(2), q.dim(2), "q", q.device, 0, 1, run.check_indices);
   dispatch(RabitqDecodeAttentionPagedArgs{q, cache, out, resolved, run.stream}, run, q.device);
 }
 

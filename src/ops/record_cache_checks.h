@@ -1,10 +1,12 @@
 // Argument checks that the ops over paged caches of per-token records share (turboquant_cache.cpp,
-// rabitq_cache.cpp): the TurboQuant codec, a record pool, and the [B, H, D] activations.
+// rabitq_cache.cpp, and kivi_cache.cpp for the new tokens): the TurboQuant codec, a record pool,
+// the whole record cache, the [B, H, D] activations and the new tokens of an append.
 #pragma once
 
 #include <fmt/format.h>
 
 #include <string>
+#include <array>
 
 #include "decodelab/kvquant.h"
 #include "ops/common.h"
@@ -49,6 +51,44 @@ inline void check_heads(const ArgCheck& c, const Tensor& x, const char* name, co
   c.usable(x, name, x.device);
   if (x.dim(0) < 1 || x.dim(1) < 1) c.fail(name, "B >= 1 and at least one head", x.describe());
   c.head_dim(x.dim(2), name);
+}
+
+// The pools and page table of a record cache (PagedTurboQuantKV, PagedRabitqKV) against B
+// sequences of Hkv heads of dimension D (of `d_of`), on `device`, its key codec checked by the
+// caller (k_record_bytes, k_bits its record); with check_values, every lengths[b] + extra fits the
+// page table and every page it covers is a page of the pools.
+template <class Cache>
+void check_record_cache(const ArgCheck& c, const Cache& cache, int64_t k_record_bytes, int k_bits, int64_t batch,
+                        int64_t hkv, int64_t d, const char* d_of, Device device, int64_t extra, int64_t min_length,
+                        bool check_values) {
+  const kvquant::TurboQuantMse& v_codec = check_turboquant_codec(c, cache.v_codec, "cache.v_codec", d, d_of);
+  if (cache.k_pages.rank != 4) c.fail("cache.k_pages", "rank 4 [num_pages, page_size, Hkv, R]", cache.k_pages.describe());
+  const int64_t num_pages = cache.k_pages.dim(0), page_size = cache.k_pages.dim(1);
+  if (page_size < 1) c.fail("cache.k_pages", "page_size >= 1", cache.k_pages.describe());
+  check_record_pool(c, cache.k_pages, "cache.k_pages", k_record_bytes, k_bits, d, "cache.k_codec", kAny, kAny, hkv,
+                    device);
+  check_record_pool(c, cache.v_pages, "cache.v_pages", v_codec.record_bytes(), v_codec.config().bits, d,
+                    "cache.v_codec", num_pages, page_size, hkv, device);
+  check_page_table(c, cache.page_table, cache.lengths, batch, num_pages, page_size, device, extra, min_length,
+                   check_values);
+}
+
+// The new tokens of an append: k_new = [B, Hkv, D] (one token per sequence) or [B, S, Hkv, D], an
+// activation dtype, on `device`; v_new the same. Returns {B, S, Hkv, D}.
+inline std::array<int64_t, 4> check_new_tokens(const ArgCheck& c, const Tensor& k_new, const Tensor& v_new,
+                                               Device device) {
+  constexpr const char* kLayout = "[B, Hkv, D] (one new token per sequence) or [B, S, Hkv, D]";
+  if (k_new.rank != 3 && k_new.rank != 4) c.fail("k_new", kLayout, k_new.describe());
+  c.activation(k_new, "k_new");
+  c.usable(k_new, "k_new", device);
+  const int64_t batch = k_new.dim(0), tokens = k_new.rank == 4 ? k_new.dim(1) : 1;
+  const int64_t hkv = k_new.dim(k_new.rank - 2), d = k_new.dim(k_new.rank - 1);
+  if (batch < 1 || tokens < 1 || hkv < 1) c.fail("k_new", "B >= 1, S >= 1 and at least one head", k_new.describe());
+  c.head_dim(d, "k_new");
+  c.same_shape(v_new, "v_new", k_new, "k_new");
+  c.same_dtype(v_new, "v_new", k_new.dtype, "the dtype of k_new");
+  c.usable(v_new, "v_new", device);
+  return {batch, tokens, hkv, d};
 }
 
 }  // namespace decodelab::detail
