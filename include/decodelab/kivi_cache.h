@@ -1,6 +1,6 @@
 // A paged KV cache of KIVI records (kvquant.h), the op that appends new tokens to it and fused
-// decode attention over it (issue 5, item 8). KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
-// arXiv:2402.02750.
+// decode attention over it (issue 5, item 8). KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric
+// 2bit Quantization for KV Cache", arXiv:2402.02750.
 //
 // Which tokens are quantized is KiviCache's rule (kvquant.h), from lengths[b] = T and the codec's
 // key_group G and residual R alone:
@@ -8,7 +8,8 @@
 //   values: tokens [0, Qv) in value records, Qv = max(T - R, 0);
 // and the rest, keys [Qk, T) and values [Qv, T), in full precision. So an engine that appends
 // token T - 1 writes it to the recent window, quantizes the value of token T - 1 - R once it
-// exists, and quantizes a key block once its last token has left the last R.
+// exists, and quantizes a key block once its last token has left the last R: kivi_append_paged
+// below.
 //
 // Layout. One page table for both pools: page p of sequence b, page_table[b, p], holds tokens
 // [p * P, (p + 1) * P) with P = page_size, a multiple of G, so that a page holds whole key blocks.

@@ -17,8 +17,8 @@
 // At D = 128 a 1-bit key costs 24 bytes per KV head and a 4-bit one 72, against 256 in f16.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
-// append. The codecs are host objects; the tensors live in
-// host memory (the reference and cpu backends run this op).
+// append. The codecs are host objects; the tensors live in host memory (the reference and cpu
+// backends run these ops).
 #pragma once
 
 #include "decodelab/attention.h"
