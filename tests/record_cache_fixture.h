@@ -1,7 +1,8 @@
 // What the tests of the paged record caches with TurboQuant values share (test_rabitq_cache.cpp,
-// test_qjl_cache.cpp): a cache filled through the codecs, its expected output in plain math
-// (softmax of the key codec's estimates over decoded values), and the errors every such op gives
-// alike (the value codec and pool, q and out, the page table, lengths, corrupt norms).
+// test_qjl_cache.cpp): a cache filled through the codecs (and grown through the cache's append op,
+// where it has one), its expected output in plain math (softmax of the key codec's estimates over
+// decoded values), and the errors every such op gives alike (the value codec and pool, q and out,
+// the page table, lengths, corrupt norms).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -12,9 +13,12 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "decodelab/attention.h"
+#include "decodelab/dtype.h"
 #include "decodelab/kvquant.h"
 #include "decodelab/router.h"
 #include "decodelab/tensor.h"
@@ -23,22 +27,30 @@
 
 namespace decodelab::record_cache_test {
 
+// Element i of an f32, f16 or bf16 tensor, as f32.
+inline float element(const Tensor& t, int64_t i) {
+  if (t.dtype == DType::f16) return f16_to_f32(t.ptr<uint16_t>()[i]);
+  if (t.dtype == DType::bf16) return bf16_to_f32(t.ptr<uint16_t>()[i]);
+  return t.ptr<float>()[i];
+}
+
 // B sequences of `length` tokens each (their own lengths), Hkv heads, in pages of `page` slots;
 // sequence b owns every B-th page from b, so the sequences' pages interleave. Keys are N(0, 1)
 // plus a per-channel offset, values N(0, 1); the exact vectors are kept beside the records.
 // KCodec has estimate(q, record); Paged is the op's cache view {k_pages, v_pages, page_table,
-// lengths, &k codec, &v codec}; kOp the op.
-template <class KCodec, class Paged, auto kOp>
+// lengths, &k codec, &v codec}; kOp the attention op, kAppendOp the append op (nullptr: none).
+template <class KCodec, class Paged, auto kOp, auto kAppendOp = nullptr>
 class RecordCache {
  public:
   using View = Paged;
+  using KConfig = std::remove_cvref_t<decltype(std::declval<const KCodec&>().config())>;
   static constexpr auto kOpFn = kOp;
 
-  template <class KConfig>
+  // With room for `capacity` tokens per sequence (at least the longest length).
   RecordCache(const KConfig& k, const kvquant::TurboQuantConfig& v, int64_t hkv, int64_t page,
-              std::vector<int32_t> lengths, uint64_t seed)
+              std::vector<int32_t> lengths, uint64_t seed, int64_t capacity = 0)
       : k_codec_(k), v_codec_(v), batch_(int64_t(lengths.size())), hkv_(hkv), d_(k.head_dim), page_(page),
-        max_pages_((*std::max_element(lengths.begin(), lengths.end()) + page - 1) / page),
+        max_pages_((std::max<int64_t>(*std::max_element(lengths.begin(), lengths.end()), capacity) + page - 1) / page),
         k_pages_(DType::u8, {batch_ * max_pages_, page, hkv, k_codec_.record_bytes()}),
         v_pages_(DType::u8, {batch_ * max_pages_, page, hkv, v_codec_.record_bytes()}),
         lengths_(verify::i32_array({batch_}, lengths)) {
@@ -69,6 +81,36 @@ class RecordCache {
 
   Paged cache() const { return {k_pages_, v_pages_, table_, lengths_, &k_codec_, &v_codec_}; }
   int64_t length(int64_t b) const { return lengths_.ptr<int32_t>()[b]; }
+
+  // kAppendOp of k_new, v_new ([B, Hkv, D] or [B, S, Hkv, D]) on `backend`, then the lengths
+  // advanced; true when every record it wrote is the codecs' encoding of its token as stored
+  // (widened to f32). The exact keys of the new tokens are not kept: expected() with exact_keys
+  // covers the records made at construction only.
+  bool append(const Array& k_new, const Array& v_new, const char* backend) {
+    kAppendOp(k_new, v_new, cache(), RunOptions{backend});
+    const Tensor& k = k_new.view();
+    const int64_t tokens = k.rank == 4 ? k.dim(1) : 1;
+    std::vector<float> x(static_cast<size_t>(d_));
+    std::vector<uint8_t> record;
+    bool same = true;
+    const auto check = [&](const Tensor& src, int64_t row, const auto& codec, std::span<const uint8_t> written) {
+      for (int64_t j = 0; j < d_; ++j) x[size_t(j)] = element(src, row * d_ + j);
+      record.assign(written.size(), 0);
+      codec.encode(x, record);
+      same = same && std::equal(record.begin(), record.end(), written.begin());
+    };
+    for (int64_t b = 0; b < batch_; ++b) {
+      for (int64_t s = 0; s < tokens; ++s) {
+        for (int64_t h = 0; h < hkv_; ++h) {
+          const int64_t row = (b * tokens + s) * hkv_ + h;
+          check(k, row, k_codec_, key_record(b, h, length(b) + s));
+          check(v_new.view(), row, v_codec_, value_record(b, h, length(b) + s));
+        }
+      }
+      lengths_.ptr<int32_t>()[b] += int32_t(tokens);
+    }
+    return same;
+  }
 
   std::span<uint8_t> key_record(int64_t b, int64_t h, int64_t t) const {
     const int64_t r = k_codec_.record_bytes();
@@ -201,6 +243,21 @@ struct BadArgs : ::testing::TestWithParam<const char*> {
   }
 };
 
+// For `data`'s cache (below), the errors of its page table and lengths: a page index past the
+// pool, and lengths[0] = too_long, whose error (after `op`) is length_error. call(cache) is the
+// op's error over a cache view ("" if none).
+template <class Data, class Call>
+void expect_page_table_errors(const std::string& op, const Data& data, const Call& call, int32_t too_long,
+                              const std::string& length_error) {
+  const Array bad_page = verify::i32_array({1, 3}, {0, 1, 3}), lengths = verify::i32_array({1}, {too_long});
+  auto c = data.cache();
+  c.page_table = bad_page;
+  EXPECT_EQ(call(c), op + "cache.page_table[0, 2]: expected a page index in [0, 3), got 3");
+  c = data.cache();
+  c.lengths = lengths;
+  EXPECT_EQ(call(c), op + length_error);
+}
+
 // For `data`, a valid cache of B = 1, Hkv = 2, D = 64 with 2-bit values (bad_args_value_config),
 // 3 pages of 16 slots through a 3-entry page table (capacity 48) and 40 tokens, q = [1, 4, 64]
 // f32: the errors every op over such a cache gives alike, the value codec's and pool's, q's and
@@ -225,14 +282,10 @@ void expect_shared_argument_errors(const std::string& op, const Data& data, cons
             op + "heads: expected Hq a positive multiple of Hkv (GQA/MQA group), got Hq = 3, Hkv = 2");
   EXPECT_EQ(decode(data.cache(), q_i32, q_i32), op + "q: expected dtype f32, f16 or bf16, got [1, 4, 64] i32");
   EXPECT_EQ(decode(data.cache(), q, out_f16), op + "out: expected dtype f32 (the dtype of q), got [1, 4, 64] f16");
-  const Array bad_page = verify::i32_array({1, 3}, {0, 1, 3}), too_long = verify::i32_array({1}, {49}),
-              empty = verify::i32_array({1}, {0});
+  const auto call = [&](const auto& cache) { return decode(cache, q, out); };
+  expect_page_table_errors(op, data, call, 49, "lengths[0]: expected a length in [1, 48], got 49");
+  const Array empty = verify::i32_array({1}, {0});
   c = data.cache();
-  c.page_table = bad_page;
-  EXPECT_EQ(decode(c, q, out), op + "cache.page_table[0, 2]: expected a page index in [0, 3), got 3");
-  c = data.cache();
-  c.lengths = too_long;
-  EXPECT_EQ(decode(c, q, out), op + "lengths[0]: expected a length in [1, 48], got 49");
   c.lengths = empty;
   EXPECT_EQ(decode(c, q, out), op + "lengths[0]: expected a length in [1, 48], got 0");
 }

@@ -1,7 +1,8 @@
-// Fused decode attention over the paged KIVI cache (kivi_cache.h), on every backend that runs it:
-// a cache filled token by token as an engine would fill it, through KiviCodec, gives attention
-// over KiviCache's decoded keys() and values() for the same tokens; each bad argument and each
-// corrupt record read gets an error naming it.
+// The paged KIVI cache ops (kivi_cache.h), on every backend that runs them: a cache filled token
+// by token as an engine would fill it, through KiviCodec, gives attention over KiviCache's decoded
+// keys() and values() for the same tokens; a cache filled by kivi_append_paged, in appends of one
+// token and of many, gives the same bytes and the same attention as a cache built at once from
+// the same tokens; each bad argument and each corrupt record read gets an error naming it.
 #include <gtest/gtest.h>
 
 #include <fmt/format.h>
@@ -14,8 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "decodelab/dtype.h"
 #include "decodelab/kivi_cache.h"
 #include "error_of.h"
+#include "kvquant/kivi_record.h"
 #include "verify/random.h"
 
 namespace decodelab {
@@ -296,7 +299,242 @@ TEST_P(KiviBadArgs, CorruptRecordsAreNamedWhereTheyAreRead) {
   EXPECT_EQ(decode(c), op + "cache.k_pages[sequence 0, tokens 48..63, KV head 0] lo[0]: expected a finite value, got nan");
 }
 
+TEST_P(KiviBadArgs, Append) {
+  const std::string op = "kivi_append_paged: ";
+  const Array k1(DType::f32, {1, 2, 64}), k5(DType::f32, {1, 5, 2, 64}), v5(DType::f32, {1, 5, 2, 64});
+  const auto append = [&](const Tensor& k, const Tensor& v, const PagedKiviKV& c) {
+    return error_of([&] { kivi_append_paged(k, v, c, {GetParam()}); });
+  };
+  const Array k2d(DType::f32, {2, 64}), k_i32(DType::i32, {1, 5, 2, 64}), v_f16(DType::f16, {1, 5, 2, 64});
+  const Array v4(DType::f32, {1, 4, 2, 64}), k_d40(DType::f32, {1, 5, 2, 40}), k_d48(DType::f32, {1, 5, 2, 48});
+  const Array k_h3(DType::f32, {1, 5, 3, 64});
+  const Array k_b2(DType::f32, {2, 5, 2, 64}), k_s0(DType::f32, {1, 0, 2, 64});
+  EXPECT_EQ(append(k2d, k2d, engine.cache()), op + "k_new: expected [B, Hkv, D] (one new token per sequence) or "
+                                                   "[B, S, Hkv, D], got [2, 64] f32");
+  EXPECT_EQ(append(k_i32, k_i32, engine.cache()), op + "k_new: expected dtype f32, f16 or bf16, got [1, 5, 2, 64] i32");
+  EXPECT_EQ(append(k_s0, k_s0, engine.cache()),
+            op + "k_new: expected B >= 1, S >= 1 and at least one head, got [1, 0, 2, 64] f32");
+  EXPECT_EQ(append(k5, v4, engine.cache()),
+            op + "v_new: expected the shape of k_new [1, 5, 2, 64] f32, got [1, 4, 2, 64] f32");
+  EXPECT_EQ(append(k5, v_f16, engine.cache()), op + "v_new: expected dtype f32 (the dtype of k_new), got [1, 5, 2, 64] f16");
+  EXPECT_EQ(append(k_d40, k_d40, engine.cache()), op + "k_new: expected head_dim D a multiple of 16 in [16, 256], got D = 40");
+  EXPECT_EQ(append(k_d48, k_d48, engine.cache()),
+            op + "cache.codec: expected a codec for head_dim D = 48 (of k_new), got a codec for D = 64");
+  const KiviCodec d128({128, 2, 16, 32, 16});
+  PagedKiviKV c = engine.cache();
+  c.codec = &d128;
+  EXPECT_EQ(append(k5, v5, c), op + "cache.codec: expected a codec for head_dim D = 64 (of k_new), got a codec for D = 128");
+  EXPECT_EQ(append(k_h3, k_h3, engine.cache()),
+            op + "cache.v_pages: expected shape [*, *, 3, 32] [num_pages, page_size, Hkv, Vb]: Vb = 32 bytes, a 2-bit "
+                 "value record of D = 64 in groups of 32, got [3, 32, 2, 32] u8");
+  EXPECT_EQ(append(k_b2, k_b2, engine.cache()), op + "cache.recent_k: expected shape [2, 32, 2, 64] [B, W, Hkv, D]: "
+                                                     "W = R + G = 16 + 16, got [1, 32, 2, 64] f32");
+  // 70 tokens use pages 0..2 of the table, and so do 75: a bad third entry is named. With 60
+  // tokens, the five new ones stay in the first two pages, and the third entry is not checked.
+  const Array bad_page = i32_array({1, 3}, {0, 1, 3}), at_59 = i32_array({1}, {59});
+  c = engine.cache();
+  c.page_table = bad_page;
+  EXPECT_EQ(append(k5, v5, c), op + "cache.page_table[0, 2]: expected a page index in [0, 3), got 3");
+  // The capacity is 96: 92 + 5 do not fit.
+  const Array too_long = i32_array({1}, {92});
+  c = engine.cache();
+  c.lengths = too_long;
+  EXPECT_EQ(append(k5, v5, c), op + "lengths[0]: expected a length in [0, 91] so that 5 new tokens fit, got 92");
+  // The good calls last, as they write: 70 + 5 tokens, one token in the decode form, and 59 + 5
+  // tokens, which stay in the first two pages, so the bad third entry is not read.
+  EXPECT_EQ(append(k5, v5, engine.cache()), "");
+  EXPECT_EQ(append(k1, k1, engine.cache()), "");
+  c = engine.cache();
+  c.page_table = bad_page;
+  c.lengths = at_59;
+  EXPECT_EQ(append(k5, v5, c), "");
+}
+
 INSTANTIATE_TEST_SUITE_P(HostBackends, KiviBadArgs, ::testing::ValuesIn(kBackends));
+
+// ---------------------------------------------------------------------------------------------
+// The append against a cache built at once
+
+// B sequences of T tokens, [B, T, Hkv, D] keys (with a per-channel offset) and values, exactly
+// representable in `dtype`, and the caches of their first `length` tokens in kivi_cache.h's
+// layout: one filled by kivi_append_paged in chunks, one built at once by KiviCache's rule.
+class AppendCase {
+ public:
+  AppendCase(const KiviConfig& config, int64_t batch, int64_t hkv, int64_t page_size, int64_t tokens, DType dtype,
+             uint64_t seed)
+      : codec_(config), batch_(batch), hkv_(hkv), d_(config.head_dim), page_(page_size), tokens_(tokens),
+        window_(config.residual + config.key_group), max_pages_((tokens + page_size - 1) / page_size), dtype_(dtype),
+        keys_(size_t(batch * tokens * hkv * d_)), values_(keys_.size()) {
+    verify::Rng rng(seed);
+    for (size_t i = 0; i < keys_.size(); ++i) {
+      keys_[i] = representable(float(rng.normal()) + float(int64_t(i) % d_ % 7) - 3.0f);
+      values_[i] = representable(float(rng.normal()));
+    }
+    // Sequence b owns every B-th page from b, in reverse, so the pages of the sequences interleave.
+    std::vector<int32_t> pages(static_cast<size_t>(batch * max_pages_));
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < max_pages_; ++i) pages[size_t(b * max_pages_ + i)] = int32_t((max_pages_ - 1 - i) * batch + b);
+    }
+    table_ = i32_array({batch, max_pages_}, pages);
+    lengths_ = i32_array({batch}, std::vector<int32_t>(size_t(batch), 0));
+    appended_ = empty_cache();
+  }
+
+  // kivi_append_paged of the next `count` tokens of every sequence on `backend`: [B, Hkv, D] for
+  // one, [B, count, Hkv, D] for more.
+  void append(int64_t count, const char* backend) {
+    const std::vector<int64_t> shape =
+        count == 1 ? std::vector<int64_t>{batch_, hkv_, d_} : std::vector<int64_t>{batch_, count, hkv_, d_};
+    Array k_new(dtype_, std::span<const int64_t>(shape)), v_new(dtype_, std::span<const int64_t>(shape));
+    const int64_t row = hkv_ * d_;
+    for (int64_t b = 0; b < batch_; ++b) {
+      for (int64_t i = 0; i < count * row; ++i) {
+        const size_t from = size_t((b * tokens_ + length_) * row + i);
+        store(k_new, (b * count * row) + i, keys_[from]);
+        store(v_new, (b * count * row) + i, values_[from]);
+      }
+    }
+    kivi_append_paged(k_new, v_new, view(appended_, length_), {backend});
+    length_ += count;
+  }
+
+  int64_t length() const { return length_; }
+
+  // The cache of the first length() tokens built at once: each key block and value record that
+  // KiviCache's rule quantizes encoded from the tokens themselves, the rest copied to the ring.
+  std::vector<Array> built_at_once() const {
+    const KiviConfig& c = codec_.config();
+    std::vector<Array> cache = empty_cache();
+    const int64_t g = c.key_group, qk = detail::kivi_quantized_keys(length_, g, c.residual);
+    const int64_t qv = detail::kivi_quantized_values(length_, c.residual);
+    const int64_t kb = codec_.key_block_bytes(), vb = codec_.value_record_bytes();
+    std::vector<float> block(static_cast<size_t>(g * d_));
+    for (int64_t b = 0; b < batch_; ++b) {
+      for (int64_t h = 0; h < hkv_; ++h) {
+        for (int64_t t = 0; t < length_; ++t) {
+          const int64_t slot = table_.ptr<int32_t>()[b * max_pages_ + t / page_] * page_ + t % page_;
+          if (t < qk && t % g == 0) {
+            for (int64_t i = 0; i < g; ++i) std::copy_n(token(keys_, b, t + i, h), d_, block.begin() + i * d_);
+            codec_.encode_keys(block, {cache[0].ptr<uint8_t>() + (slot / g * hkv_ + h) * kb, size_t(kb)});
+          }
+          if (t < qv) {
+            codec_.encode_value({token(values_, b, t, h), size_t(d_)},
+                                {cache[1].ptr<uint8_t>() + (slot * hkv_ + h) * vb, size_t(vb)});
+          }
+          if (t >= qk) std::copy_n(token(keys_, b, t, h), d_, ring(cache[2], b, h, t));
+          if (t >= qv) std::copy_n(token(values_, b, t, h), d_, ring(cache[3], b, h, t));
+        }
+      }
+    }
+    return cache;
+  }
+
+  // A view of `cache` (appended_ or built_at_once()) whose every sequence has `length` tokens;
+  // the lengths are shared by all views, so only the latest one is valid.
+  PagedKiviKV view(const std::vector<Array>& cache, int64_t length) const {
+    for (int64_t b = 0; b < batch_; ++b) lengths_.ptr<int32_t>()[b] = int32_t(length);
+    return {cache[0], cache[1], cache[2], cache[3], table_, lengths_, &codec_};
+  }
+  PagedKiviKV appended() const { return view(appended_, length_); }
+
+  // The bytes that attention reads from the cache of length() tokens are the same in `at_once`
+  // and the appended cache: the key blocks and value records below the quantized counts and the
+  // ring slots of the rest. (Elsewhere the at-once cache holds zeros where the appended one holds
+  // tokens already quantized out of the ring.)
+  bool read_bytes_equal(const std::vector<Array>& at_once) const {
+    const KiviConfig& c = codec_.config();
+    const int64_t g = c.key_group, kb = codec_.key_block_bytes(), vb = codec_.value_record_bytes();
+    const int64_t qk = detail::kivi_quantized_keys(length_, g, c.residual);
+    const int64_t qv = detail::kivi_quantized_values(length_, c.residual);
+    const auto same = [&](size_t i, int64_t at, int64_t n) {
+      return std::memcmp(appended_[i].ptr<uint8_t>() + at, at_once[i].ptr<uint8_t>() + at, size_t(n)) == 0;
+    };
+    for (int64_t b = 0; b < batch_; ++b) {
+      for (int64_t h = 0; h < hkv_; ++h) {
+        for (int64_t t = 0; t < length_; ++t) {
+          const int64_t slot = table_.ptr<int32_t>()[b * max_pages_ + t / page_] * page_ + t % page_;
+          const int64_t ring_at = ((b * window_ + t % window_) * hkv_ + h) * d_ * 4;
+          if (t < qk && t % g == 0 && !same(0, (slot / g * hkv_ + h) * kb, kb)) return false;
+          if (t >= qk && !same(2, ring_at, d_ * 4)) return false;
+          if (t < qv && !same(1, (slot * hkv_ + h) * vb, vb)) return false;
+          if (t >= qv && !same(3, ring_at, d_ * 4)) return false;
+        }
+      }
+    }
+    return true;
+  }
+
+ private:
+  float representable(float x) const {
+    if (dtype_ == DType::f16) return f16_to_f32(f32_to_f16(x));
+    if (dtype_ == DType::bf16) return bf16_to_f32(f32_to_bf16(x));
+    return x;
+  }
+  static void store(const Array& a, int64_t i, float x) {
+    const DType t = a.view().dtype;
+    if (t == DType::f32) a.ptr<float>()[i] = x;
+    if (t == DType::f16) a.ptr<uint16_t>()[i] = f32_to_f16(x);
+    if (t == DType::bf16) a.ptr<uint16_t>()[i] = f32_to_bf16(x);
+  }
+  const float* token(const std::vector<float>& x, int64_t b, int64_t t, int64_t h) const {
+    return x.data() + ((b * tokens_ + t) * hkv_ + h) * d_;
+  }
+  float* ring(const Array& a, int64_t b, int64_t h, int64_t t) const {
+    return a.ptr<float>() + ((b * window_ + t % window_) * hkv_ + h) * d_;
+  }
+  // Zeroed pools and ring: every byte the two caches do not both write compares equal.
+  std::vector<Array> empty_cache() const {
+    const int64_t g = codec_.config().key_group;
+    std::vector<Array> cache;
+    cache.emplace_back(DType::u8, std::initializer_list<int64_t>{batch_ * max_pages_, page_ / g, hkv_, codec_.key_block_bytes()});
+    cache.emplace_back(DType::u8, std::initializer_list<int64_t>{batch_ * max_pages_, page_, hkv_, codec_.value_record_bytes()});
+    cache.emplace_back(DType::f32, std::initializer_list<int64_t>{batch_, window_, hkv_, d_});
+    cache.emplace_back(DType::f32, std::initializer_list<int64_t>{batch_, window_, hkv_, d_});
+    for (Array& a : cache) std::memset(a.data(), 0, a.nbytes());
+    return cache;
+  }
+
+  KiviCodec codec_;
+  int64_t batch_, hkv_, d_, page_, tokens_, window_, max_pages_;
+  DType dtype_;
+  std::vector<float> keys_, values_;
+  Array table_, lengths_;
+  std::vector<Array> appended_;
+  int64_t length_ = 0;
+};
+
+TEST(KiviCacheAppend, MatchesACacheBuiltAtOnceFromTheSameTokens) {
+  // Chunks of one token (the decode form) and of many, so that appends start and end inside the
+  // window, inside a key block and on either side of a page boundary, and one append quantizes
+  // several values and key blocks at once. After each, the bytes attention reads and attention
+  // itself equal those of the cache built at once.
+  constexpr int64_t kBatch = 2, kHkv = 2, kHq = 4, kD = 64, kPage = 32;
+  const int64_t chunks[] = {1, 1, 30, 1, 3, 40, 1, 64, 2, 1, 97, 1};
+  int64_t total = 0;
+  for (const int64_t n : chunks) total += n;
+  for (const char* backend : kBackends) {
+    for (const auto& [config, dtype] : {std::pair{KiviConfig{kD, 2, 32, 32, 32}, DType::f32},
+                                        std::pair{KiviConfig{kD, 4, 16, 16, 0}, DType::f16},
+                                        std::pair{KiviConfig{kD, 2, 32, 64, 5}, DType::bf16}}) {
+      SCOPED_TRACE(fmt::format("{}: {}-bit G = {} R = {}, {}", backend, config.bits, config.key_group, config.residual,
+                               dtype_name(dtype)));
+      AppendCase c(config, kBatch, kHkv, kPage, total, dtype, uint64_t(config.bits + config.residual));
+      verify::Rng rng(3);
+      for (const int64_t n : chunks) {
+        c.append(n, backend);
+        SCOPED_TRACE(fmt::format("length {}", c.length()));
+        const std::vector<Array> at_once = c.built_at_once();
+        EXPECT_TRUE(c.read_bytes_equal(at_once));
+        Array q(DType::f32, {kBatch, kHq, kD}), out_appended(DType::f32, {kBatch, kHq, kD}),
+            out_at_once(DType::f32, {kBatch, kHq, kD});
+        verify::fill_normal(q, rng);
+        kivi_decode_attention_paged(q, c.appended(), out_appended, {}, {"cpu"});
+        kivi_decode_attention_paged(q, c.view(at_once, c.length()), out_at_once, {}, {"cpu"});
+        EXPECT_EQ(std::memcmp(out_appended.data(), out_at_once.data(), out_at_once.nbytes()), 0);
+      }
+    }
+  }
+}
 
 }  // namespace
 }  // namespace decodelab

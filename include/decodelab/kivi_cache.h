@@ -1,6 +1,6 @@
-// A paged KV cache of KIVI records (kvquant.h) and fused decode attention over it (issue 5,
-// item 8). KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
-// arXiv:2402.02750.
+// A paged KV cache of KIVI records (kvquant.h), the op that appends new tokens to it and fused
+// decode attention over it (issue 5, item 8). KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric
+// 2bit Quantization for KV Cache", arXiv:2402.02750.
 //
 // Which tokens are quantized is KiviCache's rule (kvquant.h), from lengths[b] = T and the codec's
 // key_group G and residual R alone:
@@ -8,7 +8,8 @@
 //   values: tokens [0, Qv) in value records, Qv = max(T - R, 0);
 // and the rest, keys [Qk, T) and values [Qv, T), in full precision. So an engine that appends
 // token T - 1 writes it to the recent window, quantizes the value of token T - 1 - R once it
-// exists, and quantizes a key block once its last token has left the last R.
+// exists, and quantizes a key block once its last token has left the last R: kivi_append_paged
+// below.
 //
 // Layout. One page table for both pools: page p of sequence b, page_table[b, p], holds tokens
 // [p * P, (p + 1) * P) with P = page_size, a multiple of G, so that a page holds whole key blocks.
@@ -38,8 +39,9 @@
 // while the quantized pages grow with the context. At D = 128, G = 32, value_group = 32 a 2-bit
 // token costs 2048 / 32 = 64 key bytes + 64 value bytes per KV head against 512 in f16; 4-bit 96 + 96.
 //
-// As with PagedKV, the op never changes the cache; its owner fills the pools, the ring and the
-// lengths. The codec is a host object; the tensors live in host memory (reference and cpu).
+// As with PagedKV, ops never change `lengths`: kivi_append_paged writes the pools and the ring,
+// and the owner of the cache advances the lengths after it. The codec is a host object; the
+// tensors live in host memory (reference and cpu).
 #pragma once
 
 #include "decodelab/attention.h"
@@ -58,6 +60,24 @@ struct PagedKiviKV {
   Tensor lengths;
   const kvquant::KiviCodec* codec = nullptr;  // owned by the caller, alive for the call
 };
+
+// Appends S new tokens to every sequence: k_new, v_new = [B, S, Hkv, D], or [B, Hkv, D] for one
+// token (S = 1), in f32, f16 or bf16. Token s of sequence b becomes token t = lengths[b] + s,
+// the tokens taken in order, and each does what KiviCache::append does to the cache of T = t + 1
+// tokens, in kivi_cache.h's layout:
+//   1. its key and value, widened to f32 (exactly), go to ring slot t % W of recent_k, recent_v;
+//   2. if T - R >= 1, the value of token t - R has left the last R: codec->encode_value of the
+//      ring's copy is written to its record in v_pages (with R = 0, the new value itself);
+//   3. if T - R is a positive multiple of G, the key block of tokens [T - R - G, T - R) has left
+//      the last R: codec->encode_keys of the ring's G keys is written to its block in k_pages.
+// So after appends of any sizes that sum to T tokens, the pools and the ring hold, for every slot
+// attention reads, the bytes of a cache built at once from the same T tokens by KiviCache's rule
+// (every backend writes the same bytes: they run KiviCodec's encoders). Ring slots are
+// overwritten only once their token is quantized (W = R + G). Nothing else changes: not the
+// lengths, not a slot attention does not read. The page table must cover lengths[b] + S tokens
+// (pages are written through it as tokens are quantized into them), and lengths[b] may be 0.
+void kivi_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedKiviKV& cache,
+                       const RunOptions& run = {});
 
 // Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
 // q, out = [B, Hq, D] (f32, f16 or bf16), Hq a multiple of Hkv (query head h reads KV head

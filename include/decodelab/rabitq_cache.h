@@ -1,5 +1,6 @@
 // A paged KV cache whose keys are RaBitQ / extended RaBitQ records and whose values are TurboQuant
-// (MSE) records (kvquant.h), and fused decode attention over it (issue 5, item 8).
+// (MSE) records (kvquant.h), the op that appends new tokens to it and fused decode attention over
+// it (issue 5, item 8).
 //
 // Layout. The pages, page table and lengths of PagedTurboQuantKV (turboquant_cache.h), with
 // RabitqKeys records on the key side:
@@ -14,10 +15,10 @@
 // record is TurboQuantMse's (turboquant_cache.h). Both codecs have the queries' head_dim; the
 // value codec has one integer width (a split-width codec is refused, as for PagedTurboQuantKV).
 // At D = 128 a 1-bit key costs 24 bytes per KV head and a 4-bit one 72, against 256 in f16.
-// There is no append op yet: k_codec->encode and v_codec->encode write the records.
 //
-// As with PagedKV, ops never change `lengths`. The codecs are host objects; the tensors live in
-// host memory (the reference and cpu backends run this op).
+// As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
+// append. The codecs are host objects; the tensors live in host memory (the reference and cpu
+// backends run these ops).
 #pragma once
 
 #include "decodelab/attention.h"
@@ -29,6 +30,13 @@
 namespace decodelab {
 
 using PagedRabitqKV = PagedRecordKV<kvquant::RabitqKeys>;
+
+// Appends S new tokens to every sequence: k_new, v_new = [B, S, Hkv, D], or [B, Hkv, D] for one
+// token (S = 1), in f32, f16 or bf16. Token s of sequence b is encoded into the records of token
+// lengths[b] + s, exactly as k_codec->encode and v_codec->encode encode the values widened to f32
+// (every backend writes the same bytes). The page table must cover lengths[b] + S tokens.
+void rabitq_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedRabitqKV& cache,
+                         const RunOptions& run = {});
 
 // Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
 // q, out = [B, Hq, D] (f32, f16 or bf16), Hq a multiple of Hkv (query head h reads KV head

@@ -25,6 +25,7 @@
 #ifdef DECODELAB_HAS_CUDA
 #include "cuda/bench.h"
 #endif
+#include "verify/record_cache_fixture.h"
 #include "verify/weights.h"
 
 namespace decodelab {
@@ -163,6 +164,72 @@ void add_bench(std::vector<BenchCase>& cases, const BenchOptions& options, DType
 
 constexpr int64_t kHidden = 4096, kInter = 14336, kHq = 32, kHkv = 8, kD = 128;
 
+// A page table of `batch` sequences of pages_per_seq pages each, the pages of a sequence scattered
+// over the pool, as an allocator hands them out over time.
+Array scattered_page_table(int64_t batch, int64_t pages_per_seq) {
+  std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
+  for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
+  return verify::i32_array({batch, pages_per_seq}, table);
+}
+
+// The append of one new token to each of `batch` sequences of a compressed cache, as one decode
+// step of one layer does it: inputs k_new, v_new = [batch, Hkv, D] f16, then the cache arrays
+// that `pools()` returns (written in place), then a scattered page table of pages_per_seq pages
+// per sequence and `lengths`. `make(in, out)` gets the pools as out[0..].
+template <class Args>
+void add_append_bench(std::vector<BenchCase>& cases, const BenchOptions& o, const std::string& shape, int64_t bytes,
+                      int64_t pages_per_seq, const std::vector<int32_t>& lengths,
+                      const std::function<std::vector<Array>()>& pools, MakeArgs<Args> make) {
+  const DType t = DType::f16;
+  const int64_t batch = int64_t(lengths.size());
+  add_bench<Args>(
+      cases, o, t, shape, bytes, 0, false,
+      [=] {
+        CaseData d;
+        d.inputs.push_back(uniform(t, {batch, kHkv, kD}, 1));
+        d.inputs.push_back(uniform(t, {batch, kHkv, kD}, 2));
+        std::vector<Array> arrays = pools();
+        const size_t count = arrays.size();
+        for (Array& a : arrays) d.inputs.push_back(std::move(a));
+        d.inputs.push_back(scattered_page_table(batch, pages_per_seq));
+        d.inputs.push_back(verify::i32_array({batch}, lengths));
+        verify::add_in_place_outputs(d, 2, count);
+        return d;
+      },
+      make);
+}
+
+// Lengths 100 + b % 16 for `batch` sequences: the new tokens land at different slots of a page.
+std::vector<int32_t> append_lengths(int64_t batch) {
+  std::vector<int32_t> lengths;
+  for (int64_t b = 0; b < batch; ++b) lengths.push_back(int32_t(100 + b % 16));
+  return lengths;
+}
+
+// The append of a record cache (Cache: PagedTurboQuantKV or PagedRabitqKV, `codecs` its key and
+// value codecs) for 1 and 16 sequences: read the new K and V rows, write their records of
+// k_record and v_record bytes.
+template <class Args, class Cache, class Codecs>
+void add_record_append_bench(std::vector<BenchCase>& cases, const BenchOptions& o, const std::string& codecs_name,
+                             int64_t page, int64_t k_record, int64_t v_record, std::shared_ptr<const Codecs> codecs) {
+  const int64_t e = int64_t(dtype_size(DType::f16)), pages_per_seq = 8;
+  for (const int64_t batch : {int64_t{1}, int64_t{16}}) {
+    add_append_bench<Args>(
+        cases, o, fmt::format("{} sequences Hkv={} D={} page {} {}", batch, kHkv, kD, page, codecs_name),
+        batch * kHkv * (2 * kD * e + k_record + v_record), pages_per_seq, append_lengths(batch),
+        [=] {
+          std::vector<Array> pools;
+          for (const int64_t r : {k_record, v_record}) {
+            pools.emplace_back(DType::u8, std::initializer_list<int64_t>{batch * pages_per_seq, page, kHkv, r});
+          }
+          return pools;
+        },
+        [codecs](auto in, auto out) {
+          return Args{in[0], in[1], Cache{out[0], out[1], in[4], in[5], &codecs->first, &codecs->second}, {}};
+        });
+  }
+}
+
 void add_matvec(std::vector<BenchCase>& cases, const BenchOptions& o) {
   const DType t = DType::f16;
   std::vector<verify::WeightKind> kinds = {verify::WeightKind{}, verify::WeightKind{QuantSpec::mlx(4, 64)},
@@ -248,10 +315,7 @@ void add_decode(std::vector<BenchCase>& cases, const BenchOptions& o) {
             d.inputs.push_back(uniform(t, {batch, 1, kHq, kD}, 1));
             d.inputs.push_back(uniform(t, {batch * pages_per_seq, page, kHkv, kD}, 2));
             d.inputs.push_back(uniform(t, {batch * pages_per_seq, page, kHkv, kD}, 3));
-            // Pages of a sequence scattered over the pool, as an allocator hands them out over time.
-            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
-            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(scattered_page_table(batch, pages_per_seq));
             d.inputs.push_back(verify::i32_array({batch}, lens));
             d.outputs.push_back({t, {batch, 1, kHq, kD}});
             return d;
@@ -294,9 +358,7 @@ CaseData record_attention_data(DType t, int64_t batch, int64_t length, int64_t p
   d.inputs.push_back(uniform(t, {batch, kHq, kD}, 1));
   d.inputs.push_back(std::move(keys));
   d.inputs.push_back(std::move(values));
-  std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
-  for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-  d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+  d.inputs.push_back(scattered_page_table(batch, pages_per_seq));
   d.inputs.push_back(verify::i32_array({batch}, std::vector<int32_t>(static_cast<size_t>(batch), int32_t(length))));
   d.outputs.push_back({t, {batch, kHq, kD}});
   return d;
@@ -321,7 +383,7 @@ std::vector<std::pair<int64_t, int64_t>> host_attention_shapes(const BenchOption
 // (add_decode) so the two compare row by row, and the append of one new token per sequence.
 void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
   const DType t = DType::f16;
-  const int64_t e = int64_t(dtype_size(t)), page = 16;
+  const int64_t page = 16;
   std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
   if (!o.quick && o.device == Device::cpu) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
   // The issue's targets on the GPU (issue 5, Speed).
@@ -347,33 +409,8 @@ void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
           },
           record_attention_args<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV>(codecs));
     }
-    // One new token for each of `batch` sequences: read the new K and V rows, write their records.
-    for (const int64_t batch : {int64_t{1}, int64_t{16}}) {
-      const int64_t pages_per_seq = 8;
-      std::vector<int32_t> lengths;
-      for (int64_t b = 0; b < batch; ++b) lengths.push_back(int32_t(100 + b % 16));
-      add_bench<TurboQuantAppendPagedArgs>(
-          cases, o, t, fmt::format("{} sequences Hkv={} D={} page {} K/V {}/{}-bit", batch, kHkv, kD, page, bits, bits),
-          batch * kHkv * (2 * kD * e + 2 * record), 0, false,
-          [=] {
-            CaseData d;
-            d.inputs.push_back(uniform(t, {batch, kHkv, kD}, 1));
-            d.inputs.push_back(uniform(t, {batch, kHkv, kD}, 2));
-            d.inputs.push_back(Array(DType::u8, {batch * pages_per_seq, page, kHkv, record}));
-            d.inputs.push_back(Array(DType::u8, {batch * pages_per_seq, page, kHkv, record}));
-            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
-            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
-            d.inputs.push_back(verify::i32_array({batch}, lengths));
-            d.outputs.push_back({DType::u8, {batch * pages_per_seq, page, kHkv, record}, 2});
-            d.outputs.push_back({DType::u8, {batch * pages_per_seq, page, kHkv, record}, 3});
-            return d;
-          },
-          [codecs](auto in, auto out) {
-            return TurboQuantAppendPagedArgs{in[0], in[1],
-                                             PagedTurboQuantKV{out[0], out[1], in[4], in[5], &codecs->first, &codecs->second}, {}};
-          });
-    }
+    add_record_append_bench<TurboQuantAppendPagedArgs, PagedTurboQuantKV>(
+        cases, o, fmt::format("K/V {}/{}-bit", bits, bits), page, record, record, codecs);
   }
 }
 
@@ -420,10 +457,7 @@ void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
             d.inputs.push_back(records({batch * pages_per_seq, page, kHkv, vb}, kD / c.value_group, 3));
             d.inputs.push_back(uniform(DType::f32, {batch, window, kHkv, kD}, 4));
             d.inputs.push_back(uniform(DType::f32, {batch, window, kHkv, kD}, 5));
-            // Scattered pages, as add_decode's paged case.
-            std::vector<int32_t> table(static_cast<size_t>(batch * pages_per_seq));
-            for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-            d.inputs.push_back(verify::i32_array({batch, pages_per_seq}, table));
+            d.inputs.push_back(scattered_page_table(batch, pages_per_seq));
             d.inputs.push_back(verify::i32_array({batch}, lens));
             d.outputs.push_back({t, {batch, kHq, kD}});
             return d;
@@ -433,12 +467,40 @@ void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
                                                 out[0], {true, 1.0f / 11.3137085f}, {}};
           });
     }
+    // One new token for each of `batch` sequences, at lengths 100 + b % 16 (a token whose step
+    // quantizes a value only: read K and V, write them to the ring, encode one value) and at
+    // length 95 (T - R = 64: the step that also quantizes a key block, reading its G keys from
+    // the ring; one step in G).
+    for (const int64_t batch : {int64_t{1}, int64_t{16}}) {
+      for (const bool block : {false, true}) {
+        const int64_t pages_per_seq = 8;
+        const int64_t per_head = 2 * kD * e + 2 * kD * 4 + vb + (block ? c.key_group * kD * 4 + kb : 0);
+        add_append_bench<KiviAppendPagedArgs>(
+            cases, o,
+            fmt::format("{} sequences Hkv={} D={} page {} {}-bit G={} R={}{}", batch, kHkv, kD, page, bits, c.key_group,
+                        c.residual, block ? " key block" : ""),
+            batch * kHkv * per_head, pages_per_seq,
+            block ? std::vector<int32_t>(size_t(batch), 95) : append_lengths(batch),
+            [=] {
+              std::vector<Array> pools;
+              pools.emplace_back(DType::u8, std::initializer_list<int64_t>{batch * pages_per_seq, page / c.key_group, kHkv, kb});
+              pools.emplace_back(DType::u8, std::initializer_list<int64_t>{batch * pages_per_seq, page, kHkv, vb});
+              pools.push_back(uniform(DType::f32, {batch, window, kHkv, kD}, 4));
+              pools.push_back(uniform(DType::f32, {batch, window, kHkv, kD}, 5));
+              return pools;
+            },
+            [codec](auto in, auto out) {
+              return KiviAppendPagedArgs{in[0], in[1], PagedKiviKV{out[0], out[1], out[2], out[3], in[6], in[7], codec.get()},
+                                         {}};
+            });
+      }
+    }
   }
 }
 
 // Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h), the
 // CPU shapes of add_turboquant: 1-bit RaBitQ keys with 2-bit values, 4-bit extended RaBitQ keys
-// with 4-bit values.
+// with 4-bit values; and the append of one new token per sequence.
 void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
@@ -469,6 +531,8 @@ void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
           },
           record_attention_args<RabitqDecodeAttentionPagedArgs, PagedRabitqKV>(codecs));
     }
+    add_record_append_bench<RabitqAppendPagedArgs, PagedRabitqKV>(
+        cases, o, fmt::format("K RaBitQ {}-bit V {}-bit", k_bits, v_bits), page, kr, vr, codecs);
   }
 }
 
@@ -597,11 +661,8 @@ void add_layers(std::vector<BenchCase>& cases, const BenchOptions& o) {
         [=] {
           CaseData d;
           d.inputs.push_back(uniform(t, {tokens, 1, qkv_width}, 1));
-          std::vector<int32_t> table(static_cast<size_t>(tokens * pages_per_seq)), lengths;
-          for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7919) % table.size());
-          for (int64_t b = 0; b < tokens; ++b) lengths.push_back(int32_t(100 + b % 16));
-          d.inputs.push_back(verify::i32_array({tokens, pages_per_seq}, table));
-          d.inputs.push_back(verify::i32_array({tokens}, lengths));
+          d.inputs.push_back(scattered_page_table(tokens, pages_per_seq));
+          d.inputs.push_back(verify::i32_array({tokens}, append_lengths(tokens)));
           d.outputs.push_back({t, {tokens, 1, kHq, kD}});
           d.outputs.push_back({t, {tokens * pages_per_seq, page, kHkv, kD}});
           d.outputs.push_back({t, {tokens * pages_per_seq, page, kHkv, kD}});

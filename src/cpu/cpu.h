@@ -31,6 +31,8 @@ void qkv_rope_append_paged(const QkvRopeAppendPagedArgs& a);
 void quantize(const QuantizeArgs& a);
 void dequantize(const DequantizeArgs& a);
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
+void kivi_append_paged(const KiviAppendPagedArgs& a);
+void rabitq_append_paged(const RabitqAppendPagedArgs& a);
 
 // turboquant_attention.cpp
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);

@@ -1,11 +1,13 @@
 // CPU quantize and dequantize: the owners' bit-exact algorithms (src/reference/quant.cpp, one
 // definition) run over row ranges on the thread pool. Quantization happens at load time; what
-// matters is that it is exact and uses every core. The TurboQuant cache append likewise runs the
-// codec's own encoder (TurboQuantMse::encode) over (sequence, KV head) rows: its codes must be the
-// reference's bit for bit, and a second encoder in f32 could round a rotated coordinate across a
-// codebook boundary.
+// matters is that it is exact and uses every core. The compressed cache appends likewise run the
+// codecs' own encoders over rows: TurboQuantMse::encode (TurboQuant and RaBitQ-key caches, rows of
+// (sequence, new token, KV head)), RabitqKeys::encode, and KiviCodec's (rows of (sequence, KV
+// head), each taking its tokens in order). Their codes must be the reference's bit for bit, and a
+// second encoder in f32 could round a rotated coordinate across a codebook boundary.
 #include "cpu/cpu.h"
 #include "cpu/thread_pool.h"
+#include "reference/record_append.h"
 #include "reference/reference.h"
 
 namespace decodelab::cpu {
@@ -18,9 +20,26 @@ void dequantize(const DequantizeArgs& a) {
   parallel_ranges(a.w.rows, 1, [&](int64_t begin, int64_t end) { reference::dequantize_rows(a, begin, end); });
 }
 
+namespace {
+
+// The reference's `rows` over `count` rows, split over the pool.
+template <class Args>
+void on_pool(const Args& a, int64_t count, void (*rows)(const Args&, int64_t, int64_t)) {
+  parallel_ranges(count, 1, [&](int64_t begin, int64_t end) { rows(a, begin, end); });
+}
+
+}  // namespace
+
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) {
-  parallel_ranges(a.k_new.dim(0) * a.k_new.dim(1), 1,
-                  [&](int64_t begin, int64_t end) { reference::turboquant_append_rows(a, begin, end); });
+  on_pool(a, reference::append_record_row_count(a.k_new), reference::turboquant_append_rows);
+}
+
+void rabitq_append_paged(const RabitqAppendPagedArgs& a) {
+  on_pool(a, reference::append_record_row_count(a.k_new), reference::rabitq_append_rows);
+}
+
+void kivi_append_paged(const KiviAppendPagedArgs& a) {
+  on_pool(a, reference::kivi_append_row_count(a), reference::kivi_append_rows);
 }
 
 }  // namespace decodelab::cpu

@@ -139,12 +139,28 @@ struct TurboQuantDecodeAttentionPagedArgs {
   Stream stream;
 };
 
+// k_new, v_new: [B, S, Hkv, D], or [B, Hkv, D] for one token (S = 1).
+struct KiviAppendPagedArgs {
+  static constexpr const char* kOp = "kivi_append_paged";
+  Tensor k_new, v_new;
+  PagedKiviKV cache;
+  Stream stream;
+};
+
 struct KiviDecodeAttentionPagedArgs {
   static constexpr const char* kOp = "kivi_decode_attention_paged";
   Tensor q;
   PagedKiviKV cache;
   Tensor out;
   AttentionOptions options;  // scale resolved
+  Stream stream;
+};
+
+// k_new, v_new: [B, S, Hkv, D], or [B, Hkv, D] for one token (S = 1).
+struct RabitqAppendPagedArgs {
+  static constexpr const char* kOp = "rabitq_append_paged";
+  Tensor k_new, v_new;
+  PagedRabitqKV cache;
   Stream stream;
 };
 

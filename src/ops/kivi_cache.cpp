@@ -1,4 +1,4 @@
-// Validation and routing of fused decode attention over the paged KIVI cache
+// Validation and routing of the paged KIVI cache ops: the append and fused decode attention
 // (include/decodelab/kivi_cache.h).
 #include <fmt/format.h>
 
@@ -6,6 +6,7 @@
 
 #include "decodelab/kivi_cache.h"
 #include "ops/common.h"
+#include "ops/record_cache_checks.h"
 #include "router/registry.h"
 
 namespace decodelab {
@@ -17,19 +18,22 @@ namespace {
 
 // The codec is given and is for the queries' head_dim (its records have another length, its
 // value groups other boundaries, for another D).
-const kvquant::KiviCodec& check_codec(const ArgCheck& c, const kvquant::KiviCodec* codec, int64_t d) {
+const kvquant::KiviCodec& check_codec(const ArgCheck& c, const kvquant::KiviCodec* codec, int64_t d,
+                                      const char* d_of) {
   if (codec == nullptr) c.fail("cache.codec", "a KiviCodec", "null");
   if (codec->config().head_dim != d) {
-    c.fail("cache.codec", fmt::format("a codec for head_dim D = {} (of q)", d),
+    c.fail("cache.codec", fmt::format("a codec for head_dim D = {} (of {})", d, d_of),
            fmt::format("a codec for D = {}", codec->config().head_dim));
   }
   return *codec;
 }
 
-// The pools and the ring against B sequences of Hkv heads; with check_values, every lengths[b]
-// fits the page table and every page it covers is a page of the pools.
-void check_cache(const ArgCheck& c, const PagedKiviKV& cache, int64_t batch, int64_t hkv, int64_t d, bool check_values) {
-  const kvquant::KiviCodec& codec = check_codec(c, cache.codec, d);
+// The pools and the ring against B sequences of Hkv heads of dimension D (of `d_of`); with
+// check_values, every lengths[b] + extra fits the page table and every page it covers is a page
+// of the pools.
+void check_cache(const ArgCheck& c, const PagedKiviKV& cache, int64_t batch, int64_t hkv, int64_t d, const char* d_of,
+                 int64_t extra, int64_t min_length, bool check_values) {
+  const kvquant::KiviCodec& codec = check_codec(c, cache.codec, d, d_of);
   const kvquant::KiviConfig& config = codec.config();
   const int64_t g = config.key_group;
   // The page size is the value pool's: the key pool holds page_size / G blocks per page.
@@ -55,12 +59,19 @@ void check_cache(const ArgCheck& c, const PagedKiviKV& cache, int64_t batch, int
     c.dtype(*t, name, DType::f32);
     c.usable(*t, name, Device::cpu);
   }
-  // Every sequence needs a token: a softmax over none has no value.
-  detail::check_page_table(c, cache.page_table, cache.lengths, batch, num_pages, page_size, Device::cpu, 0, 1,
-                           check_values);
+  detail::check_page_table(c, cache.page_table, cache.lengths, batch, num_pages, page_size, Device::cpu, extra,
+                           min_length, check_values);
 }
 
 }  // namespace
+
+void kivi_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedKiviKV& cache, const RunOptions& run) {
+  const ArgCheck c("kivi_append_paged");
+  // Host backends only (kivi_cache.h).
+  const auto [batch, tokens, hkv, d] = detail::check_new_tokens(c, k_new, v_new, Device::cpu);
+  check_cache(c, cache, batch, hkv, d, "k_new", tokens, 0, run.check_indices);
+  dispatch(KiviAppendPagedArgs{k_new, v_new, cache, run.stream}, run, k_new.device);
+}
 
 void kivi_decode_attention_paged(const Tensor& q, const PagedKiviKV& cache, const Tensor& out,
                                  const AttentionOptions& options, const RunOptions& run) {
@@ -77,7 +88,8 @@ void kivi_decode_attention_paged(const Tensor& q, const PagedKiviKV& cache, cons
   const AttentionOptions resolved = detail::resolve_attention_options(c, options, q.dim(2));
   if (cache.v_pages.rank != 4) c.fail("cache.v_pages", "rank 4 [num_pages, page_size, Hkv, Vb]", cache.v_pages.describe());
   c.gqa(q.dim(1), cache.v_pages.dim(2));
-  check_cache(c, cache, q.dim(0), cache.v_pages.dim(2), q.dim(2), run.check_indices);
+  // Every sequence needs a token: a softmax over none has no value.
+  check_cache(c, cache, q.dim(0), cache.v_pages.dim(2), q.dim(2), "q", 0, 1, run.check_indices);
   dispatch(KiviDecodeAttentionPagedArgs{q, cache, out, resolved, run.stream}, run, q.device);
 }
 

@@ -9,26 +9,16 @@ namespace decodelab {
 
 using detail::ArgCheck;
 using detail::check_heads;
-using detail::kAny;
 
 namespace {
 
-// The whole cache against B sequences of Hkv heads of dimension D, on `device`; with
-// check_values, every lengths[b] + extra fits the page table and every page it covers is a page of
-// the pools.
+// The whole cache against B sequences of Hkv heads of dimension D, on `device`, as
+// check_record_cache.
 void check_cache(const ArgCheck& c, const PagedTurboQuantKV& cache, int64_t batch, int64_t hkv, int64_t d,
                  const char* d_of, Device device, int64_t extra, int64_t min_length, bool check_values) {
   const kvquant::TurboQuantMse& k_codec = detail::check_turboquant_codec(c, cache.k_codec, "cache.k_codec", d, d_of);
-  const kvquant::TurboQuantMse& v_codec = detail::check_turboquant_codec(c, cache.v_codec, "cache.v_codec", d, d_of);
-  if (cache.k_pages.rank != 4) c.fail("cache.k_pages", "rank 4 [num_pages, page_size, Hkv, R]", cache.k_pages.describe());
-  const int64_t num_pages = cache.k_pages.dim(0), page_size = cache.k_pages.dim(1);
-  if (page_size < 1) c.fail("cache.k_pages", "page_size >= 1", cache.k_pages.describe());
-  detail::check_record_pool(c, cache.k_pages, "cache.k_pages", k_codec.record_bytes(), k_codec.config().bits, d,
-                            "cache.k_codec", kAny, kAny, hkv, device);
-  detail::check_record_pool(c, cache.v_pages, "cache.v_pages", v_codec.record_bytes(), v_codec.config().bits, d,
-                            "cache.v_codec", num_pages, page_size, hkv, device);
-  detail::check_page_table(c, cache.page_table, cache.lengths, batch, num_pages, page_size, device, extra,
-                           min_length, check_values);
+  detail::check_record_cache(c, cache, {k_codec.record_bytes(), detail::coordinate_records(k_codec.config().bits, d)},
+                             batch, hkv, d, d_of, device, extra, min_length, check_values);
 }
 
 }  // namespace
@@ -47,13 +37,7 @@ void turboquant_append_paged(const Tensor& k_new, const Tensor& v_new, const Pag
 void turboquant_decode_attention_paged(const Tensor& q, const PagedTurboQuantKV& cache, const Tensor& out,
                                        const AttentionOptions& options, const RunOptions& run) {
   const ArgCheck c("turboquant_decode_attention_paged");
-  check_heads(c, q, "q", "[B, Hq, D]");
-  c.same_shape(out, "out", q, "q");
-  c.same_dtype(out, "out", q.dtype, "the dtype of q");
-  c.usable(out, "out", q.device);
-  const AttentionOptions resolved = detail::resolve_attention_options(c, options, q.dim(2));
-  if (cache.k_pages.rank != 4) c.fail("cache.k_pages", "rank 4 [num_pages, page_size, Hkv, R]", cache.k_pages.describe());
-  c.gqa(q.dim(1), cache.k_pages.dim(2));
+  const AttentionOptions resolved = detail::check_attention_query(c, q, cache, out, options);
   // Every sequence needs a token: a softmax over none has no value.
   check_cache(c, cache, q.dim(0), cache.k_pages.dim(2), q.dim(2), "q", q.device, 0, 1, run.check_indices);
   dispatch(TurboQuantDecodeAttentionPagedArgs{q, cache, out, resolved, run.stream}, run, q.device);

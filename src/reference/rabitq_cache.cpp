@@ -1,4 +1,5 @@
-// Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache, the reference: every
+// The paged RaBitQ-key / TurboQuant-value cache ops, the reference. The append encodes with
+// RabitqKeys::encode and TurboQuantMse::encode (record_append.h). Fused decode attention: every
 // score is RabitqKeys::estimate of the query against the key record (centroid term included),
 // every value is TurboQuantMse::decode of its record, and plain attention runs over them in
 // double. It shares nothing with the fused CPU kernel but the codecs, so it checks the fused
@@ -7,9 +8,16 @@
 
 #include "kvquant/rabitq_record.h"
 #include "reference/decoded_attention.h"
+#include "reference/record_append.h"
 #include "reference/reference.h"
 
 namespace decodelab::reference {
+
+void rabitq_append_rows(const RabitqAppendPagedArgs& a, int64_t row_begin, int64_t row_end) {
+  append_record_rows(a.k_new, a.v_new, a.cache, row_begin, row_end);
+}
+
+void rabitq_append_paged(const RabitqAppendPagedArgs& a) { rabitq_append_rows(a, 0, append_record_row_count(a.k_new)); }
 
 void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a) {
   const detail::ArgCheck check(a.kOp);

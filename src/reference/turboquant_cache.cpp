@@ -5,32 +5,20 @@
 #include <algorithm>
 #include <cmath>
 #include <span>
-#include <tuple>
 #include <vector>
 
 #include "reference/decoded_attention.h"
 #include "reference/kv_layout.h"
+#include "reference/record_append.h"
 #include "reference/reference.h"
 
 namespace decodelab::reference {
 void turboquant_append_rows(const TurboQuantAppendPagedArgs& a, int64_t row_begin, int64_t row_end) {
-  const PagedRecordLayout at(a.cache);
-  const int64_t hkv = a.k_new.dim(1), d = a.k_new.dim(2);
-  std::vector<float> x(static_cast<size_t>(d));
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t b = row / hkv, h = row % hkv;
-    const int64_t index = at.record(b, h, at.length(b));
-    for (const auto& [src, pool, codec] : {std::tuple{&a.k_new, &a.cache.k_pages, a.cache.k_codec},
-                                           std::tuple{&a.v_new, &a.cache.v_pages, a.cache.v_codec}}) {
-      // f16 and bf16 widen to f32 exactly: the codec sees the values as stored.
-      for (int64_t j = 0; j < d; ++j) x[size_t(j)] = float(load(*src, row * d + j));
-      codec->encode(x, record_bytes(*pool, index));
-    }
-  }
+  append_record_rows(a.k_new, a.v_new, a.cache, row_begin, row_end);
 }
 
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) {
-  turboquant_append_rows(a, 0, a.k_new.dim(0) * a.k_new.dim(1));
+  turboquant_append_rows(a, 0, append_record_row_count(a.k_new));
 }
 
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a) {

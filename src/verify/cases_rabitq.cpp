@@ -1,6 +1,8 @@
-// Verification cases for fused decode attention over the paged RaBitQ-key / TurboQuant-value cache
-// (rabitq_cache.h), against the reference, which scores every key with RabitqKeys::estimate,
-// decodes every value and attends in double. Single-token decode only: one query per sequence, at
+// Verification cases for the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h): the
+// append (codes bit-exact against the reference encoders), one new token per sequence and several
+// apart, and fused decode attention against the reference, which scores every key with
+// RabitqKeys::estimate, decodes every value and attends in double. Attention is single-token
+// decode: one query per sequence, at
 // lengths 1, 17, lengths that are not page multiples and about 2000; RaBitQ at 1 bit and extended
 // RaBitQ at 2 and 4 bits; values at 2 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8;
 // pages of 16 and 128; a key centroid (whose term the fused kernels drop: the softmax does not see
@@ -41,9 +43,11 @@ struct Shape {
   }
   TurboQuantConfig v_config() const { return {d, v_bits, rotation, 22, ScaleMode::norm_corrected}; }
   std::string name() const {
-    return fmt::format("Hq={} Hkv={} D={} lengths [{}] page {} K RaBitQ {}-bit V {}-bit {}{}{}", hq, hkv, d,
-                       fmt::join(lengths, ", "), page_size, k_bits, v_bits, kvquant::rotation_kind_name(rotation),
-                       centroid ? " centroid" : "", q_scale > 1.0 ? " large-logits" : "");
+    // hq = 0 for an append, which has no queries.
+    return fmt::format("{}Hkv={} D={} lengths [{}] page {} K RaBitQ {}-bit V {}-bit {}{}{}",
+                       hq > 0 ? fmt::format("Hq={} ", hq) : "", hkv, d, fmt::join(lengths, ", "), page_size, k_bits,
+                       v_bits, kvquant::rotation_kind_name(rotation), centroid ? " centroid" : "",
+                       q_scale > 1.0 ? " large-logits" : "");
   }
 };
 
@@ -63,10 +67,34 @@ const Shape kAttention[] = {
     {{64, 300}, 32, 8, 128, 16, 1, 4, RotationKind::hadamard, false, 4.0},  // Llama-3-8B heads, large logits
 };
 
+// Appends: a new token at a page's last slot, at a page start and at length 0; several new tokens
+// that fill a page and run into the next, or span pages.
+struct AppendShape {
+  Shape s;
+  int64_t tokens;
+};
+
+const AppendShape kAppend[] = {
+    {{{15, 16, 0}, 0, 2, 128, 16, 1, 2}, 1},
+    {{{127, 5}, 0, 6, 96, 128, 4, 4, RotationKind::dense}, 1},
+    {{{40}, 0, 1, 256, 16, 2, 4, RotationKind::hadamard, true}, 1},  // a centroid
+    {{{0, 9}, 0, 2, 128, 16, 1, 4}, 16},
+    {{{30, 1}, 0, 4, 64, 16, 4, 2}, 37},
+    {{{3}, 0, 8, 128, 128, 2, 3}, 200},
+};
+
+void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {
+  for (const auto& [s, tokens] : kAppend) {
+    add_record_append_cases<RabitqAppendPagedArgs, PagedRabitqKV, Codecs>(
+        grid, filter, s, tokens, "RabitqKeys::encode and TurboQuantMse::encode");
+  }
+}
+
 }  // namespace
 
 void add_rabitq_cases(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   add_record_attention_cases<RabitqDecodeAttentionPagedArgs, PagedRabitqKV, Codecs>(grid, filter, kAttention);
+  add_append(grid, filter);
 }
 
 }  // namespace decodelab::verify

@@ -66,45 +66,14 @@ const Shape kAppend[] = {
     {{9}, 4, 2, 128, 16, 3, 2, ScaleMode::unbiased, ScaleMode::norm_corrected},
 };
 
-RecordFixture make_fixture(const Shape& s, Codecs& codecs, int64_t extra, Rng& rng) {
-  return make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, codecs, extra, rng);
-}
-
-PagedTurboQuantKV cache_view(std::span<const Tensor> pools_from, size_t at, std::span<const Tensor> in,
-                             size_t tables_at, Codecs& codecs) {
-  return {pools_from[at], pools_from[at + 1], in[tables_at], in[tables_at + 1], &codecs.k(), &codecs.v()};
-}
-
 void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   add_record_attention_cases<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV, Codecs>(grid, filter, kAttention);
 }
 
 void add_append(std::vector<VerifyCase>& grid, const GridFilter& filter) {
   for (const Shape& s : kAppend) {
-    auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
-    add_cases<TurboQuantAppendPagedArgs>(
-        grid, filter, s.name(),
-        [](DType) { return Tolerance{0.0, "codes bit-exact: every backend runs TurboQuantMse::encode", true}; },
-        [s, codecs](DType t, uint64_t seed) {
-          Rng rng(seed);
-          const int64_t batch = int64_t(s.lengths.size());
-          CaseData d;
-          d.inputs.push_back(random_array(t, {batch, s.hkv, s.d}, rng));
-          d.inputs.push_back(random_array(t, {batch, s.hkv, s.d}, rng));
-          RecordFixture f = make_fixture(s, *codecs, 1, rng);
-          const std::vector<int64_t> k_shape(f.k_pages.view().shape.begin(), f.k_pages.view().shape.begin() + 4);
-          const std::vector<int64_t> v_shape(f.v_pages.view().shape.begin(), f.v_pages.view().shape.begin() + 4);
-          d.inputs.push_back(std::move(f.k_pages));
-          d.inputs.push_back(std::move(f.v_pages));
-          d.inputs.push_back(std::move(f.page_table));
-          d.inputs.push_back(std::move(f.lengths));
-          d.outputs.push_back({DType::u8, k_shape, 2});
-          d.outputs.push_back({DType::u8, v_shape, 3});
-          return d;
-        },
-        [codecs](auto in, auto out) {
-          return TurboQuantAppendPagedArgs{in[0], in[1], cache_view(out, 0, in, 4, *codecs), {}};
-        });
+    add_record_append_cases<TurboQuantAppendPagedArgs, PagedTurboQuantKV, Codecs>(grid, filter, s, 1,
+                                                                                  "TurboQuantMse::encode");
   }
 }
 

@@ -1,7 +1,10 @@
 // What the verification cases of the paged record caches share (cases_turboquant.cpp,
 // cases_rabitq.cpp, cases_qjl.cpp): a case's two codecs built on first use, pools filled with the
-// records of random vectors, and the decode attention cases over them.
+// records of random vectors, and the decode attention and append cases over them; with the KIVI
+// cache's (cases_kivi.cpp), the new tokens and in-place outputs of an append.
 #pragma once
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cstring>
@@ -9,6 +12,7 @@
 #include <mutex>
 #include <numeric>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -86,6 +90,14 @@ RecordFixture make_record_fixture(const std::vector<int32_t>& lengths, int64_t h
   return f;
 }
 
+// The fixture's pools, page table and lengths as the case's next four inputs, in that order.
+inline void add_fixture_inputs(CaseData& data, RecordFixture&& f) {
+  data.inputs.push_back(std::move(f.k_pages));
+  data.inputs.push_back(std::move(f.v_pages));
+  data.inputs.push_back(std::move(f.page_table));
+  data.inputs.push_back(std::move(f.lengths));
+}
+
 // Decode attention cases over a paged record cache, one per backend and dtype, for each shape `s`
 // (lengths, hq, hkv, d, page_size, q_scale, name(), k_config(), v_config()): q [B, Hq, D] of
 // N(0, q_scale^2) draws, the fixture's pools with 5 free slots after each length, out [B, Hq, D];
@@ -102,11 +114,7 @@ void add_record_attention_cases(std::vector<VerifyCase>& grid, const GridFilter&
         const int64_t batch = int64_t(s.lengths.size());
         CaseData d;
         d.inputs.push_back(random_array(t, {batch, s.hq, s.d}, rng, s.q_scale));
-        RecordFixture f = make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, *codecs, 5, rng);
-        d.inputs.push_back(std::move(f.k_pages));
-        d.inputs.push_back(std::move(f.v_pages));
-        d.inputs.push_back(std::move(f.page_table));
-        d.inputs.push_back(std::move(f.lengths));
+        add_fixture_inputs(d, make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, *codecs, 5, rng));
         d.outputs.push_back({t, {batch, s.hq, s.d}});
         return d;
       },
@@ -114,6 +122,59 @@ void add_record_attention_cases(std::vector<VerifyCase>& grid, const GridFilter&
         return Args{in[0], Cache{in[1], in[2], in[3], in[4], &codecs->k(), &codecs->v()}, out[0], {true, 0.0f}, {}};
       });
   }
+}
+
+// The new tokens of an append case, k_new and v_new N(0, 1) as inputs 0 and 1: [B, Hkv, D] for
+// one token per sequence (the decode form), [B, S, Hkv, D] for S > 1.
+inline void add_new_tokens(CaseData& data, DType dtype, int64_t batch, int64_t tokens, int64_t hkv, int64_t d,
+                           Rng& rng) {
+  const std::vector<int64_t> shape =
+      tokens == 1 ? std::vector<int64_t>{batch, hkv, d} : std::vector<int64_t>{batch, tokens, hkv, d};
+  data.inputs.push_back(random_array(dtype, shape, rng));
+  data.inputs.push_back(random_array(dtype, shape, rng));
+}
+
+// The cache of an append, inputs [first, first + count), as outputs written in place: each starts
+// as its input, and every byte is compared with the reference's.
+inline void add_in_place_outputs(CaseData& data, size_t first, size_t count) {
+  for (size_t i = first; i < first + count; ++i) {
+    const Tensor t = data.inputs[i].view();
+    data.outputs.push_back({t.dtype, std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.rank), int(i)});
+  }
+}
+
+// An append's tolerance: none, as every backend runs the codecs' encoders (`which`).
+inline Tolerance append_tolerance(const std::string& which) {
+  return {0.0, "codes bit-exact: every backend runs " + which, true};
+}
+
+// " 5 new tokens" for a multi-token append's case name; "" for the decode form.
+inline std::string new_tokens_name(int64_t tokens) {
+  return tokens == 1 ? std::string() : fmt::format(" {} new tokens", tokens);
+}
+
+// The append cases of a paged record cache (Cache: PagedTurboQuantKV or PagedRabitqKV, whose
+// fields are the pools, the page table, the lengths and the two codecs in that order) for a shape
+// `s` (lengths, hkv, d, page_size, name(), k_config(), v_config()): `tokens` new tokens per
+// sequence written at the lengths of a record fixture, both pools compared bit for bit with the
+// reference's (`encoders` the codecs' encoders every backend runs). The codecs a LazyCodecs<K, V>.
+template <class Args, class Cache, class Codecs, class Shape>
+void add_record_append_cases(std::vector<VerifyCase>& grid, const GridFilter& filter, const Shape& s, int64_t tokens,
+                             const std::string& encoders) {
+  const auto codecs = std::make_shared<Codecs>(s.k_config(), s.v_config());
+  add_cases<Args>(
+      grid, filter, s.name() + new_tokens_name(tokens), [encoders](DType) { return append_tolerance(encoders); },
+      [s, tokens, codecs](DType t, uint64_t seed) {
+        Rng rng(seed);
+        CaseData data;
+        add_new_tokens(data, t, int64_t(s.lengths.size()), tokens, s.hkv, s.d, rng);
+        add_fixture_inputs(data, make_record_fixture(s.lengths, s.hkv, s.d, s.page_size, *codecs, tokens, rng));
+        add_in_place_outputs(data, 2, 2);
+        return data;
+      },
+      [codecs](auto in, auto out) {
+        return Args{in[0], in[1], Cache{out[0], out[1], in[4], in[5], &codecs->k(), &codecs->v()}, {}};
+      });
 }
 
 }  // namespace decodelab::verify
