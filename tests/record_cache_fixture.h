@@ -269,11 +269,12 @@ void expect_shared_argument_errors(const std::string& op, const Data& data, cons
   auto c = data.cache();
   c.v_codec = nullptr;
   EXPECT_EQ(decode(c, q, out), op + "cache.v_codec: expected a TurboQuantMse codec, got null");
-  const kvquant::TurboQuantMse split({64, 2, kvquant::RotationKind::hadamard, 2, kvquant::ScaleMode::plain, 32}),
+  const kvquant::TurboQuantMse split({64, 2, kvquant::RotationKind::hadamard, 2, kvquant::ScaleMode::plain, 24}),
       v4({64, 4});
   c.v_codec = &split;
-  EXPECT_EQ(decode(c, q, out), op + "cache.v_codec: expected a codec of one integer width (the fused kernels do not "
-                                    "implement split widths), got a split 2.5-bit codec (high_bits_channels = 32)");
+  EXPECT_EQ(decode(c, q, out), op + "cache.v_codec: expected an integer width or a split one with high_bits_channels a "
+                                    "multiple of 16 (the fused kernels expand 16 indices at a time), got a split "
+                                    "2.375-bit codec (high_bits_channels = 24)");
   c.v_codec = &v4;
   EXPECT_EQ(decode(c, q, out), op + "cache.v_pages: expected shape [3, 16, 2, 36] [num_pages, page_size, Hkv, R]: "
                                     "R = 36 bytes, a 4-bit record of D = 64 (cache.v_codec), got [3, 16, 2, 20] u8");

@@ -64,6 +64,10 @@ TEST(LlamaTurboQuantStack, CpuMatchesReference) {
   // A mixed stack (layer 0 f16) and Qwen2's biases in the projections before the encoder.
   const LlamaModel qwen2 = LlamaModel::random(tiny_qwen2_config(), {}, 23);
   expect_stack_matches(qwen2, qwen2, "cpu", 1e-9, 2, turboquant_kv(2, 4, {0}));
+  // Split widths: K 2.5 bits, V 3.5 bits (kvquant.h), through the cpu kernel's two runs of codes.
+  KvQuantization split = turboquant_kv(2, 3);
+  split.k.high_bits_channels = split.v.high_bits_channels = 32;
+  expect_stack_matches(llama, llama, "cpu", 1e-9, 2, split);
 }
 
 // Two sequences of different lengths stepped together on the cpu (the batched path: q/k/v gathered
@@ -110,19 +114,26 @@ TEST(LlamaTurboQuantStack, LogitsCloseToF16AndWorseWithFewerBits) {
   greedy(model, "cpu", {1, 17, 300, 42, 7}, 27, tokens);
   tokens.insert(tokens.begin(), {1, 17, 300, 42, 7});
   const auto f16 = teacher_forced(model, tokens, std::nullopt);
-  const auto mean_nmse = [&](int bits) {
-    const auto got = teacher_forced(model, tokens, turboquant_kv(bits, bits));
+  // bits, and high_bits_channels of D = 64 at bits + 1 (a split width: 32 is half a bit more).
+  const auto mean_nmse = [&](int bits, int64_t high = 0) {
+    KvQuantization kv = turboquant_kv(bits, bits);
+    kv.k.high_bits_channels = kv.v.high_bits_channels = high;
+    const auto got = teacher_forced(model, tokens, kv);
     double sum = 0.0;
     for (size_t i = 0; i < f16.size(); ++i) sum += nmse(got[i], f16[i]);
     return sum / double(f16.size());
   };
-  const double nmse4 = mean_nmse(4), nmse2 = mean_nmse(2), nmse1 = mean_nmse(1);
-  std::printf("logits NMSE against f16 over %zu steps: 4-bit %.3g, 2-bit %.3g, 1-bit %.3g\n", f16.size(), nmse4,
-              nmse2, nmse1);
+  const double nmse4 = mean_nmse(4), nmse3 = mean_nmse(3), nmse25 = mean_nmse(2, 32), nmse2 = mean_nmse(2),
+               nmse1 = mean_nmse(1);
+  std::printf("logits NMSE against f16 over %zu steps: 4-bit %.3g, 3-bit %.3g, 2.5-bit %.3g, 2-bit %.3g, 1-bit %.3g\n",
+              f16.size(), nmse4, nmse3, nmse25, nmse2, nmse1);
   EXPECT_GT(nmse4, 0.0);  // the cache is compressed at all
   EXPECT_LT(nmse4, 3e-2);
   EXPECT_GT(nmse2, 4.0 * nmse4);
   EXPECT_GT(nmse1, nmse2);
+  // 2.5 bits between 2 and 3 (vector errors 0.116, ~0.075 and 0.034 of D times the distortion).
+  EXPECT_LT(nmse3, nmse25);
+  EXPECT_LT(nmse25, nmse2);
 }
 
 // Positions that skip() reserves hold zero records (norm 0: a zero key and value), as the f16
@@ -178,8 +189,8 @@ TEST(LlamaTurboQuantStack, BadConfigurationsNameTheField) {
   expect_contains(message(turboquant_kv(4, 5)), "config.kv_quantization.v: expected an integer width of 1-4 bits");
   expect_contains(message(turboquant_kv(0, 4)), "config.kv_quantization.k: expected an integer width of 1-4 bits");
   KvQuantization split = turboquant_kv(2, 2);
-  split.k.high_bits_channels = 32;
-  expect_contains(message(split), "got bits 2, high_bits_channels 32");
+  split.k.high_bits_channels = 24;  // not a multiple of 16 (32 would be 2.5 bits at D = 64)
+  expect_contains(message(split), "got bits 2, high_bits_channels 24");
   // The decoder's page bookkeeping for its TurboQuant layers has no pools to copy on write.
   PagedKVCache::Config pages;
   pages.num_pages = 4;

@@ -74,12 +74,13 @@ TEST_P(BadArgs, DecodeAttention) {
   c = cache();
   c.v_codec = &codec128;
   EXPECT_EQ(decode(c), op + "cache.v_codec: expected a codec for head_dim D = 64 (of q), got a codec for D = 128");
-  // A split width (kvquant.h): the kernels expand one width from config().bits, so it is refused.
-  const TurboQuantMse split({64, 2, kvquant::RotationKind::hadamard, 2, kvquant::ScaleMode::plain, 32});
+  // A split width (kvquant.h) whose runs the kernels cannot expand 16 indices at a time.
+  const TurboQuantMse split({64, 2, kvquant::RotationKind::hadamard, 2, kvquant::ScaleMode::plain, 24});
   c = cache();
   c.v_codec = &split;
-  EXPECT_EQ(decode(c), op + "cache.v_codec: expected a codec of one integer width (the fused kernels do not implement split "
-                            "widths), got a split 2.5-bit codec (high_bits_channels = 32)");
+  EXPECT_EQ(decode(c), op + "cache.v_codec: expected an integer width or a split one with high_bits_channels a multiple of "
+                            "16 (the fused kernels expand 16 indices at a time), got a split 2.375-bit codec "
+                            "(high_bits_channels = 24)");
   c = cache();
   c.v_pages = k_pages;  // 36-byte records where the 2-bit codec writes 20
   EXPECT_EQ(decode(c), op + "cache.v_pages: expected shape [4, 16, 2, 20] [num_pages, page_size, Hkv, R]: R = 20 bytes, "
@@ -116,11 +117,12 @@ TEST_P(BadArgs, Append) {
   c = cache();
   c.k_codec = &codec128;
   EXPECT_EQ(append(c), op + "cache.k_codec: expected a codec for head_dim D = 64 (of k_new), got a codec for D = 128");
-  const TurboQuantMse split({64, 3, kvquant::RotationKind::hadamard, 1, kvquant::ScaleMode::plain, 32});
+  const TurboQuantMse split({64, 3, kvquant::RotationKind::hadamard, 1, kvquant::ScaleMode::plain, 8});
   c = cache();
   c.k_codec = &split;
-  EXPECT_EQ(append(c), op + "cache.k_codec: expected a codec of one integer width (the fused kernels do not implement split "
-                            "widths), got a split 3.5-bit codec (high_bits_channels = 32)");
+  EXPECT_EQ(append(c), op + "cache.k_codec: expected an integer width or a split one with high_bits_channels a multiple of "
+                            "16 (the fused kernels expand 16 indices at a time), got a split 3.125-bit codec "
+                            "(high_bits_channels = 8)");
   c = cache();
   c.k_pages = v_pages;  // 20-byte records where the 4-bit codec writes 36
   EXPECT_EQ(append(c), op + "cache.k_pages: expected shape [*, *, 2, 36] [num_pages, page_size, Hkv, R]: R = 36 bytes, "

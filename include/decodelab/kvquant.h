@@ -188,9 +188,9 @@ class Codebook {
 //                       bytes (index j is coordinate j);
 //   then                the D - h low-width indices, pack_bits at b bits (index j is coordinate
 //                       h + j), each part starting on a byte.
-// With h = 0 the record is the integer-width record above, byte for byte. The fused attention
-// kernels read one width from config().bits, so the paged cache ops refuse a split codec
-// (turboquant_cache.h); encode() and decode() are its reference.
+// With h = 0 the record is the integer-width record above, byte for byte. The paged cache ops take
+// a split codec where h is a multiple of 16 (turboquant_cache.h); encode() and decode() are its
+// reference.
 
 enum class ScaleMode : uint8_t {
   // x~ = n * u~. E||u - u~||^2 is D * codebook.distortion(), the quantity the paper bounds; u~ is

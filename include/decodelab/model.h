@@ -133,9 +133,10 @@ void write_random_llama(const std::filesystem::path& dir, const ModelConfig& con
 // (turboquant_cache.h): every layer but those in f16_layers. Each such layer has its own K
 // and V codec of these configs with the rotation seed k.seed + layer (v.seed + layer), so that
 // no two layers share a rotation; the codebooks are computed once for all. head_dim: 0 (the
-// model's) or the model's; bits 1-4 (an integer width: split widths have no fused kernel). The
-// cuda backend takes fewer (its kernels: 2-4 bits, head_dim 64, 96, 128 or 256, no unbiased scale
-// in the append; src/cuda/supports.cpp) and says so at the first step.
+// model's) or the model's; bits 1-4, or a split width (bits 1-3, high_bits_channels a multiple of
+// 16: 2.5 or 3.5 bits per coordinate; kvquant.h). The cuda backend takes fewer (its kernels: 2-4
+// bits of one integer width, head_dim 64, 96, 128 or 256, no unbiased scale in the append;
+// src/cuda/supports.cpp) and says so at the first step.
 // The record pools have the f16 caches' pages (max_sequences * max_tokens / page_size).
 // With cuda_graphs, the eager first step of a batch size uploads each codec's rotation, which
 // a capture may not do (src/cuda/turboquant_tables.cpp); the captured steps reuse them.

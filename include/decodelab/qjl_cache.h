@@ -13,7 +13,7 @@
 // is 1 where (S k)_i < 0), S the codec's m x D Gaussian sketch. A value record is
 // TurboQuantMse's (turboquant_cache.h). Both codecs have the queries' head_dim; the sketch size m
 // is a multiple of 16 (the fused kernels read the sign bits 16 at a time, two whole bytes); the
-// value codec has one integer width (a split-width codec is refused, as for PagedTurboQuantKV).
+// value codec may have a split width, as for PagedTurboQuantKV.
 // At D = 128 and m = 256 a key costs 36 bytes per KV head, against 256 in f16.
 // There is no append op yet: k_codec->encode and v_codec->encode write the records.
 //

@@ -13,7 +13,7 @@
 // norm n = ||k - c|| and [4, 8) the correction <o_bar, o>, little-endian f32s, then B bit planes of
 // ceil(D / 8) bytes holding the codes u_j of the grid point y_j = u_j - (2^B - 1) / 2. A value
 // record is TurboQuantMse's (turboquant_cache.h). Both codecs have the queries' head_dim; the
-// value codec has one integer width (a split-width codec is refused, as for PagedTurboQuantKV).
+// value codec may have a split width, as for PagedTurboQuantKV.
 // At D = 128 a 1-bit key costs 24 bytes per KV head and a 4-bit one 72, against 256 in f16.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an

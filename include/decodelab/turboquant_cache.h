@@ -11,9 +11,11 @@
 // of k_pages (values likewise with Rv), and holds TurboQuantMse's record: bytes [0, 4) the norm as
 // a little-endian f32, bytes [4, R) the D codebook indices of the rotated direction, bit-packed
 // (kvquant.h). Keys and values have their own codec, so their own bits (1-4), rotation seed and
-// scale mode; both have the queries' head_dim and one integer width: a split-width codec
-// (high_bits_channels > 0, kvquant.h) is refused, as no kernel expands two widths. At D = 128 a 4-bit token costs 68 + 68 bytes per
-// KV head against 512 in f16, a 2-bit one 36 + 36.
+// scale mode; both have the queries' head_dim. A split (fractional) width (high_bits_channels =
+// h > 0, kvquant.h: 2.5 or 3.5 bits) is taken by the reference and cpu backends where h is a
+// multiple of 16 (the fused cpu kernel expands 16 indices at a time) and refused by the cuda ones.
+// At D = 128 a 4-bit token costs 68 + 68 bytes per KV head against 512 in f16, a 2-bit one 36 + 36,
+// a 2.5-bit one 44 + 44.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
 // append. The codecs are host objects; the tensors live on the device of the backend (host memory

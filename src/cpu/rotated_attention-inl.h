@@ -74,27 +74,42 @@ HWY_INLINE void PrefetchRecord(const uint8_t* record, int64_t bytes) {
   hwy::Prefetch(record + bytes - 1);
 }
 
-// One side (keys or values) of a TurboQuant (MSE) pool as the kernels read it.
+// One side (keys or values) of a TurboQuant (MSE) pool as the kernels read it. A split width
+// (high_bits_channels = h > 0, kvquant.h) is two runs of indices, the first h at bits + 1 with
+// their own codebook, each expanded by its width's routine (h and D - h multiples of 16: the
+// record checks refuse other splits).
 struct TurboQuantCodes {
   using ExpandFn = void (*)(const uint8_t*, const float*, int64_t, float*);
+  // One run of indices: `count` coordinates from byte `offset` of the codes.
+  struct Run {
+    ExpandFn expand = nullptr;
+    int64_t offset = 0, count = 0;
+    float centroids[16] = {};
+  };
   const uint8_t* pages;
   int64_t record_bytes;
   bool norm_corrected;
-  ExpandFn expand;
-  float centroids[16];
+  Run runs[2];  // the high-width run first (empty at an integer width), then the `bits` run
+
+  static ExpandFn expand_for(int bits) {
+    return bits == 1 ? ExpandCentroids<1> : bits == 2 ? ExpandCentroids<2> : bits == 3 ? ExpandCentroids<3> : ExpandCentroids<4>;
+  }
+  static void set_run(Run& run, const kvquant::Codebook& codebook, int bits, int64_t offset, int64_t count) {
+    run.expand = expand_for(bits);
+    run.offset = offset;
+    run.count = count;
+    const auto c = codebook.centroids();
+    for (size_t i = 0; i < c.size(); ++i) run.centroids[i] = float(c[i]);
+  }
 
   TurboQuantCodes(const Tensor& pool, const kvquant::TurboQuantMse& codec)
       : pages(pool.ptr<const uint8_t>()),
         record_bytes(codec.record_bytes()),
         norm_corrected(codec.config().scale == kvquant::ScaleMode::norm_corrected) {
     const int bits = codec.config().bits;
-    expand = bits == 1   ? ExpandCentroids<1>
-             : bits == 2 ? ExpandCentroids<2>
-             : bits == 3 ? ExpandCentroids<3>
-                         : ExpandCentroids<4>;
-    const auto c = codec.codebook().centroids();
-    std::fill(std::begin(centroids), std::end(centroids), 0.0f);
-    for (size_t i = 0; i < c.size(); ++i) centroids[i] = float(c[i]);
+    const int64_t d = codec.config().head_dim, h = codec.config().high_bits_channels;
+    if (h > 0) set_run(runs[0], *codec.high_codebook(), bits + 1, 0, h);
+    set_run(runs[1], codec.codebook(), bits, h * (bits + 1) / 8, d - h);
   }
 
   float Norm(int64_t index) const { return detail::load_f32_le(pages + index * record_bytes); }
@@ -110,7 +125,13 @@ struct TurboQuantCodes {
   // positive; n * s may overflow for a norm near FLT_MAX, norm-corrected, where the output then
   // overflows too).
   HWY_INLINE float Expand(int64_t index, int64_t d, float* HWY_RESTRICT row) const {
-    expand(pages + index * record_bytes + detail::kNormBytes, centroids, d, row);
+    const uint8_t* codes = pages + index * record_bytes + detail::kNormBytes;
+    int64_t at = 0;
+    for (const Run& run : runs) {
+      if (run.count == 0) continue;
+      run.expand(codes + run.offset, run.centroids, run.count, row + at);
+      at += run.count;
+    }
     const float norm = Norm(index);
     // Never 0: a symmetric codebook has no centroid at 0.
     return norm_corrected ? norm / std::sqrt(SquaredNorm(row, d)) : norm;

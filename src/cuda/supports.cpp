@@ -185,8 +185,16 @@ std::string staged_weight_supports(const Weight& w, int parts) {
 // 4-byte alignment its record copies need (records are 4 + D * bits / 8 bytes, a multiple of 4
 // for these D and bits, so aligned pools give aligned records).
 // The append kernel repeats the encoder's arithmetic for the plain and norm-corrected records.
+// Neither CUDA kernel reads or writes a split width's two runs of indices (kvquant.h).
+std::string integer_width_supports(const kvquant::TurboQuantMse* codec, const char* name) {
+  if (codec == nullptr || codec->config().high_bits_channels == 0) return {};
+  return fmt::format("{} codes of one integer width (the CUDA kernels do not implement split widths), got {:g} bits", name,
+                     codec->config().bits_per_coordinate());
+}
+
 std::string turboquant_append_paged_supports(const TurboQuantAppendPagedArgs& a) {
   for (const auto& [codec, name] : {std::pair{a.cache.k_codec, "K"}, std::pair{a.cache.v_codec, "V"}}) {
+    if (std::string why = integer_width_supports(codec, name); !why.empty()) return why;
     if (codec != nullptr && codec->config().scale == kvquant::ScaleMode::unbiased) {
       return fmt::format("{} scale mode plain or norm_corrected (this kernel does not compute the unbiased scale), got unbiased", name);
     }
@@ -199,6 +207,7 @@ std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAtt
   if (d != 64 && d != 96 && d != 128 && d != 256) return fmt::format("head_dim 64, 96, 128 or 256, got {}", d);
   for (const auto& [codec, pool, name] : {std::tuple{a.cache.k_codec, &a.cache.k_pages, "K"},
                                           std::tuple{a.cache.v_codec, &a.cache.v_pages, "V"}}) {
+    if (std::string why = integer_width_supports(codec, name); !why.empty()) return why;
     const int bits = codec->config().bits;
     if (bits < 2 || bits > 4) return fmt::format("{} codes of 2, 3 or 4 bits, got {}", name, bits);
     if (reinterpret_cast<uintptr_t>(pool->data) % 4 != 0) return fmt::format("the {} pool 4-byte aligned", name);

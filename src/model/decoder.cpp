@@ -37,10 +37,13 @@ kvquant::TurboQuantConfig codec_config(kvquant::TurboQuantConfig c, const char* 
     throw Error(fmt::format("LlamaDecoder: config.kv_quantization.{}.head_dim: expected 0 or the model's head_dim {}, got {}",
                             name, head_dim, c.head_dim));
   }
-  if (c.bits < 1 || c.bits > 4 || c.high_bits_channels != 0) {
-    throw Error(fmt::format("LlamaDecoder: config.kv_quantization.{}: expected an integer width of 1-4 bits "
-                            "(high_bits_channels 0: split widths have no fused kernel), got bits {}, high_bits_channels {}",
-                            name, c.bits, c.high_bits_channels));
+  // A split width (kvquant.h) as the fused cpu kernel takes it: h a multiple of 16, bits + 1 <= 4.
+  const int64_t h = c.high_bits_channels;
+  if (c.bits < 1 || c.bits > 4 || h < 0 || h >= head_dim || h % 16 != 0 || (h > 0 && c.bits == 4)) {
+    throw Error(fmt::format("LlamaDecoder: config.kv_quantization.{}: expected an integer width of 1-4 bits, or 1-3 bits "
+                            "with high_bits_channels a multiple of 16 below head_dim {} (a split width), got bits {}, "
+                            "high_bits_channels {}",
+                            name, head_dim, c.bits, h));
   }
   c.head_dim = head_dim;
   return c;

@@ -26,10 +26,10 @@ inline const kvquant::TurboQuantMse& check_turboquant_codec(const ArgCheck& c, c
     c.fail(name, fmt::format("a codec for head_dim D = {} (of {})", d, d_of),
            fmt::format("a codec for D = {}", codec->config().head_dim));
   }
-  // Every backend's kernels, the reference's included, expand one width of codes from
-  // config().bits; a split record would be read at the wrong offsets, so it is refused here once.
-  if (codec->config().high_bits_channels != 0) {
-    c.fail(name, "a codec of one integer width (the fused kernels do not implement split widths)",
+  // The fused cpu kernels expand a split width's two runs of indices 16 at a time (the CUDA
+  // kernels refuse split widths in their supports()).
+  if (codec->config().high_bits_channels % 16 != 0) {
+    c.fail(name, "an integer width or a split one with high_bits_channels a multiple of 16 (the fused kernels expand 16 indices at a time)",
            fmt::format("a split {:g}-bit codec (high_bits_channels = {})", codec->config().bits_per_coordinate(),
                        codec->config().high_bits_channels));
   }

@@ -2,7 +2,7 @@
 // reference encoder) and fused decode attention (against the reference, which decodes every
 // record and attends in double). Single-token decode only: one query per sequence, at lengths 1,
 // 17, lengths that are not page multiples and a few thousand; head_dim 64, 96, 128, 256; GQA 1,
-// 4, 6, 8; pages of 16 and 128; K and V at their own bits and scale modes.
+// 4, 6, 8; pages of 16 and 128; K and V at their own bits (split widths too) and scale modes.
 #include <fmt/format.h>
 
 #include <memory>
@@ -29,12 +29,14 @@ struct Shape {
   ScaleMode k_scale, v_scale;
   RotationKind rotation = RotationKind::hadamard;
   double q_scale = 1.0;  // > 1: large logits
+  int64_t k_high = 0, v_high = 0;  // high_bits_channels: a split (fractional) width where > 0
 
-  TurboQuantConfig k_config() const { return {d, k_bits, rotation, 11, k_scale}; }
-  TurboQuantConfig v_config() const { return {d, v_bits, rotation, 12, v_scale}; }
+  TurboQuantConfig k_config() const { return {d, k_bits, rotation, 11, k_scale, k_high}; }
+  TurboQuantConfig v_config() const { return {d, v_bits, rotation, 12, v_scale, v_high}; }
   std::string name() const {
-    return fmt::format("Hq={} Hkv={} D={} lengths [{}] page {} K {}-bit {} V {}-bit {} {}{}", hq, hkv, d,
-                       fmt::join(lengths, ", "), page_size, k_bits, kvquant::scale_mode_name(k_scale), v_bits,
+    return fmt::format("Hq={} Hkv={} D={} lengths [{}] page {} K {:g}-bit {} V {:g}-bit {} {}{}", hq, hkv, d,
+                       fmt::join(lengths, ", "), page_size, k_config().bits_per_coordinate(),
+                       kvquant::scale_mode_name(k_scale), v_config().bits_per_coordinate(),
                        kvquant::scale_mode_name(v_scale), kvquant::rotation_kind_name(rotation),
                        q_scale > 1.0 ? " large-logits" : "");
   }
@@ -56,6 +58,10 @@ const Shape kAttention[] = {
     {{64}, 32, 8, 128, 16, 4, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::hadamard, 4.0},
     {{50}, 16, 1, 128, 16, 4, 4, ScaleMode::plain, ScaleMode::plain},     // GQA 16: two chunks of heads
     {{33}, 8, 2, 128, 16, 4, 4, ScaleMode::unbiased, ScaleMode::unbiased},
+    // Split (fractional) widths: 2.5 and 3.5 bits at D = 128, 1.5 and 2.33 at D = 96, one token.
+    {{45, 130}, 8, 2, 128, 16, 2, 3, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::hadamard, 1.0, 64, 64},
+    {{100}, 12, 2, 96, 16, 1, 2, ScaleMode::norm_corrected, ScaleMode::plain, RotationKind::hadamard, 1.0, 48, 32},
+    {{1}, 8, 8, 64, 16, 3, 2, ScaleMode::plain, ScaleMode::plain, RotationKind::dense, 1.0, 16, 48},
 };
 
 // Appends: the new token at a page's last slot, at a page start, and at length 0.
@@ -64,6 +70,7 @@ const Shape kAppend[] = {
     {{127, 5}, 6, 6, 96, 128, 3, 3, ScaleMode::norm_corrected, ScaleMode::plain},
     {{40}, 8, 1, 256, 16, 2, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::dense},
     {{9}, 4, 2, 128, 16, 3, 2, ScaleMode::unbiased, ScaleMode::norm_corrected},
+    {{15, 16, 0}, 4, 2, 128, 16, 2, 3, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::hadamard, 1.0, 64, 64},
 };
 
 void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {

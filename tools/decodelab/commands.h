@@ -39,10 +39,11 @@ struct GenerateCommandOptions {
   float top_p = 1.0f;
   uint64_t seed = 0;
   bool check_finite = false;
-  // KV-cache quantization: "" (the activation dtype) or "turboquant"; K and V bits (kv_bits sets
-  // both where k_bits/v_bits are 0), the scale mode, and the layers kept in the activation dtype.
+  // KV-cache quantization: "" (the activation dtype) or "turboquant"; K and V bits per coordinate
+  // (kv_bits sets both where k_bits/v_bits are 0; a fraction such as 2.5 is a split width), the
+  // scale mode, and the layers kept in the activation dtype.
   std::string kv_quant;
-  int kv_bits = 4, k_bits = 0, v_bits = 0;
+  double kv_bits = 4, k_bits = 0, v_bits = 0;
   std::string kv_scale = "plain";
   std::vector<int> f16_layers;
 };

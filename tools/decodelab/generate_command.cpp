@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <optional>
 #include <random>
@@ -57,9 +58,23 @@ DType parse_dtype(const std::string& name) {
   throw Error(fmt::format("generate: --dtype: expected f32, f16 or bf16, got {}", name));
 }
 
+// `bits` per coordinate as a codec width: an integer, or b + h / D for a split width (kvquant.h),
+// whose h the fused kernels take in multiples of 16 (2.5 and 3.5 at head_dim 64, 128, ...).
+void set_width(kvquant::TurboQuantConfig& config, double bits, const char* flag, int64_t head_dim) {
+  const int whole = int(std::floor(bits));
+  const double high = (bits - whole) * double(head_dim);
+  if (whole < 1 || whole > 4 || (high != 0 && whole == 4) || high != std::round(high) || int64_t(high) % 16 != 0) {
+    throw Error(fmt::format("generate: {}: expected 1, 2, 3, 4 or b + h / {} (head_dim) with b in 1..3 and h a multiple "
+                            "of 16 (e.g. 2.5), got {:g}",
+                            flag, head_dim, bits));
+  }
+  config.bits = whole;
+  config.high_bits_channels = int64_t(high);
+}
+
 // The decoder's KV quantization from --kv-quant and its companions (none without --kv-quant:
-// its companions alone are an error rather than silently ignored).
-std::optional<KvQuantization> kv_quantization(const GenerateCommandOptions& o) {
+// its companions alone are an error rather than silently ignored), for the model's head_dim.
+std::optional<KvQuantization> kv_quantization(const GenerateCommandOptions& o, int64_t head_dim) {
   if (o.kv_quant.empty()) {
     if (o.k_bits != 0 || o.v_bits != 0 || !o.f16_layers.empty() || o.kv_scale != "plain") {
       throw Error("generate: --k-bits, --v-bits, --kv-scale and --f16-layers: expected --kv-quant turboquant beside them");
@@ -67,8 +82,8 @@ std::optional<KvQuantization> kv_quantization(const GenerateCommandOptions& o) {
     return std::nullopt;
   }
   KvQuantization q;
-  q.k.bits = o.k_bits != 0 ? o.k_bits : o.kv_bits;
-  q.v.bits = o.v_bits != 0 ? o.v_bits : o.kv_bits;
+  set_width(q.k, o.k_bits != 0 ? o.k_bits : o.kv_bits, o.k_bits != 0 ? "--k-bits" : "--kv-bits", head_dim);
+  set_width(q.v, o.v_bits != 0 ? o.v_bits : o.kv_bits, o.v_bits != 0 ? "--v-bits" : "--kv-bits", head_dim);
   const kvquant::ScaleMode scale = o.kv_scale == "unbiased"         ? kvquant::ScaleMode::unbiased
                                    : o.kv_scale == "norm_corrected" ? kvquant::ScaleMode::norm_corrected
                                                                     : kvquant::ScaleMode::plain;
@@ -119,7 +134,7 @@ int run_generate(const GenerateCommandOptions& o) {
     per_op.push_back({std::string_view(choice).substr(0, eq), std::string_view(choice).substr(eq + 1)});
   }
   dc.run.per_op = per_op;
-  dc.kv_quantization = kv_quantization(o);
+  dc.kv_quantization = kv_quantization(o, c.head_dim);
   LlamaDecoder decoder(model, dc);
   const int seq = decoder.add_sequence();
   decoder.skip(seq, o.context);
@@ -159,9 +174,10 @@ int run_generate(const GenerateCommandOptions& o) {
   const int64_t dtype_kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * int64_t(dtype_size(load.dtype));
   if (dc.kv_quantization) {
     const KvQuantization& q = *dc.kv_quantization;
-    fmt::print("kv cache: turboquant K {}-bit, V {}-bit, {} scale, layers kept in {}: [{}]; {} bytes per token of context "
+    const auto width = [&](const kvquant::TurboQuantConfig& w) { return w.bits + double(w.high_bits_channels) / double(c.head_dim); };
+    fmt::print("kv cache: turboquant K {:g}-bit, V {:g}-bit, {} scale, layers kept in {}: [{}]; {} bytes per token of context "
                "({} in {}, {:.2f}x smaller)\n",
-               q.k.bits, q.v.bits, o.kv_scale, dtype_name(load.dtype), fmt::join(q.f16_layers, ", "),
+               width(q.k), width(q.v), o.kv_scale, dtype_name(load.dtype), fmt::join(q.f16_layers, ", "),
                decoder.kv_bytes_per_token(), dtype_kv_bytes, dtype_name(load.dtype),
                double(dtype_kv_bytes) / double(decoder.kv_bytes_per_token()));
   } else {

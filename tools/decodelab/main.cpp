@@ -66,9 +66,11 @@ int main(int argc, char** argv) {
   gen_cmd->add_flag("--check-finite", gen.check_finite, "refuse NaN or Inf weights");
   gen_cmd->add_option("--kv-quant", gen.kv_quant, "KV cache as TurboQuant (MSE) records instead of --dtype")
       ->check(CLI::IsMember({"turboquant"}));
-  gen_cmd->add_option("--kv-bits", gen.kv_bits, "bits of K and V codes with --kv-quant")->capture_default_str()->check(CLI::Range(1, 4));
-  gen_cmd->add_option("--k-bits", gen.k_bits, "bits of K codes (instead of --kv-bits)")->check(CLI::Range(1, 4));
-  gen_cmd->add_option("--v-bits", gen.v_bits, "bits of V codes (instead of --kv-bits)")->check(CLI::Range(1, 4));
+  gen_cmd->add_option("--kv-bits", gen.kv_bits, "bits of K and V codes with --kv-quant (2.5, 3.5: split widths)")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 4.0));
+  gen_cmd->add_option("--k-bits", gen.k_bits, "bits of K codes (instead of --kv-bits)")->check(CLI::Range(1.0, 4.0));
+  gen_cmd->add_option("--v-bits", gen.v_bits, "bits of V codes (instead of --kv-bits)")->check(CLI::Range(1.0, 4.0));
   gen_cmd->add_option("--kv-scale", gen.kv_scale, "TurboQuant scale mode")
       ->capture_default_str()
       ->check(CLI::IsMember({"plain", "norm_corrected", "unbiased"}));
