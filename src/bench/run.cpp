@@ -388,19 +388,21 @@ void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (!o.quick && o.device == Device::cpu) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
   // The issue's targets on the GPU (issue 5, Speed).
   if (!o.quick && o.device == Device::cuda) shapes = {{1, 32768}, {1, 131072}, {16, 32768}, {16, 131072}};
-  std::vector<int> bit_widths = {4};
-  if (!o.quick) bit_widths = {4, 3, 2};
-  for (const int bits : bit_widths) {
+  std::vector<double> bit_widths = {4};
+  if (!o.quick) bit_widths = {4, 3.5, 3, 2.5, 2};  // 3.5 and 2.5: split widths (cpu only)
+  for (const double bits : bit_widths) {
     // K and V at the same bits, the shipping rotation and scale; shared by the cases' arguments.
+    const int whole = int(bits);
+    const int64_t high = int64_t((bits - whole) * double(kD));
     const auto codecs = std::make_shared<const std::pair<kvquant::TurboQuantMse, kvquant::TurboQuantMse>>(
-        kvquant::TurboQuantConfig{kD, bits, kvquant::RotationKind::hadamard, 1},
-        kvquant::TurboQuantConfig{kD, bits, kvquant::RotationKind::hadamard, 2});
+        kvquant::TurboQuantConfig{kD, whole, kvquant::RotationKind::hadamard, 1, kvquant::ScaleMode::plain, high},
+        kvquant::TurboQuantConfig{kD, whole, kvquant::RotationKind::hadamard, 2, kvquant::ScaleMode::plain, high});
     const int64_t record = codecs->first.record_bytes();
     for (const auto& [batch, length] : shapes) {
       const int64_t pages_per_seq = length / page;
       add_bench<TurboQuantDecodeAttentionPagedArgs>(
           cases, o, t,
-          fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K/V {}/{}-bit", batch, length, kHq, kHkv, kD, page, bits, bits),
+          fmt::format("B={} L={} Hq={} Hkv={} D={} page {} K/V {:g}/{:g}-bit", batch, length, kHq, kHkv, kD, page, bits, bits),
           record_attention_bytes(t, batch, length, page, record, record), 4 * batch * kHq * length * kD, false,
           [=] {
             return record_attention_data(t, batch, length, page,
@@ -410,7 +412,7 @@ void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
           record_attention_args<TurboQuantDecodeAttentionPagedArgs, PagedTurboQuantKV>(codecs));
     }
     add_record_append_bench<TurboQuantAppendPagedArgs, PagedTurboQuantKV>(
-        cases, o, fmt::format("K/V {}/{}-bit", bits, bits), page, record, record, codecs);
+        cases, o, fmt::format("K/V {:g}/{:g}-bit", bits, bits), page, record, record, codecs);
   }
 }
 
