@@ -10,9 +10,11 @@
 // depend on the shape only, never on the thread count, so results are the same bits every run.
 //
 // Two tile kernels, chosen by how many rows a task has:
-//  - DotTile (few rows: decode): each K row, widened in registers, is dotted with every query row
-//    (one horizontal sum per score); V rows are streamed once per block of 4 rows. Decode is
-//    memory-bound: K and V are read once, straight from the cache (or page by page).
+//  - DotTile (few rows: decode): K rows, widened in registers, are dotted with up to 4 query rows
+//    held in registers, a vector of scores at a time (N / rows keys, one transpose-and-add tree
+//    for the N sums); V rows are streamed once per block of 4 rows. Decode is memory-bound: K and
+//    V are read once, straight from the cache; where the heads of a token are adjacent (a paged
+//    cache), the tasks of all KV heads over one key range run together, so pages are read whole.
 //  - LaneTile (many rows: prefill): query rows across SIMD lanes; the K/V tile is widened to f32
 //    (sized to L1) and its elements broadcast, so scores and P.V are register-blocked FMAs with no
 //    horizontal sums, and the softmax runs across lanes. Prefill is compute-bound.
