@@ -10,9 +10,11 @@
 // depend on the shape only, never on the thread count, so results are the same bits every run.
 //
 // Two tile kernels, chosen by how many rows a task has:
-//  - DotTile (few rows: decode): each K row, widened in registers, is dotted with every query row
-//    (one horizontal sum per score); V rows are streamed once per block of 4 rows. Decode is
-//    memory-bound: K and V are read once, straight from the cache (or page by page).
+//  - DotTile (few rows: decode): K rows, widened in registers, are dotted with up to 4 query rows
+//    held in registers, a vector of scores at a time (N / rows keys, one transpose-and-add tree
+//    for the N sums); V rows are streamed once per block of 4 rows. Decode is memory-bound: K and
+//    V are read once, straight from the cache; where the heads of a token are adjacent (a paged
+//    cache), the tasks of all KV heads over one key range run together, so pages are read whole.
 //  - LaneTile (many rows: prefill): query rows across SIMD lanes; the K/V tile is widened to f32
 //    (sized to L1) and its elements broadcast, so scores and P.V are register-blocked FMAs with no
 //    horizontal sums, and the softmax runs across lanes. Prefill is compute-bound.
@@ -39,7 +41,10 @@ namespace decodelab::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 // DotTile: keys per tile. LaneTile: query rows per task.
-constexpr int64_t kDotTileKeys = 64;
+// DotTile keys: 16, a page of the default paged cache. Its K and V rows (8 KiB in f16 at D = 128)
+// and the next tile's, prefetched meanwhile, stay well inside L1; 64-key tiles spend less per tile
+// but, from DRAM, lose more to the prefetched tile evicting the current one.
+constexpr int64_t kDotTileKeys = 16;
 constexpr int64_t kLaneRows = 64;
 
 // LaneTile keys per tile: the f32 K and V tiles take 32 KiB together, the L1 data cache.
@@ -51,6 +56,7 @@ int64_t LaneTileKeys(int64_t d) { return std::clamp<int64_t>(4096 / d / 4 * 4, 1
 // Prefill K, V: [B, Skv, Hkv, D].
 template <class T>
 struct PrefillKV {
+  static constexpr bool kHeadsAdjacent = true;
   const T* k;
   const T* v;
   int64_t tokens, heads, d;
@@ -67,6 +73,7 @@ struct PrefillKV {
 // Contiguous cache K, V: [B, Hkv, S_max, D] and lengths.
 template <class T>
 struct CacheKV {
+  static constexpr bool kHeadsAdjacent = false;
   const T* k;
   const T* v;
   const int32_t* lengths;
@@ -85,6 +92,7 @@ struct CacheKV {
 // page table is walked forward from t0: one division per tile, not per token.
 template <class T>
 struct PagedCacheKV {
+  static constexpr bool kHeadsAdjacent = true;
   const T* k;
   const T* v;
   const int32_t* lengths;
@@ -131,6 +139,10 @@ struct Plan {
   int64_t positions;    // query positions per row set
   int64_t tile;         // keys per tile
   int64_t max_splits;   // split-K: most tasks per row set
+  // DotTile: the tasks of one split of every KV head's row set run as one work item, tile by
+  // tile, so that where the heads of a token are adjacent in memory (a paged cache) each page is
+  // read whole, in order, rather than a 1/Hkv slice of every page per task.
+  bool heads_together;
 };
 
 // Positions [i_begin, i_end) x heads [g_begin, g_end) of the group of KV head kv_head; row r is
@@ -154,14 +166,14 @@ Plan MakePlan(const Problem<T, KV>& p, AttentionVariant variant) {
   const int64_t group = p.group(), lanes = int64_t(hn::Lanes(df));
   const int64_t lane_positions = std::min(p.sq, std::max<int64_t>(1, kLaneRows / group));
   switch (variant) {
-    case AttentionVariant::streaming: return {false, true, 1, 1, 1};
-    case AttentionVariant::row_parallel: return {false, false, 1, kDotTileKeys, 1};
-    case AttentionVariant::tiled: return {true, false, lane_positions, LaneTileKeys(p.d), 1};
+    case AttentionVariant::streaming: return {false, true, 1, 1, 1, false};
+    case AttentionVariant::row_parallel: return {false, false, 1, kDotTileKeys, 1, false};
+    case AttentionVariant::tiled: return {true, false, lane_positions, LaneTileKeys(p.d), 1, false};
     default: break;
   }
   // Enough rows to fill the lanes: query tiles. Otherwise all positions at once, split-K.
-  Plan plan = p.sq * group >= lanes ? Plan{true, false, lane_positions, LaneTileKeys(p.d), 1}
-                                    : Plan{false, false, p.sq, kDotTileKeys, 1};
+  Plan plan = p.sq * group >= lanes ? Plan{true, false, lane_positions, LaneTileKeys(p.d), 1, false}
+                                    : Plan{false, false, p.sq, kDotTileKeys, 1, KV::kHeadsAdjacent};
   const int64_t sets = p.batch * p.hkv * DivCeil(p.sq, plan.positions);
   plan.max_splits = MaxSplits(sets);
   return plan;
@@ -204,7 +216,7 @@ RowState LoadRows(const Problem<T, KV>& p, const RowSet& set) {
   const int64_t N = int64_t(hn::Lanes(df)), rows = set.rows(), d = p.d;
   const VF scale = hn::Set(df, p.scale);
   RowState st;
-  st.q.resize(size_t(rows * d));
+  st.q.resize(size_t(RoundUp(rows, 4) * d));  // zero rows pad DotBatch's blocks of 4
   st.m.assign(size_t(rows), kNoScore);
   st.l.assign(size_t(rows), 0.0f);
   st.acc.assign(size_t(rows * d), 0.0f);
@@ -245,9 +257,10 @@ HWY_INLINE void PrefetchRow(const void* p, int64_t bytes) {
   hwy::Prefetch(c + bytes - 1);  // the last line, when rows are not line-aligned
 }
 
-// The K and V rows of the tile being computed and of the next one. The next tile's lines are
-// requested while this one computes, spread over its keys: page-table reads leave the hardware
-// prefetcher nothing to follow, and contiguous rows gain from the head start too.
+// The K and V rows of the tile being computed and of the next one. The lines of the rows that
+// are computed next (by default the next tile) are requested while this tile computes, spread
+// over its keys: page-table reads leave the hardware prefetcher nothing to follow, and
+// contiguous rows gain from the head start too.
 template <class T>
 struct TileRows {
   explicit TileRows(int64_t tile)
@@ -256,6 +269,7 @@ struct TileRows {
   // it on the first call), and [t0 + n, t0 + n + next_n) next.
   template <class KV>
   void advance(const KV& kv, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t next_n) {
+    count = n;
     if (next_count == 0) {
       kv.rows(b, h, t0, n, k.data(), v.data());
     } else {
@@ -264,26 +278,47 @@ struct TileRows {
     }
     next_count = next_n;
     if (next_n > 0) kv.rows(b, h, t0 + n, next_n, next_k.data(), next_v.data());
+    fetch(*this, true);
   }
-  // Prefetches the next tile's keys [j0, j1) (those that exist). Inlined early on purpose: GCC
-  // deems a function whose only effect is prefetching "const" and deletes calls to it.
+  // Prefetch, while this tile computes, the current (next = false) or next tile of `rows`.
+  void fetch(const TileRows& rows, bool next) {
+    fetch_k = next ? rows.next_k.data() : rows.k.data();
+    fetch_v = next ? rows.next_v.data() : rows.v.data();
+    fetch_count = next ? rows.next_count : rows.count;
+  }
+  // Prefetches keys [j0, j1) (those that exist) of the rows to fetch. Inlined early on purpose:
+  // GCC deems a function whose only effect is prefetching "const" and deletes calls to it.
   HWY_INLINE void prefetch(int64_t j0, int64_t j1, int64_t row_bytes) const {
-    for (int64_t j = j0; j < std::min(j1, next_count); ++j) {
-      PrefetchRow(next_k[size_t(j)], row_bytes);
-      PrefetchRow(next_v[size_t(j)], row_bytes);
+    for (int64_t j = j0; j < std::min(j1, fetch_count); ++j) {
+      PrefetchRow(fetch_k[size_t(j)], row_bytes);
+      PrefetchRow(fetch_v[size_t(j)], row_bytes);
     }
   }
   std::vector<const T*> k, v, next_k, next_v;
-  int64_t next_count = 0;
+  int64_t count = 0, next_count = 0;
+  const T* const* fetch_k = nullptr;
+  const T* const* fetch_v = nullptr;
+  int64_t fetch_count = 0;
 };
 
-// All keys of a tile for kRows rows; with one row, 4 keys at a time, so that sums still come in
-// fours. `rows` prefetches the next tile alongside (when given).
+// All keys of a tile for kRows rows. On fixed-size SIMD targets, a vector of scores at a time
+// (DotBatch: N / kRows keys, one horizontal tree for N scores; kRows = 3 runs as 4 over a padded
+// zero row), k_rows padded past n with its last row; otherwise with one row, 4 keys at a time,
+// so that sums still come in fours. The next tile is prefetched alongside when `prefetch`.
 template <int kRows, class T>
-HWY_INLINE void DotRows(const float* HWY_RESTRICT q, int64_t d, const TileRows<T>& rows, bool prefetch, int64_t n,
+HWY_INLINE void DotRows(const float* HWY_RESTRICT q, int64_t d, TileRows<T>& rows, bool prefetch, int64_t n,
                         float* HWY_RESTRICT s, int64_t stride) {
-  constexpr int kKeys = kRows == 1 ? 4 : 2;
   const int64_t row_bytes = d * int64_t(sizeof(T));
+#ifdef DECODELAB_ATTENTION_DOT_BATCH
+  constexpr int kBatchRows = kRows == 3 ? 4 : kRows;
+  constexpr int64_t kKeys = BatchKeys<kBatchRows>();
+  for (int64_t j = n; j < RoundUp(n, kKeys); ++j) rows.k[size_t(j)] = rows.k[size_t(n - 1)];
+  for (int64_t j = 0; j < n; j += kKeys) {
+    if (prefetch) rows.prefetch(j, j + kKeys, row_bytes);
+    DotBatch<kBatchRows>(q, d, rows.k.data() + j, s + j, stride);
+  }
+#else
+  constexpr int kKeys = kRows == 1 ? 4 : 2;
   int64_t j = 0;
   for (; j + kKeys <= n; j += kKeys) {
     if (prefetch) rows.prefetch(j, j + kKeys, row_bytes);
@@ -293,27 +328,45 @@ HWY_INLINE void DotRows(const float* HWY_RESTRICT q, int64_t d, const TileRows<T
     if (prefetch) rows.prefetch(j, j + 1, row_bytes);
     DotKeys<kRows, 1>(q, d, rows.k.data() + j, s + j, stride);
   }
+#endif
 }
 
+// One task of DotTile, a tile at a time: its rows' running state, the tile's scores (rows padded
+// to a multiple of 4, keys to a multiple of N) and the K/V rows of this tile and the next.
 template <size_t kD, class T, class KV>
-void DotTile(const Problem<T, KV>& p, int64_t tile, const RowSet& set, const Task& task, RowState& st) {
-  const DF df;
-  const int64_t N = int64_t(hn::Lanes(df));
-  const int64_t d = kD ? int64_t(kD) : p.d, rows = set.rows(), stride = RoundUp(tile, N);
-  std::vector<float> scores(static_cast<size_t>(rows * stride)), corr(static_cast<size_t>(rows));
-  TileRows<T> kv(tile);
-  for (int64_t t0 = task.t_begin; t0 < task.t_end; t0 += tile) {
+struct DotTask {
+  DotTask(const Problem<T, KV>& problem, int64_t tile_keys, const RowSet& row_set, const Task& range)
+      : p(problem),
+        set(row_set),
+        task(range),
+        tile(tile_keys),
+        d(kD ? int64_t(kD) : p.d),
+        rows(set.rows()),
+        stride(RoundUp(tile, int64_t(hn::Lanes(DF())))),
+        st(LoadRows(p, set)),
+        scores(static_cast<size_t>(RoundUp(rows, 4) * stride)),
+        corr(static_cast<size_t>(rows)),
+        seen(static_cast<size_t>(rows)),
+        kv(stride) {}
+
+  // Makes the keys [t0, t0 + tile) of the task's range (fewer at its end) the current tile.
+  void advance(int64_t t0) {
     const int64_t n = std::min(tile, task.t_end - t0);
     kv.advance(p.kv, set.b, set.kv_head, t0, n, std::min(tile, task.t_end - t0 - n));
+  }
+
+  // Computes the current tile [t0, ...).
+  void compute(int64_t t0) {
+    const DF df;
+    const int64_t N = int64_t(hn::Lanes(df));
+    const int64_t n = kv.count;
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       WithBlock(rows - r0, [&](auto kr) {
         DotRows<kr()>(st.q.data() + r0 * d, d, kv, r0 == 0, n, scores.data() + r0 * stride, stride);
       });
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t seen = std::clamp(st.limit[size_t(r)] - t0, int64_t{0}, n);
-      SoftmaxRow(scores.data() + r * stride, seen, n, st.m[size_t(r)], st.l[size_t(r)], corr[size_t(r)]);
-    }
+    for (int64_t r = 0; r < rows; ++r) seen[size_t(r)] = std::clamp(st.limit[size_t(r)] - t0, int64_t{0}, n);
+    SoftmaxRows(scores.data(), stride, rows, seen.data(), n, st.m.data(), st.l.data(), corr.data());
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       WithBlock(rows - r0, [&](auto kr) {
         const float* pr = scores.data() + r0 * stride;
@@ -331,7 +384,16 @@ void DotTile(const Problem<T, KV>& p, int64_t tile, const RowSet& set, const Tas
       });
     }
   }
-}
+
+  const Problem<T, KV>& p;
+  const RowSet& set;
+  const Task& task;
+  int64_t tile, d, rows, stride;
+  RowState st;
+  std::vector<float> scores, corr;
+  std::vector<int64_t> seen;
+  TileRows<T> kv;
+};
 
 // ---- LaneTile: rows across lanes. Layouts: qt, acc_t [d][width] (row r in lane r of a
 // "row vector" of N rows), scores/probabilities s [keys][width], kf, vf [keys][d] in f32.
@@ -486,24 +548,57 @@ void Run(const Problem<T, KV>& p, const Plan& plan) {
   if (split) {
     for (size_t t = 0; t < tasks.size(); ++t) slots.push_back({partials.data() + t * size_t(slot_floats), max_rows, p.d});
   }
-  ThreadPool::instance().parallel_for(int64_t(tasks.size()), [&](int64_t t) {
-    const Task& task = tasks[size_t(t)];
-    const RowSet& set = sets[size_t(task.set)];
-    RowState st = LoadRows(p, set);
-    if (plan.lanes) {
-      LaneTile<kD>(p, plan.tile, set, task, st);
-    } else {
-      DotTile<kD>(p, plan.tile, set, task, st);
-    }
-    const int64_t rows = set.rows();
+  // A finished task's rows: the output, or its partial state for the merge.
+  const auto finish = [&](int64_t t, const RowSet& set, const RowState& st) {
     if (set.splits == 1) {
-      for (int64_t r = 0; r < rows; ++r) StoreRow(st.acc.data() + r * p.d, st.l[size_t(r)], p.d, OutputRow(p, set, r));
+      for (int64_t r = 0; r < set.rows(); ++r) StoreRow(st.acc.data() + r * p.d, st.l[size_t(r)], p.d, OutputRow(p, set, r));
       return;
     }
     const PartialSlot& slot = slots[size_t(t)];
     std::copy(st.m.begin(), st.m.end(), slot.m());
     std::copy(st.l.begin(), st.l.end(), slot.l());
     std::copy(st.acc.begin(), st.acc.end(), slot.acc(0));
+  };
+  // Work items: tasks first + i * stride for i < count, run together. With heads_together, the
+  // Hkv row sets of a (sequence, positions) are consecutive and split alike, so split s of each
+  // is `splits` tasks after that of the previous head.
+  struct Work {
+    int64_t first, count, stride;
+  };
+  std::vector<Work> work;
+  if (plan.heads_together) {
+    for (size_t s0 = 0; s0 < sets.size(); s0 += size_t(p.hkv)) {
+      for (int64_t s = 0; s < sets[s0].splits; ++s) work.push_back({sets[s0].first_task + s, p.hkv, sets[s0].splits});
+    }
+  } else {
+    for (int64_t t = 0; t < int64_t(tasks.size()); ++t) work.push_back({t, 1, 1});
+  }
+  ThreadPool::instance().parallel_for(int64_t(work.size()), [&](int64_t w) {
+    const Work& item = work[size_t(w)];
+    if (plan.lanes) {
+      const Task& task = tasks[size_t(item.first)];
+      const RowSet& set = sets[size_t(task.set)];
+      RowState st = LoadRows(p, set);
+      LaneTile<kD>(p, plan.tile, set, task, st);
+      finish(item.first, set, st);
+      return;
+    }
+    std::vector<DotTask<kD, T, KV>> dots;
+    dots.reserve(size_t(item.count));
+    for (int64_t i = 0; i < item.count; ++i) {
+      const Task& task = tasks[size_t(item.first + i * item.stride)];
+      dots.emplace_back(p, plan.tile, sets[size_t(task.set)], task);
+    }
+    const Task& range = tasks[size_t(item.first)];  // every task of the item has these keys
+    for (int64_t t0 = range.t_begin; t0 < range.t_end; t0 += plan.tile) {
+      for (DotTask<kD, T, KV>& dot : dots) dot.advance(t0);
+      // Heads together: while one head computes, the next head's rows of this tile (adjacent to
+      // its own) are fetched, and the last head fetches the first head's next tile.
+      for (size_t i = 0; i + 1 < dots.size(); ++i) dots[i].kv.fetch(dots[i + 1].kv, false);
+      if (dots.size() > 1) dots.back().kv.fetch(dots.front().kv, true);
+      for (DotTask<kD, T, KV>& dot : dots) dot.compute(t0);
+    }
+    for (int64_t i = 0; i < item.count; ++i) finish(item.first + i * item.stride, dots[size_t(i)].set, dots[size_t(i)].st);
   });
   if (split) {
     ThreadPool::instance().parallel_for(int64_t(sets.size()), [&](int64_t s) {

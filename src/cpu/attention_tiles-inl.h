@@ -111,16 +111,85 @@ HWY_INLINE auto AddBlocks(D d, hn::Vec<D> v) {
   }
 }
 
-HWY_INLINE void SumOfLanes4(DF d, VF a, VF b, VF c, VF e, float* HWY_RESTRICT out) {
+// Per 128-bit block: the partial sums {a, b, c, e} of that block's lanes.
+HWY_INLINE VF BlockSums4(DF d, VF a, VF b, VF c, VF e) {
   const hn::Repartition<uint64_t, DF> d64;
   // Per 128-bit block: {a0+a2, b0+b2, a1+a3, b1+b3}, and the same for c, e.
   const auto ab = hn::BitCast(d64, hn::Add(hn::InterleaveLower(d, a, b), hn::InterleaveUpper(d, a, b)));
   const auto ce = hn::BitCast(d64, hn::Add(hn::InterleaveLower(d, c, e), hn::InterleaveUpper(d, c, e)));
-  // Per block: partial sums {a, b, c, e}; then the blocks are added.
-  const VF sums = hn::Add(hn::BitCast(d, hn::InterleaveLower(d64, ab, ce)), hn::BitCast(d, hn::InterleaveUpper(d64, ab, ce)));
-  hn::StoreU(AddBlocks(d, sums), hn::Full128<float>(), out);
+  return hn::Add(hn::BitCast(d, hn::InterleaveLower(d64, ab, ce)), hn::BitCast(d, hn::InterleaveUpper(d64, ab, ce)));
+}
+
+HWY_INLINE void SumOfLanes4(DF d, VF a, VF b, VF c, VF e, float* HWY_RESTRICT out) {
+  hn::StoreU(AddBlocks(d, BlockSums4(d, a, b, c, e)), hn::Full128<float>(), out);
 }
 #endif
+
+// Fixed-size targets with at least 4 f32 lanes take the batched scores (DotBatch) below; the
+// macro says so to the kernels of the target being compiled.
+#undef DECODELAB_ATTENTION_DOT_BATCH
+#if HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE
+#define DECODELAB_ATTENTION_DOT_BATCH 1
+
+// Lane i of the result: the sum of the lanes of v[i], for the N = Lanes(d) vectors v. A
+// transpose-and-add tree: N / 4 BlockSums4, then the 128-bit blocks are added pairwise, about
+// 34 shuffles and adds for 16 sums on AVX-512 (four SumOfLanes4 take about 52 and leave the sums
+// in memory).
+HWY_INLINE VF SumEach(DF d, const VF* HWY_RESTRICT v) {
+  constexpr size_t N = hn::MaxLanes(DF());
+  static_assert(N == 4 || N == 8 || N == 16, "SumEach: 4, 8 or 16 lanes");
+  VF w[N / 4];
+  for (size_t k = 0; k < N / 4; ++k) w[k] = BlockSums4(d, v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+  if constexpr (N == 4) {
+    return w[0];
+  } else if constexpr (N == 8) {
+    return hn::Add(hn::ConcatLowerLower(d, w[1], w[0]), hn::ConcatUpperUpper(d, w[1], w[0]));
+  } else {
+    // a = [w0 blocks 0+2, 1+3 | w2 blocks 0+2, 1+3], b the same of w1, w3; then adjacent blocks.
+    const VF a = hn::Add(hn::ConcatLowerLower(d, w[2], w[0]), hn::ConcatUpperUpper(d, w[2], w[0]));
+    const VF b = hn::Add(hn::ConcatLowerLower(d, w[3], w[1]), hn::ConcatUpperUpper(d, w[3], w[1]));
+    return hn::Add(hn::OddEvenBlocks(b, a), hn::SwapAdjacentBlocks(hn::OddEvenBlocks(a, b)));
+  }
+}
+
+// Keys per DotBatch of kRows rows: one vector of scores.
+template <int kRows>
+constexpr int64_t BatchKeys() {
+  return int64_t(hn::MaxLanes(DF())) / kRows;
+}
+
+// Scores of kRows (1, 2 or 4) query rows (stride d) against the BatchKeys<kRows>() keys
+// k_rows[0..): s[r * stride + j]. The N (key, row) accumulators are summed by one SumEach, whose
+// lane r * keys + j is the score of row r and key j; each row's run of lanes is stored in place.
+template <int kRows, class T>
+HWY_INLINE void DotBatch(const float* HWY_RESTRICT q, int64_t d, const T* const* k_rows, float* HWY_RESTRICT s,
+                         int64_t stride) {
+  const DF df;
+  constexpr int N = int(hn::MaxLanes(DF())), kKeys = int(BatchKeys<kRows>());
+  static_assert(kKeys >= 1 && kKeys * kRows == N, "DotBatch: kRows must divide the lanes");
+  VF acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = hn::Zero(df);
+  for (int64_t c = 0; c < d; c += N) {
+    VF qv[kRows];
+    for (int r = 0; r < kRows; ++r) qv[r] = KeepInRegister(hn::LoadU(df, q + r * d + c));
+    for (int j = 0; j < kKeys; ++j) {
+      const VF kv = LoadF32(df, k_rows[j] + c);
+      for (int r = 0; r < kRows; ++r) acc[r * kKeys + j] = hn::MulAdd(qv[r], kv, acc[r * kKeys + j]);
+    }
+  }
+  const VF sums = SumEach(df, acc);
+  if constexpr (kRows == 1) {
+    hn::StoreU(sums, df, s);
+  } else {
+    // Row r's lanes [r * kKeys, (r + 1) * kKeys) go to s + r * stride: a masked store of the whole
+    // vector from r * kKeys lanes before it (stride >= kKeys, so that stays inside s).
+    for (int r = 0; r < kRows; ++r) {
+      const auto lanes = hn::AndNot(hn::FirstN(df, size_t(r * kKeys)), hn::FirstN(df, size_t((r + 1) * kKeys)));
+      hn::BlendedStore(sums, lanes, df, s + r * (stride - kKeys));
+    }
+  }
+}
+#endif  // HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE
 
 // Scores of kRows query rows (stride d) against the kKeys keys k_rows[0..kKeys): s[r * stride + j].
 // Every (key, row) pair has its own accumulator: kKeys * kRows independent FMA chains, summed
@@ -174,31 +243,51 @@ HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT p, int64_t stride, cons
   }
 }
 
-// Online softmax of one row's tile of n scores of which the first `seen` are visible: the scores
-// become probabilities exp(s - m) (0 past `seen`), m and l advance, corr rescales the accumulator.
-HWY_INLINE void SoftmaxRow(float* HWY_RESTRICT s, int64_t seen, int64_t n, float& m, float& l, float& corr) {
+// Online softmax of a tile of n scores for `rows` rows (stride apart), of which row r sees the
+// first seen[r]: the scores become probabilities exp(s - m) (0 past seen[r]), m[r] and l[r]
+// advance, corr[r] rescales the row's accumulator. The corrections of N rows take one vector Exp.
+HWY_INLINE void SoftmaxRows(float* HWY_RESTRICT s, int64_t stride, int64_t rows, const int64_t* HWY_RESTRICT seen,
+                            int64_t n, float* HWY_RESTRICT m, float* HWY_RESTRICT l, float* HWY_RESTRICT corr) {
   const DF df;
   const int64_t N = int64_t(hn::Lanes(df));
-  const auto visible = [&](int64_t j) { return hn::FirstN(df, size_t(std::max<int64_t>(0, seen - j))); };
-  if (seen == 0) {
-    for (int64_t j = 0; j < n; j += N) hn::StoreU(hn::Zero(df), df, s + j);
-    corr = 1.0f;
-    return;
+  constexpr size_t kMaxLanes = hn::MaxLanes(DF());
+  for (int64_t r0 = 0; r0 < rows; r0 += N) {
+    const int64_t count = std::min(N, rows - r0);
+    HWY_ALIGN float m_old[kMaxLanes] = {}, m_new[kMaxLanes] = {}, c[kMaxLanes];
+    for (int64_t r = 0; r < count; ++r) {
+      const float* HWY_RESTRICT sr = s + (r0 + r) * stride;
+      const int64_t visible = seen[r0 + r];
+      VF vmax = hn::Set(df, kNoScore);
+      for (int64_t j = 0; j < visible; j += N) {
+        const auto mask = hn::FirstN(df, size_t(visible - j));
+        vmax = hn::Max(vmax, hn::IfThenElse(mask, hn::LoadU(df, sr + j), vmax));
+      }
+      m_old[r] = m[r0 + r];
+      m_new[r] = std::max(m_old[r], hn::GetLane(hn::MaxOfLanes(df, vmax)));
+    }
+    // 0 on a row's first visible tile (m = kNoScore), 1 where no key is visible.
+    hn::Store(hn::Exp(df, hn::Sub(hn::Load(df, m_old), hn::Load(df, m_new))), df, c);
+    for (int64_t r = 0; r < count; ++r) {
+      float* HWY_RESTRICT sr = s + (r0 + r) * stride;
+      const int64_t visible = seen[r0 + r];
+      const VF mv = hn::Set(df, m_new[r]);
+      VF sum = hn::Zero(df);
+      for (int64_t j = 0; j < n; j += N) {
+        const VF e = hn::Exp(df, hn::Min(hn::Sub(hn::LoadU(df, sr + j), mv), hn::Zero(df)));
+        const VF p = hn::IfThenElseZero(hn::FirstN(df, size_t(std::max<int64_t>(0, visible - j))), e);
+        hn::StoreU(p, df, sr + j);
+        sum = hn::Add(sum, p);
+      }
+      corr[r0 + r] = c[r];
+      l[r0 + r] = l[r0 + r] * c[r] + hn::GetLane(hn::SumOfLanes(df, sum));
+      m[r0 + r] = m_new[r];
+    }
   }
-  VF vmax = hn::Set(df, kNoScore);
-  for (int64_t j = 0; j < seen; j += N) vmax = hn::Max(vmax, hn::IfThenElse(visible(j), hn::LoadU(df, s + j), vmax));
-  const float m_new = std::max(m, hn::GetLane(hn::MaxOfLanes(df, vmax)));
-  const VF mv = hn::Set(df, m_new);
-  VF sum = hn::Zero(df);
-  for (int64_t j = 0; j < n; j += N) {
-    const VF e = hn::Exp(df, hn::Min(hn::Sub(hn::LoadU(df, s + j), mv), hn::Zero(df)));
-    const VF p = hn::IfThenElseZero(visible(j), e);
-    hn::StoreU(p, df, s + j);
-    sum = hn::Add(sum, p);
-  }
-  corr = std::exp(m - m_new);  // 0 on the first visible tile (m = kNoScore)
-  l = l * corr + hn::GetLane(hn::SumOfLanes(df, sum));
-  m = m_new;
+}
+
+// SoftmaxRows for one row.
+HWY_INLINE void SoftmaxRow(float* HWY_RESTRICT s, int64_t seen, int64_t n, float& m, float& l, float& corr) {
+  SoftmaxRows(s, 0, 1, &seen, n, &m, &l, &corr);
 }
 
 // A task's partial state in the split-K buffer: m [rows], l [rows], acc [rows][d].

@@ -54,6 +54,17 @@ HWY_INLINE void StoreF32(D /*df*/, hn::Vec<D> v, hwy::bfloat16_t* HWY_RESTRICT p
   hn::StoreU(hn::DemoteTo(du16, low), du16, reinterpret_cast<uint16_t*>(p));
 }
 
+// v, which the compiler must then hold in a register. GCC folds a load used by several FMAs into
+// each of them as a memory operand; where loads are the narrower port (Zen 4 loads one 512-bit
+// vector per cycle and retires one 512-bit FMA), a register-blocked loop then waits on loads.
+template <class V>
+HWY_INLINE V KeepInRegister(V v) {
+#if HWY_ARCH_X86 && HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR && (HWY_COMPILER_GCC || HWY_COMPILER_CLANG)
+  asm("" : "+v"(v.raw));
+#endif
+  return v;
+}
+
 // n values of src widened to f32 into dst.
 template <class T>
 HWY_INLINE void WidenRow(const T* HWY_RESTRICT src, float* HWY_RESTRICT dst, int64_t n) {
