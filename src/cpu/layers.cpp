@@ -168,26 +168,19 @@ void Swiglu(const SwigluArgs& args) {
   });
 }
 
+// One table row per distinct position, then rows of (token, head) over the pool: a decode batch
+// of few tokens still splits by head.
 void Rope(const RopeArgs& a) {
   dispatch_activation(a.x.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t d = a.x.dim(a.x.rank - 1), heads = a.x.dim(a.x.rank - 2);
-    const int64_t tokens = a.x.numel() / (heads * d), half = a.params.rotary_dim / 2;
-    const std::vector<double> inv_freq = rope_inv_frequencies(a.params);
+    const int64_t tokens = a.x.numel() / (heads * d);
+    const int32_t* positions = a.positions.ptr<const int32_t>();
+    const RopeTable table(a.params, tokens, [&](int64_t t) { return int64_t(positions[t]); });
     const T* x = a.x.ptr<const T>();
     T* out = a.out.ptr<T>();
-    const int32_t* positions = a.positions.ptr<const int32_t>();
-    for_rows(tokens, heads * d, [&](int64_t begin, int64_t end) {
-      std::vector<float> cos_v(static_cast<size_t>(half)), sin_v(static_cast<size_t>(half)), head(static_cast<size_t>(d));
-      for (int64_t t = begin; t < end; ++t) {
-        rope_angles(inv_freq, positions[t], cos_v.data(), sin_v.data());
-        for (int64_t h = 0; h < heads; ++h) {
-          const int64_t base = (t * heads + h) * d;
-          WidenRow(x + base, head.data(), d);
-          RotateHead(head.data(), cos_v.data(), sin_v.data(), a.params);
-          NarrowRow(head.data(), out + base, d);
-        }
-      }
+    for_rows(tokens * heads, d, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) table.Rotate(x + r * d, out + r * d, d, r / heads);
     });
   });
 }
