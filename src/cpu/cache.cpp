@@ -1,6 +1,6 @@
 // CPU KV appends and the QKV split family. Appends and splits are copies of whole head rows (D
 // contiguous elements of one dtype); the RoPE variants rotate Q and K heads in f32 registers on
-// the way (cos/sin computed once per token, shared by all heads).
+// the way (cos/sin computed once per distinct position of the call, shared by all heads).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/cache.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -9,6 +9,7 @@
 #include "cpu/rope-inl.h"
 
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cpu/cpu.h"
@@ -41,7 +42,7 @@ struct PagedSlots {
   int64_t heads() const { return c.k_pages.dim(2); }
 };
 
-// The token range of a batch, over the pool when there is enough of it.
+// A range of tokens (or head rows), over the pool when there is enough of it.
 template <class Fn>
 void for_tokens(int64_t tokens, int64_t elements_per_token, Fn&& fn) {
   if (tokens * elements_per_token < (int64_t{1} << 16)) {
@@ -71,26 +72,23 @@ void Append(const Tensor& k_new, const Tensor& v_new, const Tensor& lengths, con
 
 // Splits qkv = [tokens, (Hq + 2 Hkv) D] head by head into destinations given by
 // dst(part, token, head) -> T* (part 0, 1, 2 = Q, K, V), rotating Q and K at position_of(token)
-// when `rope` is given.
+// when `rope` is given. The work is split by (token, head) row, so a few tokens still spread
+// over the pool; the cos/sin rows are computed once per distinct position, for Q and K alike.
 template <class T, class Position, class Dst>
 void Split(const T* qkv, int64_t tokens, int64_t hq, int64_t hkv, int64_t d, const RopeParams* rope,
            Position&& position_of, Dst&& dst) {
-  const std::vector<double> inv_freq = rope != nullptr ? rope_inv_frequencies(*rope) : std::vector<double>();
-  for_tokens(tokens, (hq + 2 * hkv) * d, [&](int64_t begin, int64_t end) {
-    std::vector<float> cos_v(inv_freq.size()), sin_v(inv_freq.size()), head(static_cast<size_t>(d));
-    for (int64_t t = begin; t < end; ++t) {
-      if (rope != nullptr) rope_angles(inv_freq, position_of(t), cos_v.data(), sin_v.data());
-      const T* row = qkv + t * (hq + 2 * hkv) * d;
-      for (int64_t j = 0; j < hq + 2 * hkv; ++j) {
-        const int part = j < hq ? 0 : j < hq + hkv ? 1 : 2;
-        T* out = dst(part, t, part == 0 ? j : part == 1 ? j - hq : j - hq - hkv);
-        if (rope == nullptr || part == 2) {
-          std::memcpy(out, row + j * d, size_t(d) * sizeof(T));
-          continue;
-        }
-        WidenRow(row + j * d, head.data(), d);
-        RotateHead(head.data(), cos_v.data(), sin_v.data(), *rope);
-        NarrowRow(head.data(), out, d);
+  std::optional<RopeTable> table;
+  if (rope != nullptr) table.emplace(*rope, tokens, position_of);
+  const int64_t heads = hq + 2 * hkv;
+  for_tokens(tokens * heads, d, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / heads, j = r % heads;
+      const int part = j < hq ? 0 : j < hq + hkv ? 1 : 2;
+      T* out = dst(part, t, part == 0 ? j : part == 1 ? j - hq : j - hq - hkv);
+      if (!table || part == 2) {
+        std::memcpy(out, qkv + r * d, size_t(d) * sizeof(T));
+      } else {
+        table->Rotate(qkv + r * d, out, d, t);
       }
     }
   });

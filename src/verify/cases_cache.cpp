@@ -18,10 +18,19 @@ struct CacheGeometry {
   }
 };
 
+// A decode batch of 64 sequences whose lengths repeat (16 distinct positions): enough work for
+// the CPU kernels to split over their threads, and rows of the RoPE table shared by sequences.
+std::vector<int32_t> repeating_lengths() {
+  std::vector<int32_t> lengths;
+  for (int32_t b = 0; b < 64; ++b) lengths.push_back(20 + (b * 5) % 16);
+  return lengths;
+}
+
 const CacheGeometry kGeometries[] = {
     {{5, 17}, 3, 4, 2, 64, 40, 4},   // GQA 2, tokens cross a page boundary
     {{0}, 1, 8, 1, 128, 16, 16},     // MQA, the first token of a sequence
     {{31, 2, 9}, 2, 6, 6, 96, 48, 8},  // MHA, D = 96
+    {repeating_lengths(), 1, 16, 4, 64, 48, 16},  // GQA 4, a threaded decode batch
 };
 
 // Inputs for the appends: 0 k_new, 1 v_new, then the cache (2 k, 3 v, 4 lengths or 4 page table,

@@ -110,6 +110,7 @@ struct RopeCase {
   Shape shape;  // [T, H, D]
   RopeParams params;
   const char* label;
+  int32_t first_position = 0, last_position = 32767;  // positions drawn uniformly from this range
 };
 
 void add_rope(std::vector<VerifyCase>& grid, const GridFilter& filter) {
@@ -121,6 +122,9 @@ void add_rope(std::vector<VerifyCase>& grid, const GridFilter& filter) {
       {{3, 8, 128}, llama3, "half-split llama3"},
       {{4, 3, 128}, interleaved, "interleaved"},
       {{1, 2, 96}, partial, "half-split rotary_dim 32"},
+      // Enough rows for the CPU kernel's threads, positions near 10^5 that repeat.
+      {{128, 4, 128}, llama3, "half-split llama3 repeated positions", 99000, 99199},
+      {{64, 8, 128}, interleaved, "interleaved repeated positions", 99000, 99199},
   };
   for (const RopeCase& rc : cases) {
     const int64_t tokens = rc.shape[0];
@@ -128,12 +132,12 @@ void add_rope(std::vector<VerifyCase>& grid, const GridFilter& filter) {
     if (params.rotary_dim == 0) params.rotary_dim = int(rc.shape[2]);
     add_cases<RopeArgs>(
         grid, filter, fmt::format("{} {}", shape_name(rc.shape), rc.label), plain,
-        [shape = rc.shape, tokens](DType t, uint64_t seed) {
+        [shape = rc.shape, tokens, first = rc.first_position, last = rc.last_position](DType t, uint64_t seed) {
           Rng rng(seed);
           CaseData d;
           d.inputs.push_back(random_array(t, shape, rng));
           std::vector<int32_t> positions;
-          for (int64_t i = 0; i < tokens; ++i) positions.push_back(int32_t(rng.uniform_int(0, 32767)));
+          for (int64_t i = 0; i < tokens; ++i) positions.push_back(int32_t(rng.uniform_int(first, last)));
           d.inputs.push_back(i32_array({tokens}, positions));
           d.outputs.push_back({t, shape});
           return d;
