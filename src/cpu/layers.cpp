@@ -132,11 +132,24 @@ void RmsNormResidual(const RmsNormResidualArgs& a) {
       for (int64_t r = begin; r < end; ++r) {
         T* h = residual + r * hidden;
         const T* xr = x + r * hidden;
-        // The sum is stored first and the norm reads it back as stored (rounded), like the reference.
+        // The sum is stored first and the norm reads it back as stored (rounded), like the
+        // reference: each pair of vectors is read back from L1 right after its store and squared
+        // into the same two accumulators, in the same order, as SumSquares would in a second pass.
+        auto acc0 = hn::Zero(df), acc1 = hn::Zero(df);
         int64_t i = 0;
-        for (; i + N <= hidden; i += N) StoreF32(df, hn::Add(LoadF32(df, xr + i), LoadF32(df, h + i)), h + i);
-        for (; i < hidden; ++i) h[i] = from_f32<T>(to_f32(xr[i]) + to_f32(h[i]));
-        const float inv_rms = 1.0f / std::sqrt(SumSquares(h, hidden) / float(hidden) + a.eps);
+        for (; i + 2 * N <= hidden; i += 2 * N) {
+          StoreF32(df, hn::Add(LoadF32(df, xr + i), LoadF32(df, h + i)), h + i);
+          StoreF32(df, hn::Add(LoadF32(df, xr + i + N), LoadF32(df, h + i + N)), h + i + N);
+          const auto s0 = LoadF32(df, h + i), s1 = LoadF32(df, h + i + N);
+          acc0 = hn::MulAdd(s0, s0, acc0);
+          acc1 = hn::MulAdd(s1, s1, acc1);
+        }
+        float sum_squares = hn::GetLane(hn::SumOfLanes(df, hn::Add(acc0, acc1)));
+        for (int64_t j = i; j < hidden; ++j) {
+          h[j] = from_f32<T>(to_f32(xr[j]) + to_f32(h[j]));
+          sum_squares += to_f32(h[j]) * to_f32(h[j]);
+        }
+        const float inv_rms = 1.0f / std::sqrt(sum_squares / float(hidden) + a.eps);
         ScaleRow(h, w, inv_rms, out + r * hidden, hidden);
       }
     });
