@@ -65,26 +65,6 @@ HWY_INLINE V KeepInRegister(V v) {
   return v;
 }
 
-// n values of src widened to f32 into dst.
-template <class T>
-HWY_INLINE void WidenRow(const T* HWY_RESTRICT src, float* HWY_RESTRICT dst, int64_t n) {
-  const hn::ScalableTag<float> df;
-  const int64_t lanes = int64_t(hn::Lanes(df));
-  int64_t i = 0;
-  for (; i + lanes <= n; i += lanes) hn::StoreU(LoadF32(df, src + i), df, dst + i);
-  for (; i < n; ++i) dst[i] = to_f32(src[i]);
-}
-
-// n f32 values of src stored to dst in T, rounded to nearest even.
-template <class T>
-HWY_INLINE void NarrowRow(const float* HWY_RESTRICT src, T* HWY_RESTRICT dst, int64_t n) {
-  const hn::ScalableTag<float> df;
-  const int64_t lanes = int64_t(hn::Lanes(df));
-  int64_t i = 0;
-  for (; i + lanes <= n; i += lanes) StoreF32(df, hn::LoadU(df, src + i), dst + i);
-  for (; i < n; ++i) dst[i] = from_f32<T>(src[i]);
-}
-
 }  // namespace decodelab::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
