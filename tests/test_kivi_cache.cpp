@@ -301,7 +301,9 @@ TEST_P(KiviBadArgs, CorruptRecordsAreNamedWhereTheyAreRead) {
 
 TEST_P(KiviBadArgs, Append) {
   const std::string op = "kivi_append_paged: ";
-  const Array k1(DType::f32, {1, 2, 64}), k5(DType::f32, {1, 5, 2, 64}), v5(DType::f32, {1, 5, 2, 64});
+  Array k1(DType::f32, {1, 2, 64}), k5(DType::f32, {1, 5, 2, 64}), v5(DType::f32, {1, 5, 2, 64});
+  // The calls that succeed encode these: finite values (a new Array's memory is not initialized).
+  for (Array* a : {&k1, &k5, &v5}) std::fill_n(a->ptr<float>(), a->numel(), 0.25f);
   const auto append = [&](const Tensor& k, const Tensor& v, const PagedKiviKV& c) {
     return error_of([&] { kivi_append_paged(k, v, c, {GetParam()}); });
   };

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -141,7 +142,9 @@ TEST_P(RabitqBadArgs, Append) {
   const auto append = [&](const Tensor& k, const Tensor& v, const PagedRabitqKV& c) {
     return error_of([&] { rabitq_append_paged(k, v, c, {GetParam()}); });
   };
-  const Array k1(DType::f32, {1, 2, 64}), k8(DType::f32, {1, 8, 2, 64}), v8(DType::f32, {1, 8, 2, 64});
+  Array k1(DType::f32, {1, 2, 64}), k8(DType::f32, {1, 8, 2, 64}), v8(DType::f32, {1, 8, 2, 64});
+  // The calls that succeed encode these: finite values (a new Array's memory is not initialized).
+  for (Array* a : {&k1, &k8, &v8}) std::fill_n(a->ptr<float>(), a->numel(), 0.25f);
   const Array k2d(DType::f32, {2, 64}), k_i32(DType::i32, {1, 8, 2, 64}), v_bf16(DType::bf16, {1, 8, 2, 64});
   const Array v7(DType::f32, {1, 7, 2, 64}), k_h3(DType::f32, {1, 8, 3, 64}), k_b2(DType::f32, {2, 8, 2, 64});
   const Array k_d40(DType::f32, {1, 8, 2, 40});
