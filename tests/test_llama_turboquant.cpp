@@ -116,8 +116,9 @@ TEST(LlamaTurboQuantStack, LogitsCloseToF16AndWorseWithFewerBits) {
   const auto f16 = teacher_forced(model, tokens, std::nullopt);
   // bits, and high_bits_channels of D = 64 at bits + 1 (a split width: 32 is half a bit more).
   const auto mean_nmse = [&](int bits, int64_t high = 0) {
-    KvQuantization kv = turboquant_kv(bits, bits);
-    kv.k.high_bits_channels = kv.v.high_bits_channels = high;
+    // Built in place in the optional (a copy into one tripped GCC 12's -Wmaybe-uninitialized at -O1).
+    std::optional<KvQuantization> kv(turboquant_kv(bits, bits));
+    kv->k.high_bits_channels = kv->v.high_bits_channels = high;
     const auto got = teacher_forced(model, tokens, kv);
     double sum = 0.0;
     for (size_t i = 0; i < f16.size(); ++i) sum += nmse(got[i], f16[i]);
@@ -158,15 +159,18 @@ TEST(LlamaTurboQuantStack, SkipReadsZeroRecords) {
 // one 4 + 16; f32 K and V are 2 x 64 x 4 bytes per head.
 TEST(LlamaTurboQuantStack, KvBytesPerToken) {
   const LlamaModel model = LlamaModel::random(tiny_config(), {}, 26);
-  const auto bytes = [&](std::optional<KvQuantization> kv) {
+  // kv null: the activation dtype's cache. (An empty optional passed by value or reference trips
+  // GCC 12's -Wmaybe-uninitialized under ASan at -O1.)
+  const auto bytes = [&](const KvQuantization* kv) {
     LlamaDecoder::Config config;
     config.max_tokens = 8;
-    config.kv_quantization = std::move(kv);
+    if (kv != nullptr) config.kv_quantization = *kv;
     return LlamaDecoder(model, config).kv_bytes_per_token();
   };
-  EXPECT_EQ(bytes(std::nullopt), 2 * 2 * 2 * 64 * 4);
-  EXPECT_EQ(bytes(turboquant_kv(4, 2)), 2 * 2 * (36 + 20));
-  EXPECT_EQ(bytes(turboquant_kv(4, 2, {1})), 2 * (36 + 20) + 2 * 2 * 64 * 4);
+  const KvQuantization k4v2 = turboquant_kv(4, 2), k4v2_f16 = turboquant_kv(4, 2, {1});
+  EXPECT_EQ(bytes(nullptr), 2 * 2 * 2 * 64 * 4);
+  EXPECT_EQ(bytes(&k4v2), 2 * 2 * (36 + 20));
+  EXPECT_EQ(bytes(&k4v2_f16), 2 * (36 + 20) + 2 * 2 * 64 * 4);
 }
 
 TEST(LlamaTurboQuantStack, BadConfigurationsNameTheField) {
