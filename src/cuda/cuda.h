@@ -100,7 +100,8 @@ inline constexpr int64_t kCodesMaxK = int64_t{48} << 10;
 // 2 or more, and 4-bit weights at batch 1 (docs/perf/NOTES.md, H200); the CUDA-core kernel keeps
 // dense and 8-bit weights at batch 1, where it measured faster.
 bool prefers_tensor_cores(const Weight& w, const Tensor& x);
-// Where they hand it to cuda.codes first: batch-1 MLX 4-bit weights over f16 x (docs/perf/NOTES.md, H200).
+// Where they hand it to cuda.codes first: batch-1 MLX 4-bit weights of group 64 over f16 x
+// (docs/perf/NOTES.md, H200).
 bool prefers_codes(const Weight& w, const Tensor& x);
 std::string decode_block_supports(const DecodeBlockArgs& a);
 

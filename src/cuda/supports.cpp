@@ -303,8 +303,10 @@ bool prefers_tensor_cores(const Weight& w, const Tensor& x) {
 }
 
 bool prefers_codes(const Weight& w, const Tensor& x) {
+  // The same weights as codes_weight_supports() asks for, checked without building its refusal
+  // text on every other call (the matvecs' hot path).
   return x.dtype == DType::f16 && x.dim(0) == 1 && w.is_quantized && w.quantized.spec.format == QuantFormat::mlx_affine &&
-         w.quantized.spec.bits == 4;
+         w.quantized.spec.bits == 4 && w.quantized.spec.group_size == 64;
 }
 
 }  // namespace decodelab::cuda
