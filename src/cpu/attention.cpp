@@ -303,32 +303,31 @@ struct TileRows {
 
 // All keys of a tile for kRows rows. On fixed-size SIMD targets, a vector of scores at a time
 // (DotBatch: N / kRows keys, one horizontal tree for N scores; kRows = 3 runs as 4 over a padded
-// zero row), k_rows padded past n with its last row; otherwise with one row, 4 keys at a time,
-// so that sums still come in fours. The next tile is prefetched alongside when `prefetch`.
+// zero row), then the keys left one at a time; elsewhere with one row 4 keys at a time, so that
+// sums still come in fours. The rows to fetch are prefetched alongside when `prefetch`.
 template <int kRows, class T>
-HWY_INLINE void DotRows(const float* HWY_RESTRICT q, int64_t d, TileRows<T>& rows, bool prefetch, int64_t n,
+HWY_INLINE void DotRows(const float* HWY_RESTRICT q, int64_t d, const TileRows<T>& rows, bool prefetch, int64_t n,
                         float* HWY_RESTRICT s, int64_t stride) {
   const int64_t row_bytes = d * int64_t(sizeof(T));
+  int64_t j = 0;
 #ifdef DECODELAB_ATTENTION_DOT_BATCH
   constexpr int kBatchRows = kRows == 3 ? 4 : kRows;
   constexpr int64_t kKeys = BatchKeys<kBatchRows>();
-  for (int64_t j = n; j < RoundUp(n, kKeys); ++j) rows.k[size_t(j)] = rows.k[size_t(n - 1)];
-  for (int64_t j = 0; j < n; j += kKeys) {
+  for (; j + kKeys <= n; j += kKeys) {
     if (prefetch) rows.prefetch(j, j + kKeys, row_bytes);
     DotBatch<kBatchRows>(q, d, rows.k.data() + j, s + j, stride);
   }
 #else
   constexpr int kKeys = kRows == 1 ? 4 : 2;
-  int64_t j = 0;
   for (; j + kKeys <= n; j += kKeys) {
     if (prefetch) rows.prefetch(j, j + kKeys, row_bytes);
     DotKeys<kRows, kKeys>(q, d, rows.k.data() + j, s + j, stride);
   }
+#endif
   for (; j < n; ++j) {
     if (prefetch) rows.prefetch(j, j + 1, row_bytes);
     DotKeys<kRows, 1>(q, d, rows.k.data() + j, s + j, stride);
   }
-#endif
 }
 
 // One task of DotTile, a tile at a time: its rows' running state, the tile's scores (rows padded
@@ -347,7 +346,7 @@ struct DotTask {
         scores(static_cast<size_t>(RoundUp(rows, 4) * stride)),
         corr(static_cast<size_t>(rows)),
         seen(static_cast<size_t>(rows)),
-        kv(stride) {}
+        kv(tile) {}
 
   // Makes the keys [t0, t0 + tile) of the task's range (fewer at its end) the current tile.
   void advance(int64_t t0) {

@@ -265,8 +265,13 @@ HWY_INLINE void SoftmaxRows(float* HWY_RESTRICT s, int64_t stride, int64_t rows,
       m_old[r] = m[r0 + r];
       m_new[r] = std::max(m_old[r], hn::GetLane(hn::MaxOfLanes(df, vmax)));
     }
-    // 0 on a row's first visible tile (m = kNoScore), 1 where no key is visible.
-    hn::Store(hn::Exp(df, hn::Sub(hn::Load(df, m_old), hn::Load(df, m_new))), df, c);
+    // 0 on a row's first visible tile (m = kNoScore), 1 where no key is visible. One row (the
+    // decoders over codes, one key per tile in cpu.streaming) takes the scalar exp.
+    if (count == 1) {
+      c[0] = std::exp(m_old[0] - m_new[0]);
+    } else {
+      hn::Store(hn::Exp(df, hn::Sub(hn::Load(df, m_old), hn::Load(df, m_new))), df, c);
+    }
     for (int64_t r = 0; r < count; ++r) {
       float* HWY_RESTRICT sr = s + (r0 + r) * stride;
       const int64_t visible = seen[r0 + r];
