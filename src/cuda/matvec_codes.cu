@@ -11,8 +11,7 @@
 //   eight codes. The magic and the group's scale and bias come back after the mma, in f32:
 //   sum_k (s q_k + b) x_k = s (C - 1024 F1 - 64 F2) + b (F1 + F2), where C is the mma's sum and F1,
 //   F2 are the sums of x over the inputs that sat under 1024.0 and under 64.0.
-// - F1 and F2 come from the same mma unit: a constant A of ones (rows 0..7 over the 1024.0 slots,
-//   rows 8..15 over the 64.0 slots) times the same B.
+// - F1 and F2 are the same for every row: the block sums them per group once, as it lays out x.
 // - At batch 1 seven of the mma's eight columns would be idle, so column n holds group n of the
 //   step instead: lane (g, t) supplies B only in the mma of group g (zeros elsewhere), and the C
 //   fragment then holds each row's sums for eight groups, so one scale epilogue serves eight groups.
@@ -40,8 +39,16 @@ using Mlx4 = MlxMatrix<4, __half>;
 
 // The codes at bits [0, 4) and [16, 20) of w as (1024 + q0, 1024 + q1), and those at [4, 8) and
 // [20, 24) as (64 + q0, 64 + q1): one LOP3 each.
-__device__ __forceinline__ uint32_t low_nibbles(uint32_t w) { return (w & 0x000F000Fu) | 0x64006400u; }
-__device__ __forceinline__ uint32_t high_nibbles(uint32_t w) { return (w & 0x00F000F0u) | 0x54005400u; }
+// (Written as C++, (w & mask) | magic became two LOP3s, both constants being immediates; with the
+// magic as a register operand of one lop3 it is one.)
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t masked_or(uint32_t w, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(kMask), "r"(magic));  // (a & b) | c
+  return d;
+}
+__device__ __forceinline__ uint32_t low_nibbles(uint32_t w) { return masked_or<0x000F000Fu>(w, 0x64006400u); }
+__device__ __forceinline__ uint32_t high_nibbles(uint32_t w) { return masked_or<0x00F000F0u>(w, 0x54005400u); }
 
 // A span: the eight groups whose sums share one C fragment (column n = group n of the span), so
 // one scale epilogue. A step: the groups of a span a warp loads in one go; the next step's loads are
@@ -61,14 +68,6 @@ struct SpanSide {
   __half scale[kParts][2][2], bias[kParts][2][2];  // [part][row g, g + 8][column 2t + j]
 };
 
-// A of ones over the 1024.0 slots in rows 0..7 (register 0) and the 64.0 slots in rows 8..15
-// (register 3): C rows 0..7 get F1, rows 8..15 F2.
-__device__ __forceinline__ void ones_mma(float (&c)[4], const uint32_t (&b)[2]) {
-  constexpr uint32_t kOne = 0x3C003C00u;
-  const uint32_t a[4] = {kOne, 0u, 0u, kOne};
-  mma_16816(c, a, b, __half{});
-}
-
 template <int kParts>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(Jobs<Mlx4, __half> jobs,
                                                                                const __half* __restrict__ x, int64_t k) {
@@ -87,7 +86,22 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
   const int warp_groups = int(groups / kWarps);  // the warp's groups: warp, warp + 8, ...
   const int steps = (warp_groups + kGroups - 1) / kGroups;
   const JobFormats<Mlx4, __half> m{jobs, job};
-  const auto group_of = [&](int q) { return warp + kWarps * int64_t(q); };  // the warp's group q
+  // The warp's group q is group warp + 8q of the row. Per-lane bases, so that a group's loads are
+  // a base plus a multiple of q (no 64-bit arithmetic per load).
+  const uint2* code_base[kParts][2];
+  const __half *scale_base[kParts][2], *bias_base[kParts][2];
+#pragma unroll
+  for (int p = 0; p < kParts; ++p) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      code_base[p][r] = reinterpret_cast<const uint2*>(m[p].packed + rows[r] * m[p].row_units) + warp * 4 + t;
+      scale_base[p][r] = m[p].scales + rows[r] * m[p].row_groups + warp;
+      bias_base[p][r] = m[p].biases + rows[r] * m[p].row_groups + warp;
+    }
+  }
+  constexpr int kGroupCodes = kWarps * 4, kGroupSides = kWarps, kGroupWords = kWarps * 8;  // strides per q
+  // F1 and F2 of every group (the sums of x under the 1024.0 and the 64.0 slots), after x's words.
+  float2* const group_sums = reinterpret_cast<float2*>(xs + words + 1);
 
   const auto load_codes = [&](StepCodes<kParts>& s, int step) {
 #pragma unroll
@@ -96,30 +110,28 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
 #pragma unroll
       for (int p = 0; p < kParts; ++p) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint2* row = reinterpret_cast<const uint2*>(m[p].packed + rows[r] * m[p].row_units);
-          s.codes[p][i][r] = q < warp_groups ? __ldcs(row + group_of(q) * 4 + t) : make_uint2(0, 0);
-        }
+        for (int r = 0; r < 2; ++r) s.codes[p][i][r] = q < warp_groups ? __ldcs(code_base[p][r] + q * kGroupCodes) : make_uint2(0, 0);
       }
     }
   };
   const auto load_side = [&](SpanSide<kParts>& side, int span) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      // Columns past the warp's groups stay zero: any group's scale will do.
+      // Columns past the warp's groups add nothing (epilogue): any group's scale will do.
       const int column = span * kSpanGroups + 2 * t + j, q = column < warp_groups ? column : warp_groups - 1;
 #pragma unroll
       for (int p = 0; p < kParts; ++p) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          side.scale[p][r][j] = __ldg(m[p].scales + rows[r] * m[p].row_groups + group_of(q));
-          side.bias[p][r][j] = __ldg(m[p].biases + rows[r] * m[p].row_groups + group_of(q));
+          side.scale[p][r][j] = __ldg(scale_base[p][r] + q * kGroupSides);
+          side.bias[p][r][j] = __ldg(bias_base[p][r] + q * kGroupSides);
         }
       }
     }
   };
 
-  float c[kParts][2][4] = {}, ones[2][4] = {};  // the span's sums, one chain per word of a group
+  float c[kParts][2][4] = {};  // the span's sums, one chain per word of a group
+  const int x_lane = warp * 8 + 2 * t;  // word 2t of the warp's group 0
   const auto multiply = [&](const StepCodes<kParts>& s, int step) {
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
@@ -127,10 +139,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
       const bool live = q % kSpanGroups == g && q < warp_groups;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint4 xw = xs[live ? group_of(q) * 8 + 2 * t + j : words];
+        const uint4 xw = xs[live ? x_lane + q * kGroupWords + j : int(words)];
         const uint32_t b_lo[2] = {xw.x, xw.y}, b_hi[2] = {xw.z, xw.w};
-        ones_mma(ones[j], b_lo);
-        ones_mma(ones[j], b_hi);
 #pragma unroll
         for (int p = 0; p < kParts; ++p) {
           const uint32_t w0 = j == 0 ? s.codes[p][i][0].x : s.codes[p][i][0].y;
@@ -145,12 +155,13 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
     }
   };
   float y[kParts][2] = {};  // rows g and g + 8, over this lane's columns
-  // C column 2t + j: row g in register j, row g + 8 in register 2 + j.
-  const auto epilogue = [&](const SpanSide<kParts>& side) {
+  // C column 2t + j (group 8 span + 2t + j of the warp): row g in register j, row g + 8 in 2 + j.
+  const auto epilogue = [&](const SpanSide<kParts>& side, int span) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float f1 = ones[0][j] + ones[1][j], f2 = ones[0][2 + j] + ones[1][2 + j];
-      const float magic = fmaf(1024.0f, f1, 64.0f * f2), sum = f1 + f2;
+      const int column = span * kSpanGroups + 2 * t + j;
+      const float2 f = column < warp_groups ? group_sums[warp + kWarps * column] : make_float2(0.0f, 0.0f);
+      const float magic = fmaf(1024.0f, f.x, 64.0f * f.y), sum = f.x + f.y;
 #pragma unroll
       for (int p = 0; p < kParts; ++p) {
 #pragma unroll
@@ -162,7 +173,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      ones[0][e] = ones[1][e] = 0.0f;
 #pragma unroll
       for (int p = 0; p < kParts; ++p) c[p][0][e] = c[p][1][e] = 0.0f;
     }
@@ -175,12 +185,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
     if (step + 1 < steps) load_codes(next, step + 1);
     multiply(cur, step);
     if (step % kStepsPerSpan == kStepsPerSpan - 1 || step + 1 == steps) {
-      epilogue(side);
+      epilogue(side, step / kStepsPerSpan);
       if (step + 1 < steps) load_side(side, (step + 1) / kStepsPerSpan);
     }
   };
 
-  // The first step's loads go out before x is laid out, so the two overlap.
+  // The first step's loads go out before x is laid out, so the two overlap. Words are taken by
+  // consecutive threads, and a group's eight words by eight lanes of one warp: F1 and F2 of a group
+  // are a reduction over those lanes (words is a multiple of 64, so a warp's words are all in range
+  // or none).
   StepCodes<kParts> buffers[2];
   load_codes(buffers[0], 0);
   load_side(side, 0);
@@ -188,6 +201,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + w);
     xs[w] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
                        __byte_perm(v.y, v.w, 0x7632));
+    const float2 x01 = __half22float2(as_pair<__half>(v.x)), x23 = __half22float2(as_pair<__half>(v.y));
+    const float2 x45 = __half22float2(as_pair<__half>(v.z)), x67 = __half22float2(as_pair<__half>(v.w));
+    // The 1024.0 slots hold inputs 0, 4, 2, 6 of a word, the 64.0 slots 1, 5, 3, 7.
+    float f1 = (x01.x + x45.x) + (x23.x + x67.x), f2 = (x01.y + x45.y) + (x23.y + x67.y);
+#pragma unroll
+    for (int offset = 1; offset < 8; offset *= 2) {
+      f1 += __shfl_xor_sync(0xFFFFFFFFu, f1, offset);
+      f2 += __shfl_xor_sync(0xFFFFFFFFu, f2, offset);
+    }
+    if (w % 8 == 0) group_sums[w / 8] = make_float2(f1, f2);
   }
   if (threadIdx.x == 0) xs[words] = make_uint4(0, 0, 0, 0);
   __syncthreads();
@@ -222,8 +245,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
   store_output<kParts>(jobs, job, n, 0, row, sum);
 }
 
-// Dynamic shared memory of a launch over K inputs: x's words and the zero word.
-constexpr int64_t codes_shared_bytes(int64_t k) { return (k / 8 + 1) * int64_t(sizeof(uint4)); }
+// Dynamic shared memory of a launch over K inputs: x's words, the zero word and the group sums.
+constexpr int64_t codes_shared_bytes(int64_t k) {
+  return (k / 8 + 1) * int64_t(sizeof(uint4)) + k / kGroup * int64_t(sizeof(float2));
+}
 static_assert(codes_shared_bytes(kCodesMaxK) <= (int64_t{227} << 10), "the largest K that supports() admits fits a block");
 
 struct CodesMatvec {
@@ -233,10 +258,10 @@ struct CodesMatvec {
     const auto make = [](const Weight& wi) { return mlx_matrix<4, __half>(wi); };
     const Jobs<Mlx4, __half> jobs = make_jobs<Mlx4, __half>(make, w, y, residual, kParts == 2);
     const int64_t k = x.dim(1);
-    const size_t shared = size_t(codes_shared_bytes(k));
-    const auto kernel = matvec_codes_kernel<kParts>;
-    check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)), op);
-    kernel<<<tile_count<kParts>(jobs), kWarps * 32, shared, stream_of(stream)>>>(jobs, x.ptr<const __half>(), k);
+    constexpr auto kernel = matvec_codes_kernel<kParts>;
+    check_launch(allow_dynamic_smem<kernel>(int(codes_shared_bytes(kCodesMaxK))), op);
+    kernel<<<tile_count<kParts>(jobs), kWarps * 32, size_t(codes_shared_bytes(k)), stream_of(stream)>>>(
+        jobs, x.ptr<const __half>(), k);
     check_launch(cudaGetLastError(), op);
   }
 };
