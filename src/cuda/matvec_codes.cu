@@ -68,6 +68,42 @@ struct SpanSide {
   __half scale[kParts][2][2], bias[kParts][2][2];  // [part][row g, g + 8][column 2t + j]
 };
 
+// x's words w (inputs 8w..8w+7) into shared memory as the pairs (x_{8w+p}, x_{8w+p+4}),
+// p = 0..3, and F1 and F2 of every group, by the block's first kThreads threads. Words are taken by
+// consecutive threads, and a group's eight words by eight lanes of one warp: F1 and F2 of a group
+// are a reduction over those lanes (words is a multiple of 64, so a warp's words are all in range
+// or none). A thread's loads go out together, kBatch at a time: one at a time, K = 14336 cost
+// seven L2 round trips in a row before the first multiply.
+template <int kThreads>
+__device__ __forceinline__ void lay_out_x(const __half* __restrict__ x, int64_t words, uint4* xs, float2* group_sums) {
+  constexpr int kBatch = 8;
+  for (int64_t w0 = threadIdx.x; w0 < words; w0 += kBatch * kThreads) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int64_t w = w0 + i * kThreads;
+      v[i] = w < words ? __ldg(reinterpret_cast<const uint4*>(x) + w) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int64_t w = w0 + i * kThreads;
+      if (w >= words) break;
+      xs[w] = make_uint4(__byte_perm(v[i].x, v[i].z, 0x5410), __byte_perm(v[i].x, v[i].z, 0x7632),
+                         __byte_perm(v[i].y, v[i].w, 0x5410), __byte_perm(v[i].y, v[i].w, 0x7632));
+      const float2 x01 = __half22float2(as_pair<__half>(v[i].x)), x23 = __half22float2(as_pair<__half>(v[i].y));
+      const float2 x45 = __half22float2(as_pair<__half>(v[i].z)), x67 = __half22float2(as_pair<__half>(v[i].w));
+      // The 1024.0 slots hold inputs 0, 4, 2, 6 of a word, the 64.0 slots 1, 5, 3, 7.
+      float f1 = (x01.x + x45.x) + (x23.x + x67.x), f2 = (x01.y + x45.y) + (x23.y + x67.y);
+#pragma unroll
+      for (int offset = 1; offset < 8; offset *= 2) {
+        f1 += __shfl_xor_sync(0xFFFFFFFFu, f1, offset);
+        f2 += __shfl_xor_sync(0xFFFFFFFFu, f2, offset);
+      }
+      if (w % 8 == 0) group_sums[w / 8] = make_float2(f1, f2);
+    }
+  }
+}
+
 template <int kParts>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(Jobs<Mlx4, __half> jobs,
                                                                                const __half* __restrict__ x, int64_t k) {
@@ -190,28 +226,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
     }
   };
 
-  // The first step's loads go out before x is laid out, so the two overlap. Words are taken by
-  // consecutive threads, and a group's eight words by eight lanes of one warp: F1 and F2 of a group
-  // are a reduction over those lanes (words is a multiple of 64, so a warp's words are all in range
-  // or none).
+  // The first step's loads go out before x is laid out, so the two overlap.
   StepCodes<kParts> buffers[2];
   load_codes(buffers[0], 0);
   load_side(side, 0);
-  for (int64_t w = threadIdx.x; w < words; w += blockDim.x) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + w);
-    xs[w] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
-                       __byte_perm(v.y, v.w, 0x7632));
-    const float2 x01 = __half22float2(as_pair<__half>(v.x)), x23 = __half22float2(as_pair<__half>(v.y));
-    const float2 x45 = __half22float2(as_pair<__half>(v.z)), x67 = __half22float2(as_pair<__half>(v.w));
-    // The 1024.0 slots hold inputs 0, 4, 2, 6 of a word, the 64.0 slots 1, 5, 3, 7.
-    float f1 = (x01.x + x45.x) + (x23.x + x67.x), f2 = (x01.y + x45.y) + (x23.y + x67.y);
-#pragma unroll
-    for (int offset = 1; offset < 8; offset *= 2) {
-      f1 += __shfl_xor_sync(0xFFFFFFFFu, f1, offset);
-      f2 += __shfl_xor_sync(0xFFFFFFFFu, f2, offset);
-    }
-    if (w % 8 == 0) group_sums[w / 8] = make_float2(f1, f2);
-  }
+  lay_out_x<kWarps * 32>(x, words, xs, group_sums);
   if (threadIdx.x == 0) xs[words] = make_uint4(0, 0, 0, 0);
   __syncthreads();
 #pragma unroll 1
