@@ -28,15 +28,16 @@ void on_pool(const Args& a, int64_t count, void (*rows)(const Args&, int64_t, in
   parallel_ranges(count, 1, [&](int64_t begin, int64_t end) { rows(a, begin, end); });
 }
 
+// The append of a cache of per-token records (reference::append_record_rows), over the pool.
+template <class Args>
+void append_records(const Args& a) {
+  on_pool(a, reference::append_record_row_count(a.k_new), reference::append_record_rows<Args>);
+}
+
 }  // namespace
 
-void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) {
-  on_pool(a, reference::append_record_row_count(a.k_new), reference::turboquant_append_rows);
-}
-
-void rabitq_append_paged(const RabitqAppendPagedArgs& a) {
-  on_pool(a, reference::append_record_row_count(a.k_new), reference::rabitq_append_rows);
-}
+void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) { append_records(a); }
+void rabitq_append_paged(const RabitqAppendPagedArgs& a) { append_records(a); }
 
 void kivi_append_paged(const KiviAppendPagedArgs& a) {
   on_pool(a, reference::kivi_append_row_count(a), reference::kivi_append_rows);

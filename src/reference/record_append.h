@@ -20,12 +20,14 @@ struct NewTokens {
   int64_t offset(int64_t b, int64_t s, int64_t h) const { return ((b * tokens + s) * heads + h) * d; }
 };
 
-// Rows [row_begin, row_end) of the B * S * Hkv (sequence, new token, KV head) rows of k_new and
-// v_new, [B, S, Hkv, D] (or [B, Hkv, D], S = 1); the rows of one token are independent of every
-// other's, so any split of the rows writes the same bytes.
-template <class Cache>
-void append_record_rows(const Tensor& k_new, const Tensor& v_new, const Cache& cache, int64_t row_begin,
-                        int64_t row_end) {
+// Rows [row_begin, row_end) of the B * S * Hkv (sequence, new token, KV head) rows of an append
+// (Args: TurboQuantAppendPagedArgs, RabitqAppendPagedArgs: k_new and v_new,
+// [B, S, Hkv, D] or [B, Hkv, D] (S = 1), and a cache whose codecs encode them); the rows of one
+// token are independent of every other's, so any split of the rows writes the same bytes.
+template <class Args>
+void append_record_rows(const Args& a, int64_t row_begin, int64_t row_end) {
+  const Tensor &k_new = a.k_new, &v_new = a.v_new;
+  const auto& cache = a.cache;
   const PagedRecordLayout at(cache);
   const NewTokens n(k_new);
   const int64_t tokens = n.tokens, hkv = n.heads, d = n.d;
@@ -47,6 +49,12 @@ void append_record_rows(const Tensor& k_new, const Tensor& v_new, const Cache& c
 inline int64_t append_record_row_count(const Tensor& k_new) {
   const NewTokens n(k_new);
   return n.batch * n.tokens * n.heads;
+}
+
+// The whole append, in row order on the calling thread (the reference backend's kernel).
+template <class Args>
+void append_records(const Args& a) {
+  append_record_rows(a, 0, append_record_row_count(a.k_new));
 }
 
 }  // namespace decodelab::reference
