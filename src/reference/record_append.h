@@ -1,7 +1,8 @@
-// The append of the paged record caches (PagedTurboQuantKV, PagedRabitqKV), the reference: each
-// new token's key and value are encoded by the cache's own codecs into the records of token
-// lengths[b] + s. Shared by turboquant_cache.cpp and rabitq_cache.cpp, and run over row ranges by
-// the CPU backend (src/cpu/quant.cpp): the codes must be the encoders' bit for bit.
+// The append of the paged record caches (PagedTurboQuantKV, PagedRabitqKV, PagedQjlKV), the
+// reference: each new token's key and value are encoded by the cache's own codecs into the records
+// of token lengths[b] + s. Shared by turboquant_cache.cpp, rabitq_cache.cpp and qjl_cache.cpp, and
+// run over row ranges by the CPU backend (src/cpu/quant.cpp): the codes must be the encoders' bit
+// for bit.
 #pragma once
 
 #include <vector>
@@ -21,7 +22,7 @@ struct NewTokens {
 };
 
 // Rows [row_begin, row_end) of the B * S * Hkv (sequence, new token, KV head) rows of an append
-// (Args: TurboQuantAppendPagedArgs, RabitqAppendPagedArgs: k_new and v_new,
+// (Args: TurboQuantAppendPagedArgs, RabitqAppendPagedArgs, QjlAppendPagedArgs: k_new and v_new,
 // [B, S, Hkv, D] or [B, Hkv, D] (S = 1), and a cache whose codecs encode them); the rows of one
 // token are independent of every other's, so any split of the rows writes the same bytes.
 template <class Args>
