@@ -1,11 +1,14 @@
 // What the tests of the paged record caches with TurboQuant values share (test_rabitq_cache.cpp,
 // test_qjl_cache.cpp): a cache filled through the codecs (and grown through the cache's append op,
 // where it has one), its expected output in plain math (softmax of the key codec's estimates over
-// decoded values), and the errors every such op gives alike (the value codec and pool, q and out,
-// the page table, lengths, corrupt norms).
+// decoded values), the appends' checks (records the encoders', attention over them), and the
+// errors every such op gives alike (the new tokens, the codecs and pools, q and out, the page
+// table, lengths, corrupt norms).
 #pragma once
 
 #include <gtest/gtest.h>
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -214,6 +217,34 @@ void expect_attention_over_estimates(const Cache& cache, const std::vector<float
 
 inline void set_f32(std::span<uint8_t> record, int64_t at, float value) { std::memcpy(record.data() + 4 * at, &value, 4); }
 
+// Appends to a cache from make_cache() (B = 2 sequences of Hkv = 2 heads of D = 128 with room for
+// every chunk, a RecordCache with an append op) the chunks of new tokens in order, N(0, 1) draws:
+// a chunk of 1 in the decode form [B, Hkv, D], of n > 1 as [B, n, Hkv, D]; in each activation
+// dtype, on each host backend. Every record each append writes is the encoders' (RecordCache::
+// append), and attention over the grown cache (Hq = 8, on cpu) matches the softmax of the
+// estimated scores over the decoded values.
+template <class MakeCache>
+void expect_appends_write_encoders_records(const MakeCache& make_cache, std::span<const int64_t> chunks,
+                                           uint64_t seed) {
+  constexpr int64_t kB = 2, kHkv = 2, kD = 128, kHq = 8;
+  for (const char* backend : kHostBackends) {
+    for (const DType dtype : {DType::f32, DType::f16, DType::bf16}) {
+      SCOPED_TRACE(fmt::format("{}, {}", backend, dtype_name(dtype)));
+      auto cache = make_cache();
+      verify::Rng rng(seed);
+      for (const int64_t n : chunks) {
+        const std::vector<int64_t> shape =
+            n == 1 ? std::vector<int64_t>{kB, kHkv, kD} : std::vector<int64_t>{kB, n, kHkv, kD};
+        const Array k_new = verify::random_array(dtype, shape, rng), v_new = verify::random_array(dtype, shape, rng);
+        ASSERT_TRUE(cache.append(k_new, v_new, backend));
+        SCOPED_TRACE(fmt::format("lengths {} and {}", cache.length(0), cache.length(1)));
+        const std::vector<float> q = normal(rng, kB * kHq * kD);
+        EXPECT_LT(relative_error(cache.attend(q, kHq, "cpu"), cache.expected(q, kHq)), 2e-6);
+      }
+    }
+  }
+}
+
 // The bad-argument fixture's value codec: D = 64, 2 bits, plain scale.
 inline kvquant::TurboQuantConfig bad_args_value_config() {
   return {64, 2, kvquant::RotationKind::hadamard, 2, kvquant::ScaleMode::plain};
@@ -256,6 +287,56 @@ void expect_page_table_errors(const std::string& op, const Data& data, const Cal
   c = data.cache();
   c.lengths = lengths;
   EXPECT_EQ(call(c), op + length_error);
+}
+
+// For the bad-argument fixture's cache `data` (BadArgs above), the errors every append op into
+// such a cache gives alike: the new tokens' shapes and dtypes, a null key codec (`key_kind` its
+// type, "RabitqKeys"), a key codec for D = 128 (k128) and a value codec for D = 128, k_pages for
+// another Hkv (k_pages_for_3_heads: the error's text after `op`, as its record length is the key
+// codec's), the page table and lengths; then the good calls, which write (40 + 8 tokens fill the
+// 3 pages exactly; one token in the decode form; and 30 + 1, which stays in the first two pages,
+// so a bad third page entry is not read). append(k_new, v_new, cache) is the op's error ("" if
+// none); `op` its prefix ("name: ").
+template <class Data, class Append, class KCodec>
+void expect_shared_append_errors(const std::string& op, const Data& data, const Append& append, const char* key_kind,
+                                 const KCodec& k128, const std::string& k_pages_for_3_heads) {
+  Array k1(DType::f32, {1, 2, 64}), k8(DType::f32, {1, 8, 2, 64}), v8(DType::f32, {1, 8, 2, 64});
+  // The calls that succeed encode these: finite values (a new Array's memory is not initialized).
+  for (Array* a : {&k1, &k8, &v8}) std::fill_n(a->ptr<float>(), a->numel(), 0.25f);
+  // The calls that fail never read theirs; filled all the same.
+  Array k2d(DType::f32, {2, 64}), k_i32(DType::i32, {1, 8, 2, 64}), v_bf16(DType::bf16, {1, 8, 2, 64});
+  Array v7(DType::f32, {1, 7, 2, 64}), k_h3(DType::f32, {1, 8, 3, 64}), k_b2(DType::f32, {2, 8, 2, 64});
+  Array k_d40(DType::f32, {1, 8, 2, 40});
+  for (Array* a : {&k2d, &k_i32, &v_bf16, &v7, &k_h3, &k_b2, &k_d40}) std::memset(a->data(), 0, a->nbytes());
+  EXPECT_EQ(append(k2d, k2d, data.cache()), op + "k_new: expected [B, Hkv, D] (one new token per sequence) or "
+                                                 "[B, S, Hkv, D], got [2, 64] f32");
+  EXPECT_EQ(append(k_i32, k_i32, data.cache()), op + "k_new: expected dtype f32, f16 or bf16, got [1, 8, 2, 64] i32");
+  EXPECT_EQ(append(k8, v7, data.cache()), op + "v_new: expected the shape of k_new [1, 8, 2, 64] f32, got [1, 7, 2, 64] f32");
+  EXPECT_EQ(append(k8, v_bf16, data.cache()), op + "v_new: expected dtype f32 (the dtype of k_new), got [1, 8, 2, 64] bf16");
+  EXPECT_EQ(append(k_d40, k_d40, data.cache()), op + "k_new: expected head_dim D a multiple of 16 in [16, 256], got D = 40");
+  auto c = data.cache();
+  c.k_codec = nullptr;
+  EXPECT_EQ(append(k8, v8, c), op + fmt::format("cache.k_codec: expected a {} codec, got null", key_kind));
+  c.k_codec = &k128;
+  EXPECT_EQ(append(k8, v8, c), op + "cache.k_codec: expected a codec for head_dim D = 64 (of k_new), got a codec for D = 128");
+  const kvquant::TurboQuantMse v128({128, 2});
+  c = data.cache();
+  c.v_codec = &v128;
+  EXPECT_EQ(append(k8, v8, c), op + "cache.v_codec: expected a codec for head_dim D = 64 (of k_new), got a codec for D = 128");
+  EXPECT_EQ(append(k_h3, k_h3, data.cache()), op + k_pages_for_3_heads);
+  EXPECT_EQ(append(k_b2, k_b2, data.cache()), op + "cache.page_table: expected shape [2, *] [B, max_pages], got [1, 3] i32");
+  // 40 + 8 tokens fill the 3 pages of the table exactly; 41 + 8 do not fit.
+  expect_page_table_errors(
+      op, data, [&](const auto& cache) { return append(k8, v8, cache); }, 41,
+      "lengths[0]: expected a length in [0, 40] so that 8 new tokens fit, got 41");
+  // The good calls last, as they write.
+  EXPECT_EQ(append(k8, v8, data.cache()), "");
+  EXPECT_EQ(append(k1, k1, data.cache()), "");
+  const Array bad_page = verify::i32_array({1, 3}, {0, 1, 3}), at_30 = verify::i32_array({1}, {30});
+  c = data.cache();
+  c.page_table = bad_page;
+  c.lengths = at_30;
+  EXPECT_EQ(append(k1, k1, c), "");
 }
 
 // For `data`, a valid cache of B = 1, Hkv = 2, D = 64 with 2-bit values (bad_args_value_config),

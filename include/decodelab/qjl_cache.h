@@ -1,5 +1,6 @@
 // A paged KV cache whose keys are QJL records and whose values are TurboQuant (MSE) records
-// (kvquant.h), and fused decode attention over it (issue 5, item 8).
+// (kvquant.h), the op that appends new tokens to it and fused decode attention over it (issue 5,
+// item 8).
 //
 // Layout. The pages, page table and lengths of PagedTurboQuantKV (turboquant_cache.h), with
 // QjlKeys records on the key side:
@@ -15,10 +16,10 @@
 // is a multiple of 16 (the fused kernels read the sign bits 16 at a time, two whole bytes); the
 // value codec may have a split width, as for PagedTurboQuantKV.
 // At D = 128 and m = 256 a key costs 36 bytes per KV head, against 256 in f16.
-// There is no append op yet: k_codec->encode and v_codec->encode write the records.
 //
-// As with PagedKV, ops never change `lengths`. The codecs are host objects; the tensors live in
-// host memory (the reference and cpu backends run this op).
+// As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
+// append. The codecs are host objects; the tensors live in host memory (the reference and cpu
+// backends run these ops).
 #pragma once
 
 #include "decodelab/attention.h"
@@ -30,6 +31,13 @@
 namespace decodelab {
 
 using PagedQjlKV = PagedRecordKV<kvquant::QjlKeys>;
+
+// Appends S new tokens to every sequence: k_new, v_new = [B, S, Hkv, D], or [B, Hkv, D] for one
+// token (S = 1), in f32, f16 or bf16. Token s of sequence b is encoded into the records of token
+// lengths[b] + s, exactly as k_codec->encode and v_codec->encode encode the values widened to f32
+// (every backend writes the same bytes). The page table must cover lengths[b] + S tokens. The key
+// codec's sketch size m must be a multiple of 16, as for attention over the cache.
+void qjl_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedQjlKV& cache, const RunOptions& run = {});
 
 // Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
 // q, out = [B, Hq, D] (f32, f16 or bf16), Hq a multiple of Hkv (query head h reads KV head

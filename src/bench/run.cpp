@@ -206,9 +206,9 @@ std::vector<int32_t> append_lengths(int64_t batch) {
   return lengths;
 }
 
-// The append of a record cache (Cache: PagedTurboQuantKV or PagedRabitqKV, `codecs` its key and
-// value codecs) for 1 and 16 sequences: read the new K and V rows, write their records of
-// k_record and v_record bytes.
+// The append of a record cache (Cache: PagedTurboQuantKV, PagedRabitqKV or PagedQjlKV, `codecs`
+// its key and value codecs) for 1 and 16 sequences: read the new K and V rows, write their records
+// of k_record and v_record bytes.
 template <class Args, class Cache, class Codecs>
 void add_record_append_bench(std::vector<BenchCase>& cases, const BenchOptions& o, const std::string& codecs_name,
                              int64_t page, int64_t k_record, int64_t v_record, std::shared_ptr<const Codecs> codecs) {
@@ -541,7 +541,8 @@ void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
 // Fused decode attention over the paged QJL-key / TurboQuant-value cache (qjl_cache.h), the CPU
 // shapes of add_turboquant: sketches of m = D and 2D (the paper's keys use m of a few D) with
 // 2-bit values, m = 2D with 4-bit values. A QJL record is its norm and sign bits, all of whose
-// values are valid codes, so random_records' bytes are a cache.
+// values are valid codes, so random_records' bytes are a cache. And the append of one new token
+// per sequence.
 void add_qjl(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
@@ -565,6 +566,8 @@ void add_qjl(std::vector<BenchCase>& cases, const BenchOptions& o) {
           },
           record_attention_args<QjlDecodeAttentionPagedArgs, PagedQjlKV>(codecs));
     }
+    add_record_append_bench<QjlAppendPagedArgs, PagedQjlKV>(cases, o, fmt::format("K QJL m={} V {}-bit", m, v_bits),
+                                                           page, kr, vr, codecs);
   }
 }
 

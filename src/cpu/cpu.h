@@ -33,6 +33,7 @@ void dequantize(const DequantizeArgs& a);
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
 void kivi_append_paged(const KiviAppendPagedArgs& a);
 void rabitq_append_paged(const RabitqAppendPagedArgs& a);
+void qjl_append_paged(const QjlAppendPagedArgs& a);
 
 // turboquant_attention.cpp
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);

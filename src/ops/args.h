@@ -173,6 +173,14 @@ struct RabitqDecodeAttentionPagedArgs {
   Stream stream;
 };
 
+// k_new, v_new: [B, S, Hkv, D], or [B, Hkv, D] for one token (S = 1).
+struct QjlAppendPagedArgs {
+  static constexpr const char* kOp = "qjl_append_paged";
+  Tensor k_new, v_new;
+  PagedQjlKV cache;
+  Stream stream;
+};
+
 struct QjlDecodeAttentionPagedArgs {
   static constexpr const char* kOp = "qjl_decode_attention_paged";
   Tensor q;

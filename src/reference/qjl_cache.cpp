@@ -1,4 +1,5 @@
-// Fused decode attention over the paged QJL-key / TurboQuant-value cache, the reference: every
+// The paged QJL-key / TurboQuant-value cache ops, the reference. The append encodes with
+// QjlKeys::encode and TurboQuantMse::encode (record_append.h). Fused decode attention: every
 // score is QjlKeys::estimate of the query against the key record (S q and the signed sum in
 // double), every value is TurboQuantMse::decode of its record, and plain attention runs over them
 // in double. It shares nothing with the fused CPU kernel but the codecs, so it checks the fused
@@ -7,9 +8,12 @@
 
 #include "kvquant/record.h"
 #include "reference/decoded_attention.h"
+#include "reference/record_append.h"
 #include "reference/reference.h"
 
 namespace decodelab::reference {
+
+void qjl_append_paged(const QjlAppendPagedArgs& a) { append_records(a); }
 
 void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a) {
   const detail::ArgCheck check(a.kOp);

@@ -13,11 +13,7 @@
 
 namespace decodelab::reference {
 
-void rabitq_append_rows(const RabitqAppendPagedArgs& a, int64_t row_begin, int64_t row_end) {
-  append_record_rows(a.k_new, a.v_new, a.cache, row_begin, row_end);
-}
-
-void rabitq_append_paged(const RabitqAppendPagedArgs& a) { rabitq_append_rows(a, 0, append_record_row_count(a.k_new)); }
+void rabitq_append_paged(const RabitqAppendPagedArgs& a) { append_records(a); }
 
 void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a) {
   const detail::ArgCheck check(a.kOp);

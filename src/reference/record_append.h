@@ -1,7 +1,8 @@
-// The append of the paged record caches (PagedTurboQuantKV, PagedRabitqKV), the reference: each
-// new token's key and value are encoded by the cache's own codecs into the records of token
-// lengths[b] + s. Shared by turboquant_cache.cpp and rabitq_cache.cpp, and run over row ranges by
-// the CPU backend (src/cpu/quant.cpp): the codes must be the encoders' bit for bit.
+// The append of the paged record caches (PagedTurboQuantKV, PagedRabitqKV, PagedQjlKV), the
+// reference: each new token's key and value are encoded by the cache's own codecs into the records
+// of token lengths[b] + s. Shared by turboquant_cache.cpp, rabitq_cache.cpp and qjl_cache.cpp, and
+// run over row ranges by the CPU backend (src/cpu/quant.cpp): the codes must be the encoders' bit
+// for bit.
 #pragma once
 
 #include <vector>
@@ -20,12 +21,14 @@ struct NewTokens {
   int64_t offset(int64_t b, int64_t s, int64_t h) const { return ((b * tokens + s) * heads + h) * d; }
 };
 
-// Rows [row_begin, row_end) of the B * S * Hkv (sequence, new token, KV head) rows of k_new and
-// v_new, [B, S, Hkv, D] (or [B, Hkv, D], S = 1); the rows of one token are independent of every
-// other's, so any split of the rows writes the same bytes.
-template <class Cache>
-void append_record_rows(const Tensor& k_new, const Tensor& v_new, const Cache& cache, int64_t row_begin,
-                        int64_t row_end) {
+// Rows [row_begin, row_end) of the B * S * Hkv (sequence, new token, KV head) rows of an append
+// (Args: TurboQuantAppendPagedArgs, RabitqAppendPagedArgs, QjlAppendPagedArgs: k_new and v_new,
+// [B, S, Hkv, D] or [B, Hkv, D] (S = 1), and a cache whose codecs encode them); the rows of one
+// token are independent of every other's, so any split of the rows writes the same bytes.
+template <class Args>
+void append_record_rows(const Args& a, int64_t row_begin, int64_t row_end) {
+  const Tensor &k_new = a.k_new, &v_new = a.v_new;
+  const auto& cache = a.cache;
   const PagedRecordLayout at(cache);
   const NewTokens n(k_new);
   const int64_t tokens = n.tokens, hkv = n.heads, d = n.d;
@@ -47,6 +50,12 @@ void append_record_rows(const Tensor& k_new, const Tensor& v_new, const Cache& c
 inline int64_t append_record_row_count(const Tensor& k_new) {
   const NewTokens n(k_new);
   return n.batch * n.tokens * n.heads;
+}
+
+// The whole append, in row order on the calling thread (the reference backend's kernel).
+template <class Args>
+void append_records(const Args& a) {
+  append_record_rows(a, 0, append_record_row_count(a.k_new));
 }
 
 }  // namespace decodelab::reference

@@ -31,6 +31,7 @@ void kivi_append_paged(const KiviAppendPagedArgs& a);
 void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
 void rabitq_append_paged(const RabitqAppendPagedArgs& a);
 void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
+void qjl_append_paged(const QjlAppendPagedArgs& a);
 void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a);
 
 void quantize(const QuantizeArgs& a);
@@ -46,14 +47,11 @@ void decode_block(const DecodeBlockArgs& a);
 // same code over row ranges in parallel rather than a second copy of it.
 void quantize_rows(const QuantizeArgs& a, int64_t row_begin, int64_t row_end);
 void dequantize_rows(const DequantizeArgs& a, int64_t row_begin, int64_t row_end);
-// Likewise the TurboQuant append: its codes are TurboQuantMse::encode's, so the CPU backend runs
-// the encoder itself over rows [row_begin, row_end) of the B * Hkv (sequence, KV head) rows.
-void turboquant_append_rows(const TurboQuantAppendPagedArgs& a, int64_t row_begin, int64_t row_end);
-// The RaBitQ-key cache's append likewise (RabitqKeys::encode, TurboQuantMse::encode), over rows of
-// the B * S * Hkv (sequence, new token, KV head) rows; the KIVI append over the B * Hkv
-// (sequence, KV head) rows, each taking its S tokens in order (a token may quantize a value or a
-// key block of earlier ones: kivi_cache.h).
-void rabitq_append_rows(const RabitqAppendPagedArgs& a, int64_t row_begin, int64_t row_end);
+// Likewise the compressed caches' appends: their codes are the codecs' encoders', so the CPU
+// backend runs the encoders themselves over row ranges. The TurboQuant, RaBitQ-key and QJL-key
+// caches' over the B * S * Hkv (sequence, new token, KV head) rows (append_record_rows,
+// record_append.h); the KIVI append over the B * Hkv (sequence, KV head) rows, each taking its S
+// tokens in order (a token may quantize a value or a key block of earlier ones: kivi_cache.h).
 void kivi_append_rows(const KiviAppendPagedArgs& a, int64_t row_begin, int64_t row_end);
 int64_t kivi_append_row_count(const KiviAppendPagedArgs& a);
 

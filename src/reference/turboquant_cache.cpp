@@ -13,13 +13,8 @@
 #include "reference/reference.h"
 
 namespace decodelab::reference {
-void turboquant_append_rows(const TurboQuantAppendPagedArgs& a, int64_t row_begin, int64_t row_end) {
-  append_record_rows(a.k_new, a.v_new, a.cache, row_begin, row_end);
-}
 
-void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) {
-  turboquant_append_rows(a, 0, append_record_row_count(a.k_new));
-}
+void turboquant_append_paged(const TurboQuantAppendPagedArgs& a) { append_records(a); }
 
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a) {
   const PagedRecordLayout at(a.cache);

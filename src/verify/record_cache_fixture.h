@@ -153,11 +153,12 @@ inline std::string new_tokens_name(int64_t tokens) {
   return tokens == 1 ? std::string() : fmt::format(" {} new tokens", tokens);
 }
 
-// The append cases of a paged record cache (Cache: PagedTurboQuantKV or PagedRabitqKV, whose
-// fields are the pools, the page table, the lengths and the two codecs in that order) for a shape
-// `s` (lengths, hkv, d, page_size, name(), k_config(), v_config()): `tokens` new tokens per
-// sequence written at the lengths of a record fixture, both pools compared bit for bit with the
-// reference's (`encoders` the codecs' encoders every backend runs). The codecs a LazyCodecs<K, V>.
+// The append cases of a paged record cache (Cache: PagedTurboQuantKV, PagedRabitqKV or
+// PagedQjlKV, whose fields are the pools, the page table, the lengths and the two codecs in that
+// order) for a shape `s` (lengths, hkv, d, page_size, name(), k_config(), v_config()): `tokens`
+// new tokens per sequence written at the lengths of a record fixture, both pools compared bit for
+// bit with the reference's (`encoders` the codecs' encoders every backend runs). The codecs a
+// LazyCodecs<K, V>.
 template <class Args, class Cache, class Codecs, class Shape>
 void add_record_append_cases(std::vector<VerifyCase>& grid, const GridFilter& filter, const Shape& s, int64_t tokens,
                              const std::string& encoders) {
