@@ -18,9 +18,12 @@
 // - x is laid out once per block in shared memory in the order the pairs come out, so B is one
 //   shared-memory load per word, off the global memory path.
 //
-// Layout of the work: a block owns a tile of 16 rows of one job; its 8 warps take the row's groups
-// in turn (warp w groups w, w + 8, ...), so together they stream each row contiguously. Lane (g, t)
-// loads 8 bytes (words 2t and 2t + 1) of each group for rows g and g + 8. A warp's loads come in
+// Layout of the work: a block owns a tile of 16 rows of one job; its 8 warps split each row into
+// eight contiguous runs of groups (warp w the w-th eighth). Lane (g, t) loads 8 bytes (words 2t and
+// 2t + 1) of each group for rows g and g + 8, so a warp's step reads 128 contiguous bytes of a row,
+// and a span's eight scales of a row are 16 contiguous bytes. (Warps taking groups in turn, w,
+// w + 8, ..., made every lane's 2-byte scale load a sector of its own: ncu counted 57% of the
+// kernel's L2 sectors as excess, more than the codes' own.) A warp's loads come in
 // steps of a few groups, and the next step's are issued before this one is multiplied: with one
 // step at a time every warp of the GPU waited out HBM's latency together, then computed while HBM
 // idled (the first version of this kernel: no faster than cuda.mma).
@@ -119,10 +122,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
   // Rows past the matrix repeat its last row: read, never stored.
   const int64_t rows[2] = {row0 + g < n ? row0 + g : n - 1, row0 + g + 8 < n ? row0 + g + 8 : n - 1};
   const int64_t words = k / 8, groups = k / kGroup;
-  const int warp_groups = int(groups / kWarps);  // the warp's groups: warp, warp + 8, ...
+  const int warp_groups = int(groups / kWarps);  // the warp's groups: from warp * warp_groups on
   const int steps = (warp_groups + kGroups - 1) / kGroups;
   const JobFormats<Mlx4, __half> m{jobs, job};
-  // The warp's group q is group warp + 8q of the row. Per-lane bases, so that a group's loads are
+  // The warp's group q is group warp * warp_groups + q of the row. Per-lane bases, so that a group's loads are
   // a base plus a multiple of q (no 64-bit arithmetic per load).
   const uint2* code_base[kParts][2];
   const __half *scale_base[kParts][2], *bias_base[kParts][2];
@@ -130,12 +133,12 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
   for (int p = 0; p < kParts; ++p) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      code_base[p][r] = reinterpret_cast<const uint2*>(m[p].packed + rows[r] * m[p].row_units) + warp * 4 + t;
-      scale_base[p][r] = m[p].scales + rows[r] * m[p].row_groups + warp;
-      bias_base[p][r] = m[p].biases + rows[r] * m[p].row_groups + warp;
+      code_base[p][r] = reinterpret_cast<const uint2*>(m[p].packed + rows[r] * m[p].row_units) + warp * warp_groups * 4 + t;
+      scale_base[p][r] = m[p].scales + rows[r] * m[p].row_groups + warp * warp_groups;
+      bias_base[p][r] = m[p].biases + rows[r] * m[p].row_groups + warp * warp_groups;
     }
   }
-  constexpr int kGroupCodes = kWarps * 4, kGroupSides = kWarps, kGroupWords = kWarps * 8;  // strides per q
+  constexpr int kGroupCodes = 4, kGroupWords = 8;  // strides per q
   // F1 and F2 of every group (the sums of x under the 1024.0 and the 64.0 slots), after x's words.
   float2* const group_sums = reinterpret_cast<float2*>(xs + words + 1);
 
@@ -159,15 +162,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
       for (int p = 0; p < kParts; ++p) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          side.scale[p][r][j] = __ldg(scale_base[p][r] + q * kGroupSides);
-          side.bias[p][r][j] = __ldg(bias_base[p][r] + q * kGroupSides);
+          side.scale[p][r][j] = __ldg(scale_base[p][r] + q);
+          side.bias[p][r][j] = __ldg(bias_base[p][r] + q);
         }
       }
     }
   };
 
   float c[kParts][2][4] = {};  // the span's sums, one chain per word of a group
-  const int x_lane = warp * 8 + 2 * t;  // word 2t of the warp's group 0
+  const int x_lane = warp * warp_groups * 8 + 2 * t;  // word 2t of the warp's group 0
   const auto multiply = [&](const StepCodes<kParts>& s, int step) {
 #pragma unroll
     for (int i = 0; i < kGroups; ++i) {
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) matvec_codes_kernel(J
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int column = span * kSpanGroups + 2 * t + j;
-      const float2 f = column < warp_groups ? group_sums[warp + kWarps * column] : make_float2(0.0f, 0.0f);
+      const float2 f = column < warp_groups ? group_sums[warp * warp_groups + column] : make_float2(0.0f, 0.0f);
       const float magic = fmaf(1024.0f, f.x, 64.0f * f.y), sum = f.x + f.y;
 #pragma unroll
       for (int p = 0; p < kParts; ++p) {
