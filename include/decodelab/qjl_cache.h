@@ -18,8 +18,9 @@
 // At D = 128 and m = 256 a key costs 36 bytes per KV head, against 256 in f16.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
-// append. The codecs are host objects; the tensors live in host memory (the reference and cpu
-// backends run these ops).
+// append. The codecs are host objects; the tensors live on the device of the backend (host memory
+// for reference and cpu, GPU memory for cuda, which uploads the key codec's sketch and the value
+// codec's rotation once and passes the value codebook by value: src/cuda/turboquant_tables.h).
 #pragma once
 
 #include "decodelab/attention.h"
@@ -36,7 +37,8 @@ using PagedQjlKV = PagedRecordKV<kvquant::QjlKeys>;
 // token (S = 1), in f32, f16 or bf16. Token s of sequence b is encoded into the records of token
 // lengths[b] + s, exactly as k_codec->encode and v_codec->encode encode the values widened to f32
 // (every backend writes the same bytes). The page table must cover lengths[b] + S tokens. The key
-// codec's sketch size m must be a multiple of 16, as for attention over the cache.
+// codec's sketch size m must be a multiple of 16, as for attention over the cache. The cuda backend
+// takes value codecs of one integer width, plain or norm-corrected.
 void qjl_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedQjlKV& cache, const RunOptions& run = {});
 
 // Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:
@@ -52,11 +54,15 @@ void qjl_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedQjlKV
 // weights p_t accumulate o' = sum_t p_t n_t s_t c_V[idx_t] in V's rotated domain and
 // out = R_V^T o' is rotated back once per query head, as turboquant_decode_attention_paged.
 //
+// The cuda backend takes head_dim 64, 96, 128 or 256, sketches of m = 64, 128, 256 or 512 and
+// values of 2, 3 or 4 bits of one integer width, from 4-byte aligned pools.
+//
 // Record contents are checked where they are read (the argument checks cannot afford a scan of the
 // cache): a key or value record whose norm is NaN, infinite or negative (no encoder writes one, so
 // the cache is corrupt) among the lengths[b] tokens read gets an error naming the first in
 // (sequence, KV head, token) order, key before value, instead of a NaN output. Records past
-// lengths[b] are never read.
+// lengths[b] are never read. The reference and cpu backends check; the cuda backend does not (as for
+// turboquant_decode_attention_paged) and gives NaN or wrong outputs for such a cache.
 void qjl_decode_attention_paged(const Tensor& q, const PagedQjlKV& cache, const Tensor& out,
                                 const AttentionOptions& options = {}, const RunOptions& run = {});
 

@@ -17,8 +17,11 @@
 // At D = 128 a 1-bit key costs 24 bytes per KV head and a 4-bit one 72, against 256 in f16.
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
-// append. The codecs are host objects; the tensors live in host memory (the reference and cpu
-// backends run these ops).
+// append. The codecs are host objects; the tensors live on the device of the backend (host memory
+// for reference and cpu, GPU memory for cuda, which runs the attention only, uploads the key
+// codec's rotation and its value codec's once and passes the value codebook by value:
+// src/cuda/turboquant_tables.h). There is no cuda append yet: a cache on the GPU is filled by
+// appending on the host and copying the pools.
 #pragma once
 
 #include "decodelab/attention.h"
@@ -54,12 +57,16 @@ void rabitq_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedRa
 // call. The softmax weights p_t accumulate o' = sum_t p_t n_t s_t c_V[idx_t] in V's rotated domain
 // and out = R_V^T o' is rotated back once per query head, as turboquant_decode_attention_paged.
 //
+// The cuda backend takes head_dim 64, 96, 128 or 256 and values of 2, 3 or 4 bits of one integer
+// width (any key bits), from 4-byte aligned pools.
+//
 // Record contents are checked where they are read (the argument checks cannot afford a scan of the
 // cache): a key record whose norm is NaN, infinite or negative, or whose correction is outside
 // (0, 1], or a value record with such a norm (no encoder writes them, so the cache is corrupt),
 // among the lengths[b] tokens read gets an error naming the first in (sequence, KV head, token)
 // order, key before value, norm before correction, instead of a NaN output. Records past
-// lengths[b] are never read.
+// lengths[b] are never read. The reference and cpu backends check; the cuda backend does not (as for
+// turboquant_decode_attention_paged) and gives NaN or wrong outputs for such a cache.
 void rabitq_decode_attention_paged(const Tensor& q, const PagedRabitqKV& cache, const Tensor& out,
                                    const AttentionOptions& options = {}, const RunOptions& run = {});
 

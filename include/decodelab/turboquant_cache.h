@@ -12,8 +12,9 @@
 // a little-endian f32, bytes [4, R) the D codebook indices of the rotated direction, bit-packed
 // (kvquant.h). Keys and values have their own codec, so their own bits (1-4), rotation seed and
 // scale mode; both have the queries' head_dim. A split (fractional) width (high_bits_channels =
-// h > 0, kvquant.h: 2.5 or 3.5 bits) is taken by the reference and cpu backends where h is a
-// multiple of 16 (the fused cpu kernel expands 16 indices at a time) and refused by the cuda ones.
+// h > 0, kvquant.h: 2.5 or 3.5 bits) is taken where h is a multiple of 16 (the fused cpu kernel
+// expands 16 indices at a time); the cuda attention takes h a multiple of 32 (its chunks of 32
+// coordinates each lie in one run of indices), the cuda append any such h.
 // At D = 128 a 4-bit token costs 68 + 68 bytes per KV head against 512 in f16, a 2-bit one 36 + 36,
 // a 2.5-bit one 44 + 44.
 //

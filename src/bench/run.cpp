@@ -373,23 +373,23 @@ MakeArgs<Args> record_attention_args(std::shared_ptr<const Codecs> codecs) {
   };
 }
 
-// The (batch, length) pairs of the host-only fused attention benches, add_turboquant's on the CPU.
-std::vector<std::pair<int64_t, int64_t>> host_attention_shapes(const BenchOptions& o) {
+// The (batch, length) pairs of the fused attention benches over record caches: on the GPU the
+// issue's targets (issue 5, Speed), on the CPU the shapes of f16 decode attention (add_decode) so
+// the two compare row by row.
+std::vector<std::pair<int64_t, int64_t>> record_attention_shapes(const BenchOptions& o) {
   if (o.quick) return {{1, 4096}};
+  if (o.device == Device::cuda) return {{1, 32768}, {1, 131072}, {16, 32768}, {16, 131072}};
   return {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
 }
 
-// Fused decode attention over the paged TurboQuant cache, the shapes of f16 decode attention
-// (add_decode) so the two compare row by row, and the append of one new token per sequence.
+// Fused decode attention over the paged TurboQuant cache (record_attention_shapes) and the append
+// of one new token per sequence.
 void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
   const DType t = DType::f16;
   const int64_t page = 16;
-  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}};
-  if (!o.quick && o.device == Device::cpu) shapes = {{1, 4096}, {1, 8192}, {1, 32768}, {4, 4096}, {4, 8192}, {4, 32768}};
-  // The issue's targets on the GPU (issue 5, Speed).
-  if (!o.quick && o.device == Device::cuda) shapes = {{1, 32768}, {1, 131072}, {16, 32768}, {16, 131072}};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = record_attention_shapes(o);
   std::vector<double> bit_widths = {4};
-  if (!o.quick) bit_widths = {4, 3.5, 3, 2.5, 2};  // 3.5 and 2.5: split widths (cpu only)
+  if (!o.quick) bit_widths = {4, 3.5, 3, 2.5, 2};  // 3.5 and 2.5: split widths
   for (const double bits : bit_widths) {
     // K and V at the same bits, the shipping rotation and scale; shared by the cases' arguments.
     const int whole = int(bits);
@@ -417,14 +417,14 @@ void add_turboquant(std::vector<BenchCase>& cases, const BenchOptions& o) {
 }
 
 // Fused decode attention over the paged KIVI cache (kivi_cache.h), the CPU shapes of
-// add_turboquant; KIVI's defaults (G = 32, value groups of 32, R = 32) and pages of 32 tokens.
+// record_attention_shapes; KIVI's defaults (G = 32, value groups of 32, R = 32) and pages of 32 tokens.
 // The bytes are those read: the key blocks and value records below the quantized counts, the
 // f32 window of the rest, the page table, q and out.
 void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
   if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
   const int64_t e = int64_t(dtype_size(t)), page = 32;
-  const std::vector<std::pair<int64_t, int64_t>> shapes = host_attention_shapes(o);
+  const std::vector<std::pair<int64_t, int64_t>> shapes = record_attention_shapes(o);
   std::vector<int> bit_widths = {4};
   if (!o.quick) bit_widths = {4, 2};
   for (const int bits : bit_widths) {
@@ -500,11 +500,10 @@ void add_kivi(std::vector<BenchCase>& cases, const BenchOptions& o) {
   }
 }
 
-// Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h), the
-// CPU shapes of add_turboquant: 1-bit RaBitQ keys with 2-bit values, 4-bit extended RaBitQ keys
-// with 4-bit values; and the append of one new token per sequence.
+// Fused decode attention over the paged RaBitQ-key / TurboQuant-value cache (rabitq_cache.h),
+// record_attention_shapes: 1-bit RaBitQ keys with 2-bit values, 4-bit extended RaBitQ keys with
+// 4-bit values; and the append of one new token per sequence.
 void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
-  if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
   const int64_t page = 16;
   std::vector<std::pair<int, int>> bit_widths = {{1, 2}};
@@ -514,7 +513,7 @@ void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
         kvquant::RabitqConfig{kD, k_bits, 4, kvquant::RotationKind::hadamard, 1, {}},
         kvquant::TurboQuantConfig{kD, v_bits, kvquant::RotationKind::hadamard, 2});
     const int64_t kr = codecs->first.record_bytes(), vr = codecs->second.record_bytes();
-    for (const auto& [batch, length] : host_attention_shapes(o)) {
+    for (const auto& [batch, length] : record_attention_shapes(o)) {
       const int64_t pages = batch * (length / page);
       add_bench<RabitqDecodeAttentionPagedArgs>(
           cases, o, t,
@@ -538,13 +537,12 @@ void add_rabitq(std::vector<BenchCase>& cases, const BenchOptions& o) {
   }
 }
 
-// Fused decode attention over the paged QJL-key / TurboQuant-value cache (qjl_cache.h), the CPU
-// shapes of add_turboquant: sketches of m = D and 2D (the paper's keys use m of a few D) with
+// Fused decode attention over the paged QJL-key / TurboQuant-value cache (qjl_cache.h),
+// record_attention_shapes: sketches of m = D and 2D (the paper's keys use m of a few D) with
 // 2-bit values, m = 2D with 4-bit values. A QJL record is its norm and sign bits, all of whose
 // values are valid codes, so random_records' bytes are a cache. And the append of one new token
 // per sequence.
 void add_qjl(std::vector<BenchCase>& cases, const BenchOptions& o) {
-  if (o.device != Device::cpu) return;  // host backends only
   const DType t = DType::f16;
   const int64_t page = 16;
   std::vector<std::pair<int64_t, int>> widths = {{2 * kD, 2}};
@@ -553,7 +551,7 @@ void add_qjl(std::vector<BenchCase>& cases, const BenchOptions& o) {
     const auto codecs = std::make_shared<const std::pair<kvquant::QjlKeys, kvquant::TurboQuantMse>>(
         kvquant::QjlConfig{kD, m, 1}, kvquant::TurboQuantConfig{kD, v_bits, kvquant::RotationKind::hadamard, 2});
     const int64_t kr = codecs->first.record_bytes(), vr = codecs->second.record_bytes();
-    for (const auto& [batch, length] : host_attention_shapes(o)) {
+    for (const auto& [batch, length] : record_attention_shapes(o)) {
       const int64_t pages = batch * (length / page);
       add_bench<QjlDecodeAttentionPagedArgs>(
           cases, o, t,

@@ -109,12 +109,20 @@ std::string decode_block_supports(const DecodeBlockArgs& a);
 // the codecs' rotations are uploaded once per rotation (turboquant_tables.h). The append encodes
 // bit-exactly as TurboQuantMse::encode; the attention is fused (never decodes the cache).
 void turboquant_append_paged(const TurboQuantAppendPagedArgs& a);
-std::string turboquant_append_paged_supports(const TurboQuantAppendPagedArgs& a);
 void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs& a);
 std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a);
 // turboquant_attention_mma.cu: the same attention with scores and values on the tensor cores
 // (cuda.mma): 4-bit K and V, head_dim 64/128/256, f16 or bf16 q (f16 operands).
 void turboquant_decode_attention_paged_mma(const TurboQuantDecodeAttentionPagedArgs& a);
 std::string turboquant_decode_attention_paged_mma_supports(const TurboQuantDecodeAttentionPagedArgs& a);
+// rabitq_attention.cu, qjl_attention.cu: fused attention over the paged RaBitQ-key and QJL-key
+// caches with TurboQuant values (rabitq_cache.h, qjl_cache.h), record_attention.cuh's kernel.
+void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
+std::string rabitq_decode_attention_paged_supports(const RabitqDecodeAttentionPagedArgs& a);
+void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a);
+std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArgs& a);
+// qjl_append.cu: the QJL-key cache's append, bit-exact with QjlKeys::encode and
+// TurboQuantMse::encode (turboquant_encode.cuh).
+void qjl_append_paged(const QjlAppendPagedArgs& a);
 
 }  // namespace decodelab::cuda

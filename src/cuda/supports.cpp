@@ -181,38 +181,55 @@ std::string staged_weight_supports(const Weight& w, int parts) {
   return {};
 }
 
-// The fused kernel of turboquant_attention.cu: its template set (head_dim, K and V bits) and the
-// 4-byte alignment its record copies need (records are 4 + D * bits / 8 bytes, a multiple of 4
-// for these D and bits, so aligned pools give aligned records).
-// The append kernel repeats the encoder's arithmetic for the plain and norm-corrected records.
-// Neither CUDA kernel reads or writes a split width's two runs of indices (kvquant.h).
-std::string integer_width_supports(const kvquant::TurboQuantMse* codec, const char* name) {
-  if (codec == nullptr || codec->config().high_bits_channels == 0) return {};
-  return fmt::format("{} codes of one integer width (the CUDA kernels do not implement split widths), got {:g} bits", name,
-                     codec->config().bits_per_coordinate());
+// turboquant_encode.cuh's encoder takes every TurboQuant codec the append ops do (integer and
+// split widths, every scale mode) and QJL's every sketch they do (m a multiple of 16).
+
+std::string aligned_pool_supports(const Tensor& pool, const char* name) {
+  if (reinterpret_cast<uintptr_t>(pool.data) % 4 != 0) return fmt::format("the {} pool 4-byte aligned", name);
+  return {};
 }
 
-std::string turboquant_append_paged_supports(const TurboQuantAppendPagedArgs& a) {
-  for (const auto& [codec, name] : {std::pair{a.cache.k_codec, "K"}, std::pair{a.cache.v_codec, "V"}}) {
-    if (std::string why = integer_width_supports(codec, name); !why.empty()) return why;
-    if (codec != nullptr && codec->config().scale == kvquant::ScaleMode::unbiased) {
-      return fmt::format("{} scale mode plain or norm_corrected (this kernel does not compute the unbiased scale), got unbiased", name);
-    }
+// record_attention.cuh's fused kernel copies records in 4-byte words: the pools must be 4-byte
+// aligned (records are whole words for the head_dims, bits, splits and sketch sizes it is
+// instantiated for, so aligned pools give aligned records). One TurboQuant side: 2, 3 or 4 bits,
+// and a split width's wide part a whole number of 32-coordinate chunks (then each chunk of a row
+// lies in one run of indices, and both runs are whole words).
+std::string record_side_supports(const kvquant::TurboQuantMse* codec, const Tensor& pool, const char* name) {
+  const int bits = codec->config().bits;
+  if (bits < 2 || bits > 4) return fmt::format("{} codes of 2, 3 or 4 bits, got {}", name, bits);
+  if (const int64_t h = codec->config().high_bits_channels; h % 32 != 0) {
+    return fmt::format("{} split width with a multiple of 32 wide channels, got {} (high_bits_channels)", name, h);
   }
+  return aligned_pool_supports(pool, name);
+}
+
+// The head_dims record_attention.cuh's kernel is instantiated for.
+std::string record_head_dim_supports(const Tensor& q) {
+  const int64_t d = q.dim(2);
+  if (d != 64 && d != 96 && d != 128 && d != 256) return fmt::format("head_dim 64, 96, 128 or 256, got {}", d);
   return {};
 }
 
 std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAttentionPagedArgs& a) {
-  const int64_t d = a.q.dim(2);
-  if (d != 64 && d != 96 && d != 128 && d != 256) return fmt::format("head_dim 64, 96, 128 or 256, got {}", d);
-  for (const auto& [codec, pool, name] : {std::tuple{a.cache.k_codec, &a.cache.k_pages, "K"},
-                                          std::tuple{a.cache.v_codec, &a.cache.v_pages, "V"}}) {
-    if (std::string why = integer_width_supports(codec, name); !why.empty()) return why;
-    const int bits = codec->config().bits;
-    if (bits < 2 || bits > 4) return fmt::format("{} codes of 2, 3 or 4 bits, got {}", name, bits);
-    if (reinterpret_cast<uintptr_t>(pool->data) % 4 != 0) return fmt::format("the {} pool 4-byte aligned", name);
-  }
-  return {};
+  if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
+  if (std::string why = record_side_supports(a.cache.k_codec, a.cache.k_pages, "K"); !why.empty()) return why;
+  return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
+}
+
+// RaBitQ records are two f32s and B planes of D / 8 bytes: whole words for the head_dims taken.
+std::string rabitq_decode_attention_paged_supports(const RabitqDecodeAttentionPagedArgs& a) {
+  if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
+  if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
+  return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
+}
+
+// QJL records are an f32 and m / 8 bytes of signs: the kernel is instantiated for these m.
+std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArgs& a) {
+  if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
+  const int64_t m = a.cache.k_codec->config().sketch_dim;
+  if (m != 64 && m != 128 && m != 256 && m != 512) return fmt::format("a K sketch of 64, 128, 256 or 512 rows, got {}", m);
+  if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
+  return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
 }
 
 std::string turboquant_decode_attention_paged_mma_supports(const TurboQuantDecodeAttentionPagedArgs& a) {

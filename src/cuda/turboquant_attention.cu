@@ -8,292 +8,39 @@
 //   1. rotate_rows: q' = scale * log2(e) * R_K q for every (b, query head), f32 scratch; a block
 //      takes up to 8 query heads of one sequence and reads R_K^T once for them (the rotation is a
 //      dense f32 matrix on the device, uploaded once per rotation: turboquant_tables.h).
-//   2. the split kernel: a block per (sequence, KV head, split of the length, chunk of <= 8 query
-//      heads of the GQA group), so each K and V record is read once per group. 128 threads, tiles
-//      of 128 tokens, two tiles in flight:
-//        stage   the tile's K and V records are copied whole into shared memory with 4-byte
-//                cp.async, consecutive threads taking consecutive words of a record (records are
-//                4-byte aligned: 4 + D * bits / 8 bytes with D a multiple of 32), rows padded to an
-//                odd number of words;
-//        scores  thread t takes token t: per 32 coordinates (exactly `bits` words of its record)
-//                it expands the indices into centroids (a 16-entry table in shared memory) and
-//                adds them against every query head of the block (q' in shared memory, the same
-//                address for the whole warp: a broadcast); an odd row stride puts the 32 lanes'
-//                words in 32 banks. The token's factor n s (s = 1 / ||c[idx]|| norm-corrected)
-//                scales its scores; V's factor is found here too when V is norm-corrected.
-//        softmax a warp per head (as cuda.tiled): the tile's max, exp2 weights, the running max,
-//                sum and the factor for the old accumulator; weights times V's factor for the
-//                value phase (the sum l adds the plain weights).
-//        values  each thread owns 8 coordinates (8 indices: `bits` bytes) and a share of the
-//                tile's tokens, accumulating all heads of the block in registers; token shares are
-//                added in a fixed order at the end.
-//      The block ends with its split's partial (o' unnormalized, max in ln units, sum), or with
-//      o' / l when there is one split.
+//   2. record_attention.cuh's split kernel with the key policy below: per 32 coordinates (exactly
+//      `bits` words of a record, `bits` + 1 in the wide part of a split width) a key's indices
+//      expand into centroids from a table in shared memory; its factor is n s
+//      (s = 1 / ||c[idx]|| norm-corrected, else 1).
 //   3. decode_attention.cuh's merge kernel over the splits (log-sum-exp, fixed order), into o'.
 //   4. rotate_rows: out = R_V^T o', back in q's dtype.
 // Splits as decode_attention.cuh's choose_splits (at least 128 tokens each); every order is
 // fixed, so results are the same bits run to run.
-#include "cuda/turboquant_attention.cuh"
+#include "cuda/record_attention.cuh"
 
 namespace decodelab::cuda {
 namespace {
 
 using namespace turboquant;
 
-constexpr int kThreads = 128;
-constexpr int kTile = kThreads;  // tokens per tile: one per thread in the score phase
-// Shared memory of the split kernel, in 4-byte words.
-template <int kD, int kKBits, int kVBits>
-struct Shape {
-  static_assert(kD % 32 == 0, "a record's indices come in 32-coordinate chunks of `bits` words");
-  static constexpr int kKWords = 1 + kD * kKBits / 32;  // norm + indices
-  static constexpr int kVWords = 1 + kD * kVBits / 32;
-  static constexpr int kKRow = kKWords | 1;  // odd: word w of 32 consecutive rows, 32 banks
-  static constexpr int kVRow = kVWords | 1;
-  // One stage: the tile's K rows, then its V rows, one spare word (read by no one, but the value
-  // phase's two-word loads stay inside the stage), rounded to 16 bytes.
-  static constexpr int kStageWords = (kTile * (kKRow + kVRow) + 1 + 3) / 4 * 4;
-  static constexpr int kQueryOffset = 2 * kStageWords;                           // [8][kD] f32
-  static constexpr int kWeightOffset = kQueryOffset + kMaxHeadsPerBlock * kD;   // [kTile][8]
-  static constexpr int kVFactorOffset = kWeightOffset + kTile * kMaxHeadsPerBlock;
-  // The value phase: thread (token share, 8-coordinate group).
-  static constexpr int kGroups = kD / 8;
-  static constexpr int kShares = kThreads / kGroups;
-  static constexpr int kReduceOffset = kVFactorOffset + kTile;                   // [kShares][kD]
-  static constexpr int kCentroidOffset = kReduceOffset + kShares * kD;           // K 16, V 16
-  static constexpr int kBytes = (kCentroidOffset + 32) * 4;
+// TurboQuant keys of kBits bits (a split width: kBits and kBits + 1) for head_dim kD
+// (record_attention.cuh's key policy).
+template <int kD, int kBits>
+struct TurboQuantKeyCodes {
+  using Side = CodeSide;
+  static constexpr int kWidth = kD, kWords = kTurboQuantWords<kD, kBits>;
+
+  __device__ static int words(const Side& side) { return side.words; }
+  __device__ static void stage_table(const Side& side, float* table, int tid) { stage_turboquant_table(side, table, tid); }
+  __device__ static void expand(const Side& side, const uint32_t* row, int c, const float* table, float (&out)[32],
+                                float& sq) {
+    expand_turboquant_chunk<kBits>(side, row, c, table, out, sq);
+  }
+  __device__ static float factor(const Side& side, const uint32_t* row, float sq) {
+    const float norm = __uint_as_float(row[0]);
+    return side.norm_corrected ? norm / sqrtf(sq) : norm;
+  }
 };
-
-// Index i (compile-time after unrolling) of a 32-coordinate chunk held in kBits words: bits
-// [i * kBits, (i + 1) * kBits) of the little-endian stream, which a 3-bit index may straddle.
-template <int kBits>
-__device__ __forceinline__ uint32_t index_at(const uint32_t (&w)[kBits], int i) {
-  const int bit = i * kBits, word = bit / 32, shift = bit % 32;
-  uint32_t v = w[word] >> shift;
-  if (shift + kBits > 32) v |= w[word + 1] << (32 - shift);
-  return v & ((1u << kBits) - 1u);
-}
-
-// The 32 centroids of chunk c of a record row (word 0 is the norm); adds their squares to `sq`.
-template <int kBits>
-__device__ __forceinline__ void expand_chunk(const uint32_t* row, int c, const float* centroids, float (&out)[32],
-                                             float& sq) {
-  uint32_t w[kBits];
-#pragma unroll
-  for (int i = 0; i < kBits; ++i) w[i] = row[1 + c * kBits + i];
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    out[i] = centroids[index_at<kBits>(w, i)];
-    sq = fmaf(out[i], out[i], sq);
-  }
-}
-
-
-template <int kD, int kKBits, int kVBits>
-__global__ void __launch_bounds__(kThreads) split_kernel(const __grid_constant__ TqParams tq, DecodeParams p) {
-  using S = Shape<kD, kKBits, kVBits>;
-  extern __shared__ __align__(16) uint32_t smem[];
-  float* q_s = reinterpret_cast<float*>(smem + S::kQueryOffset);
-  float* w_s = reinterpret_cast<float*>(smem + S::kWeightOffset);
-  float* vf_s = reinterpret_cast<float*>(smem + S::kVFactorOffset);
-  float* red_s = reinterpret_cast<float*>(smem + S::kReduceOffset);
-  float* kc_s = reinterpret_cast<float*>(smem + S::kCentroidOffset);
-  float* vc_s = kc_s + 16;
-  // Per stage, each tile token's record index (byte offset / R): a stage's copies may still be
-  // reading its entries while the next stage's are written.
-  __shared__ int64_t rec_s[2][kTile];
-  __shared__ float m_s[kMaxHeadsPerBlock], l_s[kMaxHeadsPerBlock], rescale_s[kMaxHeadsPerBlock];
-
-  const auto [split, head_chunk] = block_coordinates();
-  const int b = blockIdx.z, h = head_chunk / p.chunks, chunk = head_chunk % p.chunks;
-  const int first_head = h * p.group + chunk * kMaxHeadsPerBlock;
-  const int heads = min(kMaxHeadsPerBlock, p.group - chunk * kMaxHeadsPerBlock);
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-
-  for (int i = tid; i < heads * kD; i += kThreads) q_s[i] = tq.q_rotated[(int64_t(b) * p.hq + first_head) * kD + i];
-  if (tid < 16) kc_s[tid] = tq.k.centroids[tid], vc_s[tid] = tq.v.centroids[tid];
-  if (tid < kMaxHeadsPerBlock) m_s[tid] = -INFINITY, l_s[tid] = 0.0f;
-  __syncthreads();  // an empty split reads m_s and l_s at the end without entering the tile loop
-
-  int64_t begin, end;
-  split_range<1>(p, b, split, begin, end);
-  const int tiles = int((end - begin + kTile - 1) / kTile);
-  const int32_t* table = p.page_table + int64_t(b) * p.table_stride;
-
-  // Every thread takes part (barrier inside): thread t finds token t's record, then the block
-  // copies the records word by word, consecutive threads on consecutive words of one record.
-  auto load_tile = [&](int tile) {
-    uint32_t* k_tile = smem + (tile % 2) * S::kStageWords;
-    uint32_t* v_tile = k_tile + kTile * S::kKRow;
-    const int64_t first = begin + int64_t(tile) * kTile;
-    const int count = int(min(int64_t(kTile), end - first));
-    int64_t* rec = rec_s[tile % 2];
-    if (tid < count) {
-      const int64_t t = first + tid;
-      rec[tid] = (int64_t(table[t / p.page_size]) * p.page_size + t % p.page_size) * p.hkv + h;
-    }
-    __syncthreads();
-    constexpr int kKBytes = S::kKWords * 4, kVBytes = S::kVWords * 4;
-    for (int i = tid; i < count * S::kKWords; i += kThreads) {
-      const int t = i / S::kKWords, w = i % S::kKWords;
-      copy_async<4>(k_tile + t * S::kKRow + w, tq.k.pages + rec[t] * kKBytes + w * 4);
-    }
-    for (int i = tid; i < count * S::kVWords; i += kThreads) {
-      const int t = i / S::kVWords, w = i % S::kVWords;
-      copy_async<4>(v_tile + t * S::kVRow + w, tq.v.pages + rec[t] * kVBytes + w * 4);
-    }
-    commit_copies();
-  };
-
-  // The value phase's thread: token share `share`, coordinates [8 * group, 8 * group + 8), whose
-  // indices are bits [32 + 8 * group * kVBits, ...) of a V row: one word, or two (3 bits).
-  const int group = tid % S::kGroups, share = tid / S::kGroups;
-  const bool values_thread = share < S::kShares;  // D = 96: 8 threads sit the value phase out
-  const int v_bit = 32 + 8 * group * kVBits, v_word = v_bit / 32, v_shift = v_bit % 32;
-  const bool v_two_words = v_shift + 8 * kVBits > 32;
-  float acc[kMaxHeadsPerBlock][8] = {};
-
-  if (tiles > 0) load_tile(0);
-  for (int tile = 0; tile < tiles; ++tile) {
-    if (tile + 1 < tiles) {
-      load_tile(tile + 1);
-      wait_copies<1>();
-    } else {
-      wait_copies<0>();
-    }
-    __syncthreads();
-    const uint32_t* k_tile = smem + (tile % 2) * S::kStageWords;
-    const uint32_t* v_tile = k_tile + kTile * S::kKRow;
-    const int count = int(min(int64_t(kTile), end - begin - int64_t(tile) * kTile));
-
-    // Scores: thread tid, token tid.
-    {
-      const int t = tid;
-      float dot[kMaxHeadsPerBlock] = {};
-      if (t < count) {
-        const uint32_t* row = k_tile + t * S::kKRow;
-        float sq = 0.0f;
-#pragma unroll 1
-        for (int c = 0; c < kD / 32; ++c) {
-          float cv[32];
-          expand_chunk<kKBits>(row, c, kc_s, cv, sq);
-#pragma unroll
-          for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-            if (g >= heads) break;
-            const float4* q4 = reinterpret_cast<const float4*>(q_s + g * kD + c * 32);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              const float4 qq = q4[i];
-              dot[g] = fmaf(qq.x, cv[4 * i], dot[g]);
-              dot[g] = fmaf(qq.y, cv[4 * i + 1], dot[g]);
-              dot[g] = fmaf(qq.z, cv[4 * i + 2], dot[g]);
-              dot[g] = fmaf(qq.w, cv[4 * i + 3], dot[g]);
-            }
-          }
-        }
-        const float k_norm = __uint_as_float(row[0]);
-        const float k_factor = tq.k.norm_corrected ? k_norm / sqrtf(sq) : k_norm;
-#pragma unroll
-        for (int g = 0; g < kMaxHeadsPerBlock; ++g) dot[g] *= k_factor;
-        const uint32_t* v_row = v_tile + t * S::kVRow;
-        const float v_norm = __uint_as_float(v_row[0]);
-        float v_factor = v_norm;
-        if (tq.v.norm_corrected) {
-          float v_sq = 0.0f;
-#pragma unroll 1
-          for (int c = 0; c < kD / 32; ++c) {
-            float cv[32];
-            expand_chunk<kVBits>(v_row, c, vc_s, cv, v_sq);
-          }
-          v_factor = v_norm / sqrtf(v_sq);
-        }
-        vf_s[t] = v_factor;
-      }
-#pragma unroll
-      for (int g = 0; g < kMaxHeadsPerBlock; ++g) w_s[t * kMaxHeadsPerBlock + g] = t < count ? dot[g] : -INFINITY;
-    }
-    __syncthreads();
-
-    // Softmax over the tile, a warp per head (scores in log2 units: q' carries log2(e)).
-    for (int g = warp; g < heads; g += kThreads / 32) {
-      float tile_max = -INFINITY;
-      for (int t = lane; t < count; t += 32) tile_max = fmaxf(tile_max, w_s[t * kMaxHeadsPerBlock + g]);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
-      const float m_old = m_s[g], m_new = fmaxf(m_old, tile_max);
-      float sum = 0.0f;
-      for (int t = lane; t < count; t += 32) {
-        const float w = exp2f(w_s[t * kMaxHeadsPerBlock + g] - m_new);
-        w_s[t * kMaxHeadsPerBlock + g] = w * vf_s[t];
-        sum += w;
-      }
-      sum = group_sum<32>(sum);
-      __syncwarp();
-      if (lane == 0) {
-        const float rescale = exp2f(m_old - m_new);  // 0 while m_old is -inf
-        rescale_s[g] = rescale;
-        l_s[g] = l_s[g] * rescale + sum;
-        m_s[g] = m_new;
-      }
-    }
-    __syncthreads();
-
-    // Values: the tile's weighted centroid rows, in V's rotated domain.
-    if (values_thread) {
-#pragma unroll
-      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-        if (g >= heads) break;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] *= rescale_s[g];
-      }
-      for (int t = share; t < count; t += S::kShares) {
-        const uint32_t* v_row = v_tile + t * S::kVRow;
-        const uint32_t lo = v_row[v_word], hi = v_two_words ? v_row[v_word + 1] : 0u;
-        const uint32_t bits = __funnelshift_r(lo, hi, unsigned(v_shift));
-        float cv[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) cv[i] = vc_s[(bits >> (i * kVBits)) & ((1u << kVBits) - 1u)];
-        const float4* w4 = reinterpret_cast<const float4*>(w_s + t * kMaxHeadsPerBlock);
-        const float4 wa = w4[0], wb = w4[1];
-        const float w[kMaxHeadsPerBlock] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
-#pragma unroll
-        for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-          if (g >= heads) break;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(w[g], cv[i], acc[g][i]);
-        }
-      }
-    }
-    __syncthreads();  // the stage is reloaded by the next iteration
-  }
-
-  // Per head: the token shares added in a fixed order, then o' / l or the split's partial. g is a
-  // compile-time index (unrolled, leaving at `heads` for the whole block alike), so acc stays in
-  // registers.
-#pragma unroll
-  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-    if (g >= heads) break;
-    if (values_thread) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) red_s[share * kD + group * 8 + i] = acc[g][i];
-    }
-    __syncthreads();
-    const int head = first_head + g;
-    for (int e = tid; e < kD; e += kThreads) {
-      float total = 0.0f;
-      for (int s = 0; s < S::kShares; ++s) total += red_s[s * kD + e];
-      if (p.splits == 1) {
-        static_cast<float*>(p.out)[(int64_t(b) * p.hq + head) * kD + e] = total / l_s[g];
-      } else {
-        float* part = p.partial + ((int64_t(b) * p.hq + head) * p.splits + split) * (kD + 2);
-        part[e] = total;
-        // The merge kernel's convention: the max in ln units.
-        if (e == 0) part[kD] = m_s[g] / kLog2e, part[kD + 1] = l_s[g];
-      }
-    }
-    __syncthreads();  // red_s is rewritten for the next head
-  }
-}
 
 }  // namespace
 
@@ -301,12 +48,13 @@ void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs&
   const cudaStream_t stream = stream_of(a.stream);
   const cudaError_t status = dispatch_activation(a.q.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return with_head_dim<64, 96, 128, 256>(a.q.dim(2), [&](auto d) {
-      return with_bits(a.cache.k_codec->config().bits, [&](auto kb) {
-        return with_bits(a.cache.v_codec->config().bits, [&](auto vb) {
-          constexpr int kD = decltype(d)::value, kKBits = decltype(kb)::value, kVBits = decltype(vb)::value;
-          return launch_turboquant_attention<T, kD, split_kernel<kD, kKBits, kVBits>, kThreads,
-                                             Shape<kD, kKBits, kVBits>::kBytes, kTile>(a, stream);
+    return with_one_of<64, 96, 128, 256>(a.q.dim(2), [&](auto d) {
+      return with_one_of<2, 3, 4>(a.cache.k_codec->config().bits, [&](auto kb) {
+        return with_one_of<2, 3, 4>(a.cache.v_codec->config().bits, [&](auto vb) {
+          constexpr int kD = decltype(d)::value, kVBits = decltype(vb)::value;
+          using Keys = TurboQuantKeyCodes<kD, decltype(kb)::value>;
+          return launch_turboquant_attention<T, kD, record_split_kernel<kD, Keys, kVBits>, kThreads,
+                                             Shape<kD, Keys, kVBits>::kBytes, kTile>(a, stream);
         });
       });
     });

@@ -383,7 +383,7 @@ void turboquant_decode_attention_paged_mma(const TurboQuantDecodeAttentionPagedA
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // declined in supports()
     } else {
-      return with_head_dim<64, 128, 256>(a.q.dim(2), [&](auto d) {
+      return with_one_of<64, 128, 256>(a.q.dim(2), [&](auto d) {
         constexpr int kD = decltype(d)::value;
         return launch_turboquant_attention<T, kD, split_kernel_mma<kD>, kThreads, Layout<kD>::kBytes, kTile>(a, stream);
       });

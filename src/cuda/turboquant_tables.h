@@ -1,5 +1,6 @@
 // The TurboQuant codecs' rotations on the GPU, for the CUDA append and fused attention
-// (turboquant_append.cu, turboquant_attention.cu). Plain C++ (implemented in turboquant_tables.cpp).
+// (turboquant_append.cu, turboquant_attention.cu; RaBitQ's rotations and QJL's sketches likewise,
+// rabitq_attention.cu and qjl_attention.cu). Plain C++ (implemented in turboquant_tables.cpp).
 //
 // A codec is a host object (kvquant.h) that the cache struct points to; its codebook is at most 16
 // centroids and 15 boundaries, which the launchers pass by value in the kernel parameters. Its
@@ -42,5 +43,18 @@ struct DeviceRotation {
 // it after this returns. A first use inside a CUDA graph capture is refused
 // (cudaErrorStreamCaptureUnsupported): the upload would only happen when the graph runs.
 cudaError_t device_rotation(const kvquant::Rotation& rotation, cudaStream_t stream, DeviceRotation* out);
+
+// A QJL codec's sketch S (m x D) on the device, transposed so that thread i of a block reads
+// column i of a row (consecutive threads, consecutive elements):
+//   - S^T as f32 for the attention's q' = S q (qjl_attention.cu);
+//   - S^T in double, the encoder's own values, for the append's signs of S k (qjl_append.cu).
+struct DeviceSketch {
+  const float* projection_t = nullptr;  // [D, m] f32
+  const double* encode_t = nullptr;     // [D, m] f64
+};
+
+// The sketch of `codec` on the current device, uploaded once per sketch and kept, keyed by
+// (D, m, seed) like the rotations (the seed fully defines the sketch), under the same rules.
+cudaError_t device_sketch(const kvquant::QjlKeys& codec, cudaStream_t stream, DeviceSketch* out);
 
 }  // namespace decodelab::cuda

@@ -3,8 +3,8 @@
 // and fused decode attention against the reference, which scores every key with QjlKeys::score
 // (S q and the signed sums in double), decodes every value and attends in double. Attention is
 // single-token decode: one query per sequence, at lengths 1, 17, lengths that are not page multiples and about 2000;
-// sketches of m = 16 (the smallest the kernels take), 48 (not a power of 2, below D), 128, 256
-// and 512 (above D); values at 2 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8; pages of
+// sketches of m = 16 (the smallest the cpu kernel takes), 48 (not a power of 2, below D), 64 (the
+// smallest the cuda kernel takes), 128, 256 and 512 (above D); values at 2, 3 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8; pages of
 // 16, 32, 64 and 128; the dense value rotation once.
 #include <fmt/format.h>
 
@@ -52,6 +52,7 @@ const Shape kAttention[] = {
     {{2001}, 32, 4, 128, 128, 256, 2},                       // GQA 8, thousands
     {{200, 1}, 4, 1, 256, 128, 512, 4, RotationKind::dense},  // D = 256, MQA, m above D, dense
     {{64, 300}, 32, 8, 128, 16, 128, 4, RotationKind::hadamard, 4.0},  // Llama-3-8B heads, large logits
+    {{33, 200}, 8, 2, 128, 32, 64, 3},                       // m = 64 (cuda's smallest), 3-bit values
 };
 
 // Appends: a new token at a page's last slot, at a page start and at length 0; several new tokens

@@ -4,8 +4,8 @@
 // RabitqKeys::estimate, decodes every value and attends in double. Attention is single-token
 // decode: one query per sequence, at
 // lengths 1, 17, lengths that are not page multiples and about 2000; RaBitQ at 1 bit and extended
-// RaBitQ at 2 and 4 bits; values at 2 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8;
-// pages of 16 and 128; a key centroid (whose term the fused kernels drop: the softmax does not see
+// RaBitQ at 2, 3 and 4 bits; values at 2, 3 and 4 bits; head_dim 64, 96, 128, 256; GQA 1, 4, 6, 8;
+// pages of 16, 32 and 128; a key centroid (whose term the fused kernels drop: the softmax does not see
 // it) and the dense rotation once each.
 #include <fmt/format.h>
 
@@ -63,6 +63,7 @@ const Shape kAttention[] = {
     {{200, 1}, 4, 1, 256, 128, 1, 4, RotationKind::dense},       // D = 256, MQA, dense rotation
     {{200, 1}, 4, 1, 256, 128, 4, 2},
     {{77}, 8, 2, 128, 16, 2, 2},                                 // extended RaBitQ at 2 bits
+    {{90, 40}, 12, 2, 96, 32, 3, 3},                             // 3-bit keys and values, GQA 6, D = 96
     {{150}, 8, 2, 128, 16, 4, 4, RotationKind::hadamard, true},  // a centroid
     {{64, 300}, 32, 8, 128, 16, 1, 4, RotationKind::hadamard, false, 4.0},  // Llama-3-8B heads, large logits
 };

@@ -62,15 +62,23 @@ const Shape kAttention[] = {
     {{45, 130}, 8, 2, 128, 16, 2, 3, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::hadamard, 1.0, 64, 64},
     {{100}, 12, 2, 96, 16, 1, 2, ScaleMode::norm_corrected, ScaleMode::plain, RotationKind::hadamard, 1.0, 48, 32},
     {{1}, 8, 8, 64, 16, 3, 2, ScaleMode::plain, ScaleMode::plain, RotationKind::dense, 1.0, 16, 48},
+    // Splits at multiples of 32 (the cuda kernel's): 3.5 / 2.75 bits over thousands, 2.5 / 3.125 at
+    // D = 256, 2.33 / 3.67 at D = 96.
+    {{3001}, 32, 4, 128, 128, 3, 2, ScaleMode::norm_corrected, ScaleMode::norm_corrected, RotationKind::hadamard, 1.0, 64, 96},
+    {{200, 1}, 4, 1, 256, 128, 2, 3, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::dense, 1.0, 128, 32},
+    {{100, 33}, 12, 2, 96, 16, 2, 3, ScaleMode::norm_corrected, ScaleMode::plain, RotationKind::hadamard, 1.0, 32, 64},
 };
 
-// Appends: the new token at a page's last slot, at a page start, and at length 0.
+// Appends: the new token at a page's last slot, at a page start, and at length 0; split widths,
+// the unbiased scale with a split.
 const Shape kAppend[] = {
     {{15, 16, 0}, 4, 2, 128, 16, 4, 2, ScaleMode::plain, ScaleMode::norm_corrected},
     {{127, 5}, 6, 6, 96, 128, 3, 3, ScaleMode::norm_corrected, ScaleMode::plain},
     {{40}, 8, 1, 256, 16, 2, 4, ScaleMode::plain, ScaleMode::plain, RotationKind::dense},
     {{9}, 4, 2, 128, 16, 3, 2, ScaleMode::unbiased, ScaleMode::norm_corrected},
     {{15, 16, 0}, 4, 2, 128, 16, 2, 3, ScaleMode::plain, ScaleMode::norm_corrected, RotationKind::hadamard, 1.0, 64, 64},
+    {{33, 0}, 4, 2, 128, 16, 3, 2, ScaleMode::unbiased, ScaleMode::unbiased, RotationKind::hadamard, 1.0, 32, 64},
+    {{7}, 6, 2, 96, 16, 2, 1, ScaleMode::norm_corrected, ScaleMode::plain, RotationKind::dense, 1.0, 48, 16},
 };
 
 void add_attention(std::vector<VerifyCase>& grid, const GridFilter& filter) {
