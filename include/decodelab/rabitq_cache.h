@@ -18,10 +18,8 @@
 //
 // As with PagedKV, ops never change `lengths`: the owner of the cache advances them after an
 // append. The codecs are host objects; the tensors live on the device of the backend (host memory
-// for reference and cpu, GPU memory for cuda, which runs the attention only, uploads the key
-// codec's rotation and its value codec's once and passes the value codebook by value:
-// src/cuda/turboquant_tables.h). There is no cuda append yet: a cache on the GPU is filled by
-// appending on the host and copying the pools.
+// for reference and cpu, GPU memory for cuda, which uploads the codecs' rotations once and passes
+// the value codebook by value: src/cuda/turboquant_tables.h).
 #pragma once
 
 #include "decodelab/attention.h"

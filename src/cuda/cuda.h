@@ -121,8 +121,9 @@ void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a);
 std::string rabitq_decode_attention_paged_supports(const RabitqDecodeAttentionPagedArgs& a);
 void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a);
 std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArgs& a);
-// qjl_append.cu: the QJL-key cache's append, bit-exact with QjlKeys::encode and
-// TurboQuantMse::encode (turboquant_encode.cuh).
+// rabitq_append.cu, qjl_append.cu: the RaBitQ-key and QJL-key caches' appends, bit-exact with
+// RabitqKeys::encode, QjlKeys::encode and TurboQuantMse::encode (turboquant_encode.cuh).
+void rabitq_append_paged(const RabitqAppendPagedArgs& a);
 void qjl_append_paged(const QjlAppendPagedArgs& a);
 
 }  // namespace decodelab::cuda

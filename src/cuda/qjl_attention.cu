@@ -56,7 +56,8 @@ void qjl_decode_attention_paged(const QjlDecodeAttentionPagedArgs& a) {
         return with_one_of<2, 3, 4>(a.cache.v_codec->config().bits, [&](auto vb) {
           constexpr int kD = decltype(d)::value;
           using Keys = QjlKeyCodes<decltype(sketch_rows)::value>;
-          return launch_record_split_attention<T, kD, Keys, decltype(vb)::value>(a, {pages, factor}, sketch.projection_t, stream);
+          return launch_record_split_attention<T, kD, Keys, decltype(vb)::value, false>(a, {pages, factor},
+                                                                                        sketch.projection_t, stream);
         });
       });
     });

@@ -61,7 +61,7 @@ void rabitq_decode_attention_paged(const RabitqDecodeAttentionPagedArgs& a) {
         return with_one_of<2, 3, 4>(a.cache.v_codec->config().bits, [&](auto vb) {
           constexpr int kD = decltype(d)::value;
           using Keys = RabitqKeyCodes<kD, decltype(kb)::value>;
-          return launch_record_split_attention<T, kD, Keys, decltype(vb)::value>(
+          return launch_record_split_attention<T, kD, Keys, decltype(vb)::value, false>(
               a, {static_cast<const uint8_t*>(pages)}, k_rot.forward_t, stream);
         });
       });

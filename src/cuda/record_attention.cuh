@@ -13,8 +13,8 @@
 // A block per (sequence, KV head, split of the length, chunk of <= 8 query heads of the GQA group),
 // so each K and V record is read once per group. 128 threads, tiles of 128 tokens, two tiles in
 // flight:
-//   stage   the tile's K and V records are copied whole into shared memory with 4-byte cp.async, a
-//           warp per record, consecutive lanes on consecutive words (records are whole 4-byte
+//   stage   the tile's K and V records are copied whole into shared memory with 4-byte cp.async,
+//           consecutive threads taking consecutive words of a record (records are whole 4-byte
 //           words: every policy's and TurboQuant's for the head_dims and splits taken), rows
 //           padded to an odd number of words;
 //   scores  thread t takes token t: per 32 coordinates of its key row (Keys::expand: one to four
@@ -31,10 +31,16 @@
 // The block ends with its split's partial (o' unnormalized, max in ln units, sum), or with o' / l
 // when there is one split. Every order is fixed, so results are the same bits run to run.
 //
+// kSplit: the kernel for split (fractional) TurboQuant widths, whose record sizes and index widths
+// are runtime values: the records are copied a warp per record (lanes over its words: no runtime
+// division), the value phase's index width is a per-thread value. Integer widths take the kernel
+// without it, whose sizes and widths are compile-time (measured slower otherwise:
+// docs/perf/NOTES.md, seventh session).
+//
 // A key policy Keys gives
 //   Side                 what the kernel parameters carry for the keys (`pages` first);
-//   kWidth, kWords       floats of q' per head (a multiple of 32), the most 4-byte words a record
-//                        has (the stage's row);
+//   kWidth, kWords       floats of q' per head (a multiple of 32), the 4-byte words of a record
+//                        (with kSplit, the most it may have: the stage's row);
 //   words(side)                           the words of this cache's records;
 //   stage_table(side, table, tid)         fills the block's 32-float table (codebooks), or nothing;
 //   expand(side, row, c, table, out, sq)  chunk c (coordinates [32c, 32c + 32)) of the key row of
@@ -50,16 +56,16 @@ constexpr int kThreads = 128;
 constexpr int kTile = kThreads;  // tokens per tile: one per thread in the score phase
 
 // Shared memory of the split kernel, in 4-byte words.
-// The most words of a TurboQuant record at kBits bits for head_dim kD: the norm and the indices, a
-// split width (kBits < 4) adding at most one bit to all but 32 coordinates.
-template <int kD, int kBits>
-constexpr int kTurboQuantWords = 1 + kD * kBits / 32 + (kBits < 4 ? kD / 32 - 1 : 0);
+// The words of a TurboQuant record at kBits bits for head_dim kD: the norm and the indices; with
+// kSplit the most a split width may have (kBits < 4: one more bit for all but 32 coordinates).
+template <int kD, int kBits, bool kSplit>
+constexpr int kTurboQuantWords = 1 + kD * kBits / 32 + (kSplit && kBits < 4 ? kD / 32 - 1 : 0);
 
-template <int kD, class Keys, int kVBits>
+template <int kD, class Keys, int kVBits, bool kSplit>
 struct Shape {
   static_assert(kD % 32 == 0 && Keys::kWidth % 32 == 0, "rows come in 32-coordinate chunks");
   static constexpr int kKWords = Keys::kWords;
-  static constexpr int kVWords = kTurboQuantWords<kD, kVBits>;
+  static constexpr int kVWords = kTurboQuantWords<kD, kVBits, kSplit>;
   static constexpr int kKRow = kKWords | 1;  // odd: word w of 32 consecutive rows, 32 banks
   static constexpr int kVRow = kVWords | 1;
   // One stage: the tile's K rows, then its V rows, one spare word (read by no one, but the value
@@ -101,14 +107,15 @@ __device__ __forceinline__ void expand_chunk(const uint32_t* run, int c, const f
 }
 
 // Chunk c of a TurboQuant record `row` (word 0 the norm) of `side`, the block's 32-float table
-// holding its codebook (16) and a split width's wider one (16 more).
-template <int kBits>
+// holding its codebook (16) and, with kSplit, a split width's wider one (16 more).
+template <int kBits, bool kSplit>
 __device__ __forceinline__ void expand_turboquant_chunk(const CodeSide& side, const uint32_t* row, int c,
                                                         const float* table, float (&out)[32], float& sq) {
-  if constexpr (kBits < 4) {
+  if constexpr (kSplit && kBits < 4) {
     if (c < side.high_chunks) return expand_chunk<kBits + 1>(row + 1, c, table + 16, out, sq);
+    return expand_chunk<kBits>(row + 1 + side.high_chunks * (kBits + 1), c - side.high_chunks, table, out, sq);
   }
-  expand_chunk<kBits>(row + 1 + side.high_chunks * (kBits + 1), c - side.high_chunks, table, out, sq);
+  expand_chunk<kBits>(row + 1, c, table, out, sq);
 }
 
 // A TurboQuant side's 32-float table: its codebook, then a split width's wider one.
@@ -116,10 +123,10 @@ __device__ __forceinline__ void stage_turboquant_table(const CodeSide& side, flo
   if (tid < 16) table[tid] = side.centroids[tid], table[16 + tid] = side.high_centroids[tid];
 }
 
-template <int kD, class Keys, int kVBits>
+template <int kD, class Keys, int kVBits, bool kSplit>
 __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_constant__ RecordParams<typename Keys::Side> tq,
                                                                 DecodeParams p) {
-  using S = Shape<kD, Keys, kVBits>;
+  using S = Shape<kD, Keys, kVBits, kSplit>;
   constexpr int kWidth = Keys::kWidth;
   extern __shared__ __align__(16) uint32_t smem[];
   float* q_s = reinterpret_cast<float*>(smem + S::kQueryOffset);
@@ -151,8 +158,9 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
   const int32_t* table = p.page_table + int64_t(b) * p.table_stride;
 
   // Every thread takes part (barrier inside): thread t finds token t's record, then the block
-  // copies the records, a warp per record, consecutive lanes on consecutive words.
-  const int k_words = Keys::words(tq.k), v_words = tq.v.words;
+  // copies the records, consecutive threads on consecutive words of one record (with kSplit, a
+  // warp per record, consecutive lanes on consecutive words).
+  const int k_words = Keys::words(tq.k), v_words = kSplit ? tq.v.words : S::kVWords;
   auto load_tile = [&](int tile) {
     uint32_t* k_tile = smem + (tile % 2) * S::kStageWords;
     uint32_t* v_tile = k_tile + kTile * S::kKRow;
@@ -164,24 +172,36 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
       rec[tid] = (int64_t(table[t / p.page_size]) * p.page_size + t % p.page_size) * p.hkv + h;
     }
     __syncthreads();
-    for (int t = warp; t < count; t += kThreads / 32) {
-      const uint8_t* k_record = tq.k.pages + rec[t] * (k_words * 4);
-      const uint8_t* v_record = tq.v.pages + rec[t] * (v_words * 4);
-      for (int w = lane; w < k_words; w += 32) copy_async<4>(k_tile + t * S::kKRow + w, k_record + w * 4);
-      for (int w = lane; w < v_words; w += 32) copy_async<4>(v_tile + t * S::kVRow + w, v_record + w * 4);
+    if constexpr (kSplit) {
+      for (int t = warp; t < count; t += kThreads / 32) {
+        const uint8_t* k_record = tq.k.pages + rec[t] * (k_words * 4);
+        const uint8_t* v_record = tq.v.pages + rec[t] * (v_words * 4);
+        for (int w = lane; w < k_words; w += 32) copy_async<4>(k_tile + t * S::kKRow + w, k_record + w * 4);
+        for (int w = lane; w < v_words; w += 32) copy_async<4>(v_tile + t * S::kVRow + w, v_record + w * 4);
+      }
+    } else {
+      constexpr int kKBytes = S::kKWords * 4, kVBytes = S::kVWords * 4;
+      for (int i = tid; i < count * S::kKWords; i += kThreads) {
+        const int t = i / S::kKWords, w = i % S::kKWords;
+        copy_async<4>(k_tile + t * S::kKRow + w, tq.k.pages + rec[t] * kKBytes + w * 4);
+      }
+      for (int i = tid; i < count * S::kVWords; i += kThreads) {
+        const int t = i / S::kVWords, w = i % S::kVWords;
+        copy_async<4>(v_tile + t * S::kVRow + w, tq.v.pages + rec[t] * kVBytes + w * 4);
+      }
     }
     commit_copies();
   };
 
   // The value phase's thread: token share `share`, coordinates [8 * group, 8 * group + 8), whose
-  // indices are 8 * width bits of a V row: one word, or two (3 bits). The groups of a split
-  // width's first 32 * high_chunks coordinates have width kVBits + 1 and the wider codebook (a
-  // runtime width: a warp holds groups of both parts).
+  // indices are 8 * width bits of a V row: one word, or two (3 bits). With kSplit the groups of a
+  // split width's first 32 * high_chunks coordinates have width kVBits + 1 and the wider codebook
+  // (a runtime width: a warp holds groups of both parts).
   const int group = tid % S::kGroups, share = tid / S::kGroups;
   const bool values_thread = share < S::kShares;  // D = 96: 8 threads sit the value phase out
-  const int high_groups = 4 * tq.v.high_chunks;
+  const int high_groups = kSplit ? 4 * tq.v.high_chunks : 0;
   const bool v_high = group < high_groups;
-  const int v_width = v_high ? kVBits + 1 : kVBits;
+  const int v_width = kSplit && v_high ? kVBits + 1 : kVBits;
   const int v_bit = 32 + (v_high ? 8 * group * v_width : 8 * high_groups * (kVBits + 1) + 8 * (group - high_groups) * kVBits);
   const int v_word = v_bit / 32, v_shift = v_bit % 32;
   const bool v_two_words = v_shift + 8 * v_width > 32;
@@ -238,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
 #pragma unroll 1
           for (int c = 0; c < kD / 32; ++c) {
             float cv[32];
-            expand_turboquant_chunk<kVBits>(tq.v, v_row, c, vc_s, cv, v_sq);
+            expand_turboquant_chunk<kVBits, kSplit>(tq.v, v_row, c, vc_s, cv, v_sq);
           }
           v_factor = v_norm / sqrtf(v_sq);
         }
@@ -287,7 +307,13 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
         const uint32_t bits = __funnelshift_r(lo, hi, unsigned(v_shift));
         float cv[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) cv[i] = v_table[(bits >> (i * v_width)) & v_mask];
+        for (int i = 0; i < 8; ++i) {
+          if constexpr (kSplit) {
+            cv[i] = v_table[(bits >> (i * v_width)) & v_mask];
+          } else {
+            cv[i] = vc_s[(bits >> (i * kVBits)) & ((1u << kVBits) - 1u)];
+          }
+        }
         const float4* w4 = reinterpret_cast<const float4*>(w_s + t * kMaxHeadsPerBlock);
         const float4 wa = w4[0], wb = w4[1];
         const float w[kMaxHeadsPerBlock] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
@@ -330,13 +356,14 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
   }
 }
 
-// The launch of record_split_kernel for policy Keys: `a` the op's arguments, k_side the keys as
-// the kernel reads them, projection_t q's projection into the keys' domain (kD x Keys::kWidth f32).
-template <class T, int kD, class Keys, int kVBits, class Args>
+// The launch of record_split_kernel for policy Keys (kSplit: the split-width kernel): `a` the op's
+// arguments, k_side the keys as the kernel reads them, projection_t q's projection into the keys'
+// domain (kD x Keys::kWidth f32).
+template <class T, int kD, class Keys, int kVBits, bool kSplit, class Args>
 cudaError_t launch_record_split_attention(const Args& a, const typename Keys::Side& k_side, const float* projection_t,
                                           cudaStream_t stream) {
-  return launch_record_attention<T, kD, Keys::kWidth, record_split_kernel<kD, Keys, kVBits>, kThreads,
-                                 Shape<kD, Keys, kVBits>::kBytes, kTile>(a, k_side, projection_t, stream);
+  return launch_record_attention<T, kD, Keys::kWidth, record_split_kernel<kD, Keys, kVBits, kSplit>, kThreads,
+                                 Shape<kD, Keys, kVBits, kSplit>::kBytes, kTile>(a, k_side, projection_t, stream);
 }
 
 }  // namespace decodelab::cuda::turboquant

@@ -203,6 +203,13 @@ std::string record_side_supports(const kvquant::TurboQuantMse* codec, const Tens
   return aligned_pool_supports(pool, name);
 }
 
+// The RaBitQ- and QJL-key kernels are instantiated for values of one integer width only.
+std::string integer_values_supports(const kvquant::TurboQuantMse* codec) {
+  if (codec->config().high_bits_channels == 0) return {};
+  return fmt::format("V codes of one integer width (split widths: the TurboQuant cache only), got {:g} bits",
+                     codec->config().bits_per_coordinate());
+}
+
 // The head_dims record_attention.cuh's kernel is instantiated for.
 std::string record_head_dim_supports(const Tensor& q) {
   const int64_t d = q.dim(2);
@@ -220,6 +227,7 @@ std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAtt
 std::string rabitq_decode_attention_paged_supports(const RabitqDecodeAttentionPagedArgs& a) {
   if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
   if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
+  if (std::string why = integer_values_supports(a.cache.v_codec); !why.empty()) return why;
   return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
 }
 
@@ -229,6 +237,7 @@ std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArg
   const int64_t m = a.cache.k_codec->config().sketch_dim;
   if (m != 64 && m != 128 && m != 256 && m != 512) return fmt::format("a K sketch of 64, 128, 256 or 512 rows, got {}", m);
   if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
+  if (std::string why = integer_values_supports(a.cache.v_codec); !why.empty()) return why;
   return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
 }
 

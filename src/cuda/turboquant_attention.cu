@@ -23,24 +23,32 @@ namespace {
 
 using namespace turboquant;
 
-// TurboQuant keys of kBits bits (a split width: kBits and kBits + 1) for head_dim kD
-// (record_attention.cuh's key policy).
-template <int kD, int kBits>
+// TurboQuant keys of kBits bits (kSplit: a split width of kBits and kBits + 1 bits, or any) for
+// head_dim kD (record_attention.cuh's key policy).
+template <int kD, int kBits, bool kSplit>
 struct TurboQuantKeyCodes {
   using Side = CodeSide;
-  static constexpr int kWidth = kD, kWords = kTurboQuantWords<kD, kBits>;
+  static constexpr int kWidth = kD, kWords = kTurboQuantWords<kD, kBits, kSplit>;
 
-  __device__ static int words(const Side& side) { return side.words; }
+  __device__ static int words(const Side& side) { return kSplit ? side.words : kWords; }
   __device__ static void stage_table(const Side& side, float* table, int tid) { stage_turboquant_table(side, table, tid); }
   __device__ static void expand(const Side& side, const uint32_t* row, int c, const float* table, float (&out)[32],
                                 float& sq) {
-    expand_turboquant_chunk<kBits>(side, row, c, table, out, sq);
+    expand_turboquant_chunk<kBits, kSplit>(side, row, c, table, out, sq);
   }
   __device__ static float factor(const Side& side, const uint32_t* row, float sq) {
     const float norm = __uint_as_float(row[0]);
     return side.norm_corrected ? norm / sqrtf(sq) : norm;
   }
 };
+
+// The kernel for codecs of bits kKBits and kVBits, split or not.
+template <class T, int kD, int kKBits, int kVBits, bool kSplit>
+cudaError_t launch(const TurboQuantDecodeAttentionPagedArgs& a, cudaStream_t stream) {
+  using Keys = TurboQuantKeyCodes<kD, kKBits, kSplit>;
+  return launch_turboquant_attention<T, kD, record_split_kernel<kD, Keys, kVBits, kSplit>, kThreads,
+                                     Shape<kD, Keys, kVBits, kSplit>::kBytes, kTile>(a, stream);
+}
 
 }  // namespace
 
@@ -51,10 +59,13 @@ void turboquant_decode_attention_paged(const TurboQuantDecodeAttentionPagedArgs&
     return with_one_of<64, 96, 128, 256>(a.q.dim(2), [&](auto d) {
       return with_one_of<2, 3, 4>(a.cache.k_codec->config().bits, [&](auto kb) {
         return with_one_of<2, 3, 4>(a.cache.v_codec->config().bits, [&](auto vb) {
-          constexpr int kD = decltype(d)::value, kVBits = decltype(vb)::value;
-          using Keys = TurboQuantKeyCodes<kD, decltype(kb)::value>;
-          return launch_turboquant_attention<T, kD, record_split_kernel<kD, Keys, kVBits>, kThreads,
-                                             Shape<kD, Keys, kVBits>::kBytes, kTile>(a, stream);
+          constexpr int kD = decltype(d)::value, kKBits = decltype(kb)::value, kVBits = decltype(vb)::value;
+          const bool split = a.cache.k_codec->config().high_bits_channels > 0 ||
+                             a.cache.v_codec->config().high_bits_channels > 0;
+          if constexpr (kKBits < 4 || kVBits < 4) {
+            if (split) return launch<T, kD, kKBits, kVBits, true>(a, stream);
+          }
+          return launch<T, kD, kKBits, kVBits, false>(a, stream);
         });
       });
     });

@@ -104,6 +104,28 @@ __device__ inline void hadamard_blocks(double* v, int d) {
   __syncthreads();
 }
 
+// y = R u (kvquant's Rotation::apply) for u and y of d doubles in shared memory, u overwritten:
+// dense, y_i = sum_j R[i][j] u_j with j ascending, thread i; hadamard, S1, the blocked butterflies,
+// P and S2, the butterflies again. Every thread of the block takes part (barriers inside).
+__device__ inline void rotate(const DeviceRotation& r, double* u, double* y, int d) {
+  const int i = threadIdx.x;
+  if (r.kind == kvquant::RotationKind::dense) {
+    if (i < d) {
+      double sum = 0.0;
+      for (int j = 0; j < d; ++j) sum = __dadd_rn(sum, __dmul_rn(r.dense_t[int64_t(j) * d + i], u[j]));
+      y[i] = sum;
+    }
+    __syncthreads();
+  } else {
+    if (i < d) u[i] = __dmul_rn(u[i], r.signs1[i]);
+    __syncthreads();
+    hadamard_blocks(u, d);
+    if (i < d) y[i] = __dmul_rn(u[r.permutation[i]], r.signs2[i]);
+    __syncthreads();
+    hadamard_blocks(y, d);
+  }
+}
+
 // ||x|| of d doubles in shared memory as checked_norm() computes it: thread 0, j ascending.
 __device__ inline double sequential_norm(const double* x, int d, double* s_norm) {
   if (threadIdx.x == 0) {
@@ -131,22 +153,7 @@ __global__ void __launch_bounds__(kMaxDim) encode_kernel(const __grid_constant__
   if (i < d) u[i] = norm > 0.0 ? __ddiv_rn(u[i], norm) : 0.0;
   __syncthreads();
 
-  const DeviceRotation& r = s.rotation;
-  if (r.kind == kvquant::RotationKind::dense) {
-    if (i < d) {
-      double sum = 0.0;
-      for (int j = 0; j < d; ++j) sum = __dadd_rn(sum, __dmul_rn(r.dense_t[int64_t(j) * d + i], u[j]));
-      y[i] = sum;
-    }
-    __syncthreads();
-  } else {
-    if (i < d) u[i] = __dmul_rn(u[i], r.signs1[i]);
-    __syncthreads();
-    hadamard_blocks(u, d);
-    if (i < d) y[i] = __dmul_rn(u[r.permutation[i]], r.signs2[i]);
-    __syncthreads();
-    hadamard_blocks(y, d);
-  }
+  rotate(s.rotation, u, y, d);
 
   const int h = s.high_channels;
   if (i < d) {

@@ -1,15 +1,16 @@
-// The paged record-cache ops with TurboQuant values (TurboQuant and QJL keys) through their public
-// API on the GPU: the ops layer takes pools on the call's device, and a run of appends followed by
-// decode attention gives the cpu backend's codes byte for byte and its outputs to f32 rounding. The
-// kernels themselves are checked against the reference case by case in test_cuda_grid.cpp. Skips,
-// saying so, where no GPU is present (the device-mismatch test needs none: it is refused before
-// anything is read).
+// The paged record-cache ops with TurboQuant values (TurboQuant, RaBitQ and QJL keys) through
+// their public API on the GPU: the ops layer takes pools on the call's device, and a run of
+// appends followed by decode attention gives the cpu backend's codes byte for byte and its
+// outputs to f32 rounding. The kernels themselves are checked against the reference case by case
+// in test_cuda_grid.cpp. Skips, saying so, where no GPU is present (the device-mismatch test needs
+// none: it is refused before anything is read).
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <numeric>
 
 #include "decodelab/qjl_cache.h"
+#include "decodelab/rabitq_cache.h"
 #include "decodelab/router.h"
 #include "decodelab/turboquant_cache.h"
 #include "error_of.h"
@@ -113,7 +114,16 @@ void expect_appends_then_attends_as_cpu(const KeyCodec& k_codec, const TurboQuan
 TEST_F(CudaRecordCacheOps, TurboQuantAppendsThenAttendsAsTheCpuBackend) {
   const TurboQuantMse k_codec({128, 4, RotationKind::hadamard, 3, ScaleMode::norm_corrected});
   const TurboQuantMse v_codec({128, 3, RotationKind::hadamard, 4, ScaleMode::plain});
-  expect_appends_then_attends_as_cpu<PagedTurboQuantKV>(k_codec, v_codec, &turboquant_append_paged, &turboquant_decode_attention_paged);
+  expect_appends_then_attends_as_cpu<PagedTurboQuantKV>(k_codec, v_codec, &turboquant_append_paged,
+                                                        &turboquant_decode_attention_paged);
+}
+
+// Split widths: K 3.5-bit unbiased, V 2.5-bit norm-corrected.
+TEST_F(CudaRecordCacheOps, TurboQuantSplitWidthsAppendThenAttendAsTheCpuBackend) {
+  const TurboQuantMse k_codec({128, 3, RotationKind::hadamard, 5, ScaleMode::unbiased, 64});
+  const TurboQuantMse v_codec({128, 2, RotationKind::dense, 6, ScaleMode::norm_corrected, 64});
+  expect_appends_then_attends_as_cpu<PagedTurboQuantKV>(k_codec, v_codec, &turboquant_append_paged,
+                                                        &turboquant_decode_attention_paged);
 }
 
 // K QJL with m = 256, V 2-bit norm-corrected with the dense rotation.
@@ -121,6 +131,16 @@ TEST_F(CudaRecordCacheOps, QjlAppendsThenAttendsAsTheCpuBackend) {
   const kvquant::QjlKeys k_codec({128, 256, 5});
   const TurboQuantMse v_codec({128, 2, RotationKind::dense, 6, ScaleMode::norm_corrected});
   expect_appends_then_attends_as_cpu<PagedQjlKV>(k_codec, v_codec, &qjl_append_paged, &qjl_decode_attention_paged);
+}
+
+// K extended RaBitQ at 3 bits around a centroid, V 3-bit norm-corrected.
+TEST_F(CudaRecordCacheOps, RabitqAppendsThenAttendsAsTheCpuBackend) {
+  kvquant::RabitqConfig k_config{128, 3, 4, RotationKind::hadamard, 8, {}};
+  for (int j = 0; j < 128; ++j) k_config.centroid.push_back(0.01f * float(j % 7));
+  const kvquant::RabitqKeys k_codec(k_config);
+  const TurboQuantMse v_codec({128, 3, RotationKind::hadamard, 9, ScaleMode::norm_corrected});
+  expect_appends_then_attends_as_cpu<PagedRabitqKV>(k_codec, v_codec, &rabitq_append_paged,
+                                                    &rabitq_decode_attention_paged);
 }
 
 }  // namespace
