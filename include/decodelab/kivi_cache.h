@@ -41,7 +41,9 @@
 //
 // As with PagedKV, ops never change `lengths`: kivi_append_paged writes the pools and the ring,
 // and the owner of the cache advances the lengths after it. The codec is a host object; the
-// tensors live in host memory (reference and cpu).
+// tensors live in host memory for the reference and cpu backends, and in GPU memory for cuda's
+// attention. The append runs on the host backends only: a GPU cache is appended to on the host
+// and copied over.
 #pragma once
 
 #include "decodelab/attention.h"
@@ -93,7 +95,9 @@ void kivi_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedKivi
 // or non-finite scale (no encoder writes one, so the cache is corrupt) among those read gets an
 // error naming the first in (sequence, KV head, token) order, a key block at its first token and
 // before the value of that token, instead of a NaN output. The full-precision window is not
-// checked, as an f16 cache is not.
+// checked, as an f16 cache is not. The reference and cpu backends check; the cuda backend does
+// not (it would need a flag read back after the launch, a synchronization per call) and gives NaN
+// or wrong outputs for such a cache, as turboquant_decode_attention_paged's does.
 void kivi_decode_attention_paged(const Tensor& q, const PagedKiviKV& cache, const Tensor& out,
                                  const AttentionOptions& options = {}, const RunOptions& run = {});
 

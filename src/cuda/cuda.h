@@ -125,5 +125,10 @@ std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArg
 // RabitqKeys::encode, QjlKeys::encode and TurboQuantMse::encode (turboquant_encode.cuh).
 void rabitq_append_paged(const RabitqAppendPagedArgs& a);
 void qjl_append_paged(const QjlAppendPagedArgs& a);
+// kivi_attention.cu: fused attention over the paged KIVI cache (kivi_cache.h), scores from the key
+// blocks' codes with q folded per block, values from their records' codes and the f32 recent window
+// as it is; the append stays on the host backends.
+void kivi_decode_attention_paged(const KiviDecodeAttentionPagedArgs& a);
+std::string kivi_decode_attention_paged_supports(const KiviDecodeAttentionPagedArgs& a);
 
 }  // namespace decodelab::cuda

@@ -43,15 +43,20 @@ __device__ __forceinline__ int64_t kv_offset(const DecodeParams& p, int b, int h
   }
 }
 
-// The tokens [begin, end) of a split: equal shares of the length, rounded up to kAlign tokens (the
-// kernel's step), so that only a split's last step is partial.
-template <int kAlign>
-__device__ __forceinline__ void split_range(const DecodeParams& p, int b, int split, int64_t& begin, int64_t& end) {
+// The tokens [begin, end) of a split: equal shares of the length, rounded up to `align` tokens (the
+// kernel's step, or a runtime unit such as KIVI's key block), so that only a split's last step is
+// partial.
+__device__ __forceinline__ void split_range(const DecodeParams& p, int b, int split, int64_t align, int64_t& begin,
+                                            int64_t& end) {
   const int64_t length = p.lengths[b];
   const int64_t share = (length + p.splits - 1) / p.splits;
-  const int64_t per_split = (share + kAlign - 1) / kAlign * kAlign;
+  const int64_t per_split = (share + align - 1) / align * align;
   begin = min(length, per_split * split);
   end = min(length, begin + per_split);
+}
+template <int kAlign>
+__device__ __forceinline__ void split_range(const DecodeParams& p, int b, int split, int64_t& begin, int64_t& end) {
+  split_range(p, b, split, kAlign, begin, end);
 }
 
 // The end of a block: each of its kWarps warps left, per head g, its running max (ln units), sum

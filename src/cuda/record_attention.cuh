@@ -123,6 +123,42 @@ __device__ __forceinline__ void stage_turboquant_table(const CodeSide& side, flo
   if (tid < 16) table[tid] = side.centroids[tid], table[16 + tid] = side.high_centroids[tid];
 }
 
+// The end of a split kernel of kThreads threads whose value phase left thread (token share
+// `share`, 8-coordinate group `group`; values_thread where it has a share) acc[g][i], coordinate
+// 8 * group + i of head g of the block, and the running max (log2 units) and sum in m_s, l_s: per
+// head, the token shares added in a fixed order through red_s ([kShares][kD]), then acc / l in Out
+// (one split) or the split's partial. g is a compile-time index (unrolled, leaving at `heads` for
+// the whole block alike), so acc stays in registers.
+template <class Out, int kD, int kShares>
+__device__ __forceinline__ void finish_shares(const DecodeParams& p, int b, int split, int first_head, int heads,
+                                              bool values_thread, int share, int group,
+                                              const float (&acc)[kMaxHeadsPerBlock][8], float* red_s,
+                                              const float* m_s, const float* l_s) {
+#pragma unroll
+  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+    if (g >= heads) break;
+    if (values_thread) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) red_s[share * kD + group * 8 + i] = acc[g][i];
+    }
+    __syncthreads();
+    const int head = first_head + g;
+    for (int e = threadIdx.x; e < kD; e += kThreads) {
+      float total = 0.0f;
+      for (int s = 0; s < kShares; ++s) total += red_s[s * kD + e];
+      if (p.splits == 1) {
+        static_cast<Out*>(p.out)[(int64_t(b) * p.hq + head) * kD + e] = from_float<Out>(total / l_s[g]);
+      } else {
+        float* part = p.partial + ((int64_t(b) * p.hq + head) * p.splits + split) * (kD + 2);
+        part[e] = total;
+        // The merge kernel's convention: the max in ln units.
+        if (e == 0) part[kD] = m_s[g] / kLog2e, part[kD + 1] = l_s[g];
+      }
+    }
+    __syncthreads();  // red_s is rewritten for the next head
+  }
+}
+
 template <int kD, class Keys, int kVBits, bool kSplit>
 __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_constant__ RecordParams<typename Keys::Side> tq,
                                                                 DecodeParams p) {
@@ -328,32 +364,8 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
     __syncthreads();  // the stage is reloaded by the next iteration
   }
 
-  // Per head: the token shares added in a fixed order, then o' / l or the split's partial. g is a
-  // compile-time index (unrolled, leaving at `heads` for the whole block alike), so acc stays in
-  // registers.
-#pragma unroll
-  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-    if (g >= heads) break;
-    if (values_thread) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) red_s[share * kD + group * 8 + i] = acc[g][i];
-    }
-    __syncthreads();
-    const int head = first_head + g;
-    for (int e = tid; e < kD; e += kThreads) {
-      float total = 0.0f;
-      for (int s = 0; s < S::kShares; ++s) total += red_s[s * kD + e];
-      if (p.splits == 1) {
-        static_cast<float*>(p.out)[(int64_t(b) * p.hq + head) * kD + e] = total / l_s[g];
-      } else {
-        float* part = p.partial + ((int64_t(b) * p.hq + head) * p.splits + split) * (kD + 2);
-        part[e] = total;
-        // The merge kernel's convention: the max in ln units.
-        if (e == 0) part[kD] = m_s[g] / kLog2e, part[kD + 1] = l_s[g];
-      }
-    }
-    __syncthreads();  // red_s is rewritten for the next head
-  }
+  finish_shares<float, kD, S::kShares>(p, b, split, first_head, heads, values_thread, share, group, acc, red_s, m_s,
+                                       l_s);
 }
 
 // The launch of record_split_kernel for policy Keys (kSplit: the split-width kernel): `a` the op's

@@ -241,6 +241,26 @@ std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArg
   return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
 }
 
+// kivi_attention.cu's kernel: the head_dims above (every bit width, 1 to 4); value groups of a
+// multiple of 8 channels (a thread's 8 channels lie in one group, and a record of at most D / 8
+// groups fits the stage's row); 4-byte aligned pools, whose key blocks and value records are then
+// aligned whole words at these head_dims (8 D + G D b / 8 and 8 D / value_group + D b / 8 bytes),
+// copied a word at a time; and a 16-byte aligned ring, read 4 floats at a time.
+std::string kivi_decode_attention_paged_supports(const KiviDecodeAttentionPagedArgs& a) {
+  if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
+  if (const int64_t g = a.cache.codec->config().value_group; g % 8 != 0) {
+    return fmt::format("value groups of a multiple of 8 channels, got {}", g);
+  }
+  if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
+  if (std::string why = aligned_pool_supports(a.cache.v_pages, "V"); !why.empty()) return why;
+  const std::pair<const Tensor*, const char*> rings[] = {{&a.cache.recent_k, "recent_k"},
+                                                          {&a.cache.recent_v, "recent_v"}};
+  for (const auto& [ring, name] : rings) {
+    if (reinterpret_cast<uintptr_t>(ring->data) % 16 != 0) return fmt::format("the {} ring 16-byte aligned", name);
+  }
+  return {};
+}
+
 std::string turboquant_decode_attention_paged_mma_supports(const TurboQuantDecodeAttentionPagedArgs& a) {
   if (a.q.dtype == DType::f32) return "f16 or bf16 q (the scores and values use f16 tensor-core operands), got f32";
   const int64_t d = a.q.dim(2);
