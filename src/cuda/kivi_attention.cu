@@ -46,7 +46,10 @@
 namespace decodelab::cuda {
 namespace {
 
+using turboquant::accumulate_weighted;
 using turboquant::finish_shares;
+using turboquant::rescale_accumulators;
+using turboquant::update_running_state;
 using turboquant::kLog2e;
 using turboquant::kThreads;
 
@@ -272,23 +275,13 @@ __global__ void __launch_bounds__(kThreads) kivi_split_kernel(const __grid_const
       w_s[lane * kMaxHeadsPerBlock + g] = weight;
       const float sum = group_sum<32>(weight);
       __syncwarp();
-      if (lane == 0) {
-        const float rescale = exp2f(m_old - m_new);  // 0 while m_old is -inf
-        rescale_s[g] = rescale;
-        l_s[g] = l_s[g] * rescale + sum;
-        m_s[g] = m_new;
-      }
+      if (lane == 0) update_running_state(g, m_old, m_new, sum, m_s, l_s, rescale_s);
     }
     __syncthreads();
 
     // Values: the tile's decoded rows (or the ring's), weighted, into the registers.
     if (values_thread) {
-#pragma unroll
-      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-        if (g >= heads) break;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] *= rescale_s[g];
-      }
+      rescale_accumulators(acc, rescale_s, heads);
       for (int t = share; t < n; t += S::kShares) {
         const int64_t token = t0 + t;
         float v[8];
@@ -304,15 +297,7 @@ __global__ void __launch_bounds__(kThreads) kivi_split_kernel(const __grid_const
           const float4 y = __ldg(reinterpret_cast<const float4*>(recent + 4));
           v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w, v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
         }
-        const float4* w4 = reinterpret_cast<const float4*>(w_s + t * kMaxHeadsPerBlock);
-        const float4 wa = w4[0], wb = w4[1];
-        const float w[kMaxHeadsPerBlock] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
-#pragma unroll
-        for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-          if (g >= heads) break;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(w[g], v[i], acc[g][i]);
-        }
+        accumulate_weighted(acc, w_s + t * kMaxHeadsPerBlock, v, heads);
       }
     }
     __syncthreads();  // the stage is reloaded by the next iteration

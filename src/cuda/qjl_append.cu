@@ -40,9 +40,7 @@ __global__ void __launch_bounds__(kKeyThreads) qjl_encode_kernel(const __grid_co
   __syncthreads();
   const double norm = sequential_norm(k, p.dim, &s_norm);
   for (int i = tid; i < p.m; i += kKeyThreads) {
-    // The sum is one dependent chain; unrolled, the sketch loads of 16 steps are in flight at once.
     double projection = 0.0;
-#pragma unroll 16
     for (int j = 0; j < p.dim; ++j) projection = __dadd_rn(projection, __dmul_rn(p.sketch_t[int64_t(j) * p.m + i], k[j]));
     negative[i] = projection < 0.0 ? 1 : 0;
   }
@@ -75,10 +73,7 @@ void qjl_append_paged(const QjlAppendPagedArgs& a) {
   k.dim = int(k_codec.config().head_dim);
   k.m = int(k_codec.config().sketch_dim);
   k.target = append_target(a.k_new, c);
-  EncodeParams v{};
-  v.side[0] = make_encode_side(a.v_new, c.v_pages, *c.v_codec, stream, kOp);
-  v.target = k.target;
-  v.dim = k.dim;
+  const EncodeParams v = value_encode_params(a.v_new, c.v_pages, *c.v_codec, k.target, stream, kOp);
   dispatch_activation(a.k_new.dtype, [&](auto tag) {
     using T = decltype(tag);
     qjl_encode_kernel<T><<<rows, kKeyThreads, size_t(k.m), stream>>>(k);

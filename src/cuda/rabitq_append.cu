@@ -170,10 +170,7 @@ void rabitq_append_paged(const RabitqAppendPagedArgs& a) {
   k.has_centroid = !config.centroid.empty();
   std::copy(config.centroid.begin(), config.centroid.end(), k.centroid);
   k.target = append_target(a.k_new, c);
-  EncodeParams v{};
-  v.side[0] = make_encode_side(a.v_new, c.v_pages, *c.v_codec, stream, kOp);
-  v.target = k.target;
-  v.dim = k.dim;
+  const EncodeParams v = value_encode_params(a.v_new, c.v_pages, *c.v_codec, k.target, stream, kOp);
   dispatch_activation(a.k_new.dtype, [&](auto tag) {
     using T = decltype(tag);
     rabitq_encode_kernel<T><<<rows, kMaxDim, 0, stream>>>(k);

@@ -123,6 +123,43 @@ __device__ __forceinline__ void stage_turboquant_table(const CodeSide& side, flo
   if (tid < 16) table[tid] = side.centroids[tid], table[16 + tid] = side.high_centroids[tid];
 }
 
+// After a tile of max m_new (log2 units) and weight sum `sum` for head g, whose running max was
+// m_old: the running max and sum, and the factor for the old accumulator (0 while m_old is -inf).
+__device__ __forceinline__ void update_running_state(int g, float m_old, float m_new, float sum, float* m_s, float* l_s,
+                                                     float* rescale_s) {
+  const float rescale = exp2f(m_old - m_new);
+  rescale_s[g] = rescale;
+  l_s[g] = l_s[g] * rescale + sum;
+  m_s[g] = m_new;
+}
+
+// A value-phase thread's accumulators (8 coordinates of each of the block's heads) rescaled for a
+// new running max. g is a compile-time index, so acc stays in registers.
+__device__ __forceinline__ void rescale_accumulators(float (&acc)[kMaxHeadsPerBlock][8], const float* rescale_s,
+                                                     int heads) {
+#pragma unroll
+  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+    if (g >= heads) break;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] *= rescale_s[g];
+  }
+}
+
+// acc[g][i] += w_g v_i for the block's heads: one token's 8 coordinates v and its weights w
+// (kMaxHeadsPerBlock floats in shared memory, 16-byte aligned).
+__device__ __forceinline__ void accumulate_weighted(float (&acc)[kMaxHeadsPerBlock][8], const float* weights,
+                                                    const float (&v)[8], int heads) {
+  const float4* w4 = reinterpret_cast<const float4*>(weights);
+  const float4 wa = w4[0], wb = w4[1];
+  const float w[kMaxHeadsPerBlock] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+  for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+    if (g >= heads) break;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(w[g], v[i], acc[g][i]);
+  }
+}
+
 // The end of a split kernel of kThreads threads whose value phase left thread (token share
 // `share`, 8-coordinate group `group`; values_thread where it has a share) acc[g][i], coordinate
 // 8 * group + i of head g of the block, and the running max (log2 units) and sum in m_s, l_s: per
@@ -320,23 +357,13 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
       }
       sum = group_sum<32>(sum);
       __syncwarp();
-      if (lane == 0) {
-        const float rescale = exp2f(m_old - m_new);  // 0 while m_old is -inf
-        rescale_s[g] = rescale;
-        l_s[g] = l_s[g] * rescale + sum;
-        m_s[g] = m_new;
-      }
+      if (lane == 0) update_running_state(g, m_old, m_new, sum, m_s, l_s, rescale_s);
     }
     __syncthreads();
 
     // Values: the tile's weighted centroid rows, in V's rotated domain.
     if (values_thread) {
-#pragma unroll
-      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-        if (g >= heads) break;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] *= rescale_s[g];
-      }
+      rescale_accumulators(acc, rescale_s, heads);
       for (int t = share; t < count; t += S::kShares) {
         const uint32_t* v_row = v_tile + t * S::kVRow;
         const uint32_t lo = v_row[v_word], hi = v_two_words ? v_row[v_word + 1] : 0u;
@@ -350,15 +377,7 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
             cv[i] = vc_s[(bits >> (i * kVBits)) & ((1u << kVBits) - 1u)];
           }
         }
-        const float4* w4 = reinterpret_cast<const float4*>(w_s + t * kMaxHeadsPerBlock);
-        const float4 wa = w4[0], wb = w4[1];
-        const float w[kMaxHeadsPerBlock] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
-#pragma unroll
-        for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-          if (g >= heads) break;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(w[g], cv[i], acc[g][i]);
-        }
+        accumulate_weighted(acc, w_s + t * kMaxHeadsPerBlock, cv, heads);
       }
     }
     __syncthreads();  // the stage is reloaded by the next iteration

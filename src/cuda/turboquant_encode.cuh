@@ -221,6 +221,17 @@ inline EncodeSide make_encode_side(const Tensor& x, const Tensor& pool, const kv
   return s;
 }
 
+// The encoder's parameters for the values alone (a grid of height 1: the key side is another
+// codec's kernel), into `pool` at `target`.
+inline EncodeParams value_encode_params(const Tensor& v_new, const Tensor& pool, const kvquant::TurboQuantMse& codec,
+                                        const AppendTarget& target, cudaStream_t stream, const char* op) {
+  EncodeParams v{};
+  v.side[0] = make_encode_side(v_new, pool, codec, stream, op);
+  v.target = target;
+  v.dim = int(codec.config().head_dim);
+  return v;
+}
+
 // The target of new tokens x ([B, S, Hkv, D] or [B, Hkv, D]) in a paged record cache `c`.
 template <class Cache>
 AppendTarget append_target(const Tensor& x, const Cache& c) {
