@@ -38,7 +38,8 @@ using PagedQjlKV = PagedRecordKV<kvquant::QjlKeys>;
 // lengths[b] + s, exactly as k_codec->encode and v_codec->encode encode the values widened to f32
 // (every backend writes the same bytes). The page table must cover lengths[b] + S tokens. The key
 // codec's sketch size m must be a multiple of 16, as for attention over the cache. The cuda backend
-// takes value codecs of one integer width, plain or norm-corrected.
+// does not check the new tokens' values on the device: a non-finite one gives a record with a NaN or
+// infinite norm (which attention turns into NaN outputs) where the host backends throw.
 void qjl_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedQjlKV& cache, const RunOptions& run = {});
 
 // Decode attention of one query per sequence over the lengths[b] >= 1 tokens of the cache:

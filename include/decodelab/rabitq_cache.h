@@ -35,7 +35,9 @@ using PagedRabitqKV = PagedRecordKV<kvquant::RabitqKeys>;
 // Appends S new tokens to every sequence: k_new, v_new = [B, S, Hkv, D], or [B, Hkv, D] for one
 // token (S = 1), in f32, f16 or bf16. Token s of sequence b is encoded into the records of token
 // lengths[b] + s, exactly as k_codec->encode and v_codec->encode encode the values widened to f32
-// (every backend writes the same bytes). The page table must cover lengths[b] + S tokens.
+// (every backend writes the same bytes). The page table must cover lengths[b] + S tokens. The cuda
+// backend does not check the new tokens' values on the device: a non-finite one gives a record with
+// a NaN or infinite norm (which attention turns into NaN outputs) where the host backends throw.
 void rabitq_append_paged(const Tensor& k_new, const Tensor& v_new, const PagedRabitqKV& cache,
                          const RunOptions& run = {});
 

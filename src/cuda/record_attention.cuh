@@ -208,8 +208,9 @@ __global__ void __launch_bounds__(kThreads) record_split_kernel(const __grid_con
   float* red_s = reinterpret_cast<float*>(smem + S::kReduceOffset);
   float* kt_s = reinterpret_cast<float*>(smem + S::kTableOffset);
   float* vc_s = kt_s + 32;
-  // Per stage, each tile token's record index (byte offset / R): a stage's copies may still be
-  // reading its entries while the next stage's are written.
+  // Per stage, each tile token's record index (byte offset / R), two buffers: a thread may still be
+  // reading one tile's entries to issue its copies while another writes the next tile's (the first
+  // two tiles are loaded back to back, with no barrier between).
   __shared__ int64_t rec_s[2][kTile];
   __shared__ float m_s[kMaxHeadsPerBlock], l_s[kMaxHeadsPerBlock], rescale_s[kMaxHeadsPerBlock];
 

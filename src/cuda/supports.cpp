@@ -1,9 +1,10 @@
 // What the CUDA kernels take, in words: the supports() functions of src/cuda/kernels.inc. Kept in
 // plain C++ (fmt's compile-time format checks do not build under nvcc) and in step with the
-// launchers' template dispatch in attention.cu, matvec_formats.cuh, matvec.cu and matvec_mma.cu.
+// launchers' template dispatch in attention.cu, matvec_formats.cuh, matvec.cu, matvec_mma.cu and
+// the record-cache attention files (turboquant_, rabitq_, qjl_ and kivi_attention.cu).
 #include <fmt/format.h>
 
-#include <tuple>
+#include <utility>
 
 #include "cuda/cuda.h"
 
@@ -181,9 +182,6 @@ std::string staged_weight_supports(const Weight& w, int parts) {
   return {};
 }
 
-// turboquant_encode.cuh's encoder takes every TurboQuant codec the append ops do (integer and
-// split widths, every scale mode) and QJL's every sketch they do (m a multiple of 16).
-
 std::string aligned_pool_supports(const Tensor& pool, const char* name) {
   if (reinterpret_cast<uintptr_t>(pool.data) % 4 != 0) return fmt::format("the {} pool 4-byte aligned", name);
   return {};
@@ -203,11 +201,15 @@ std::string record_side_supports(const kvquant::TurboQuantMse* codec, const Tens
   return aligned_pool_supports(pool, name);
 }
 
-// The RaBitQ- and QJL-key kernels are instantiated for values of one integer width only.
-std::string integer_values_supports(const kvquant::TurboQuantMse* codec) {
-  if (codec->config().high_bits_channels == 0) return {};
-  return fmt::format("V codes of one integer width (split widths: the TurboQuant cache only), got {:g} bits",
-                     codec->config().bits_per_coordinate());
+// The RaBitQ- and QJL-key kernels: a 4-byte aligned key pool, and values of one integer width
+// only (they are instantiated without split widths).
+std::string keyed_record_supports(const Tensor& k_pool, const kvquant::TurboQuantMse* v_codec, const Tensor& v_pool) {
+  if (std::string why = aligned_pool_supports(k_pool, "K"); !why.empty()) return why;
+  if (v_codec->config().high_bits_channels != 0) {
+    return fmt::format("V codes of one integer width (split widths: the TurboQuant cache only), got {:g} bits",
+                       v_codec->config().bits_per_coordinate());
+  }
+  return record_side_supports(v_codec, v_pool, "V");
 }
 
 // The head_dims record_attention.cuh's kernel is instantiated for.
@@ -226,9 +228,7 @@ std::string turboquant_decode_attention_paged_supports(const TurboQuantDecodeAtt
 // RaBitQ records are two f32s and B planes of D / 8 bytes: whole words for the head_dims taken.
 std::string rabitq_decode_attention_paged_supports(const RabitqDecodeAttentionPagedArgs& a) {
   if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
-  if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
-  if (std::string why = integer_values_supports(a.cache.v_codec); !why.empty()) return why;
-  return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
+  return keyed_record_supports(a.cache.k_pages, a.cache.v_codec, a.cache.v_pages);
 }
 
 // QJL records are an f32 and m / 8 bytes of signs: the kernel is instantiated for these m.
@@ -236,9 +236,7 @@ std::string qjl_decode_attention_paged_supports(const QjlDecodeAttentionPagedArg
   if (std::string why = record_head_dim_supports(a.q); !why.empty()) return why;
   const int64_t m = a.cache.k_codec->config().sketch_dim;
   if (m != 64 && m != 128 && m != 256 && m != 512) return fmt::format("a K sketch of 64, 128, 256 or 512 rows, got {}", m);
-  if (std::string why = aligned_pool_supports(a.cache.k_pages, "K"); !why.empty()) return why;
-  if (std::string why = integer_values_supports(a.cache.v_codec); !why.empty()) return why;
-  return record_side_supports(a.cache.v_codec, a.cache.v_pages, "V");
+  return keyed_record_supports(a.cache.k_pages, a.cache.v_codec, a.cache.v_pages);
 }
 
 // kivi_attention.cu's kernel: the head_dims above (every bit width, 1 to 4); value groups of a

@@ -42,12 +42,13 @@ struct TurboQuantKeyCodes {
   }
 };
 
-// The kernel for codecs of bits kKBits and kVBits, split or not.
+// The kernel for codecs of bits kKBits and kVBits, split or not: q' = R_K q.
 template <class T, int kD, int kKBits, int kVBits, bool kSplit>
 cudaError_t launch(const TurboQuantDecodeAttentionPagedArgs& a, cudaStream_t stream) {
-  using Keys = TurboQuantKeyCodes<kD, kKBits, kSplit>;
-  return launch_turboquant_attention<T, kD, record_split_kernel<kD, Keys, kVBits, kSplit>, kThreads,
-                                     Shape<kD, Keys, kVBits, kSplit>::kBytes, kTile>(a, stream);
+  DeviceRotation k_rot;
+  if (const cudaError_t e = device_rotation(a.cache.k_codec->rotation(), stream, &k_rot); e != cudaSuccess) return e;
+  return launch_record_split_attention<T, kD, TurboQuantKeyCodes<kD, kKBits, kSplit>, kVBits, kSplit>(
+      a, make_side(a.cache.k_pages, *a.cache.k_codec), k_rot.forward_t, stream);
 }
 
 }  // namespace

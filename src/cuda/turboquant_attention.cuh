@@ -53,8 +53,8 @@ __device__ __forceinline__ BlockCoordinates block_coordinates() {
 // y_i = factor * sum_j M[j][i] x_j, i < kOut, for every (b, head) row of x [B, H, kIn] into
 // y [B, H, kOut]: q' = R q with M = R^T, out = R^T o' with M = R, QJL's q' = S q with M = S^T
 // (kIn = D, kOut = m). A block takes up to 8 rows of one sequence and reads M once for them.
-// Thread (i, part) sums column i over the part's kIn / parts rows of M, its loads issued 32 at a
-// time before the first is used (a warp reads consecutive floats of a row), so the block waits out
+// Thread (i, part) sums column i over the part's kIn / parts rows of M, its loads issued up to 32
+// at a time before the first is used (a warp reads consecutive floats of a row), so the block waits out
 // one or two memory round trips instead of kIn of them; parts add in a fixed order.
 template <int kOut>
 constexpr int kRotateParts = kOut <= 256 ? 4 : 1024 / kOut;  // at most 1024 threads
@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(kOut * kRotateParts<kOut>) rotate_rows_kernel(
   const int64_t row0 = int64_t(b) * heads_total + first;
   for (int e = threadIdx.x; e < heads * kIn; e += kBlock) x_s[e / kIn][e % kIn] = to_float(x[row0 * kIn + e]);
   __syncthreads();
-  constexpr int kBatch = kSpan < 32 ? kSpan : 32;  // loads in flight: all of a D <= 128 part
+  // Loads in flight: all of a short part, else 32 (16 where 32 does not divide it: D = 96, m = 512).
+  constexpr int kBatch = kSpan <= 32 ? kSpan : kSpan % 32 == 0 ? 32 : 16;
+  static_assert(kSpan % kBatch == 0, "a part is whole batches");
   float sum[kMaxHeadsPerBlock] = {};
 #pragma unroll
   for (int j0 = part * kSpan; j0 < (part + 1) * kSpan; j0 += kBatch) {
@@ -172,7 +174,7 @@ cudaError_t launch_record_attention(const Args& a, const KeySide& k_side, const 
   return status != cudaSuccess ? status : freed;
 }
 
-// launch_record_attention with TurboQuant keys: q' = R_K q.
+// launch_record_attention with TurboQuant keys, q' = R_K q (the tensor-core kernel's launch).
 template <class T, int kD, auto kKernel, int kThreads, int kBytes, int kMinSplit>
 cudaError_t launch_turboquant_attention(const TurboQuantDecodeAttentionPagedArgs& a, cudaStream_t stream) {
   DeviceRotation k_rot;

@@ -2,8 +2,9 @@
 // (turboquant_append.cu, turboquant_attention.cu; RaBitQ's rotations and QJL's sketches likewise,
 // rabitq_attention.cu and qjl_attention.cu). Plain C++ (implemented in turboquant_tables.cpp).
 //
-// A codec is a host object (kvquant.h) that the cache struct points to; its codebook is at most 16
-// centroids and 15 boundaries, which the launchers pass by value in the kernel parameters. Its
+// A codec is a host object (kvquant.h) that the cache struct points to; its codebook (two for a
+// split width) is at most 16 centroids and 15 boundaries, which the launchers pass by value in the
+// kernel parameters. Its
 // rotation is D x D and is uploaded once per rotation and kept, in a small per-device table keyed
 // by (kind, D, seed): the seed fully defines the rotation (kvquant.h), so two codecs with the same
 // key share one upload, and a codec freed and another built at the same address cannot be served

@@ -27,7 +27,7 @@ inline const kvquant::TurboQuantMse& check_turboquant_codec(const ArgCheck& c, c
            fmt::format("a codec for D = {}", codec->config().head_dim));
   }
   // The fused cpu kernels expand a split width's two runs of indices 16 at a time (the CUDA
-  // kernels refuse split widths in their supports()).
+  // attention takes a multiple of 32 only, said in its supports()).
   if (codec->config().high_bits_channels % 16 != 0) {
     c.fail(name, "an integer width or a split one with high_bits_channels a multiple of 16 (the fused kernels expand 16 indices at a time)",
            fmt::format("a split {:g}-bit codec (high_bits_channels = {})", codec->config().bits_per_coordinate(),

@@ -52,6 +52,8 @@ const Shape kAttention[] = {
     {{300}, 8, 2, 128, 128, 4, 128, 16, 32},          // a key block spans tiles
     {{77}, 6, 6, 96, 32, 2, 16, 24, 32},              // value groups of 24 (a vector and a tail)
     {{64, 500}, 32, 8, 128, 32, 4, 32, 32, 32, 4.0},  // Llama-3-8B heads, large logits
+    {{130, 7}, 8, 2, 128, 96, 3, 48, 32, 16},         // 3 bits (codes across words), G = 48 (tiles of 32, 16)
+    {{90}, 4, 2, 64, 32, 1, 32, 32, 8},               // 1 bit
 };
 
 // Appends (hq unused): one new token that completes a key block (length R + G - 1 and, R = 0,

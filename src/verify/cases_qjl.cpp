@@ -53,6 +53,7 @@ const Shape kAttention[] = {
     {{200, 1}, 4, 1, 256, 128, 512, 4, RotationKind::dense},  // D = 256, MQA, m above D, dense
     {{64, 300}, 32, 8, 128, 16, 128, 4, RotationKind::hadamard, 4.0},  // Llama-3-8B heads, large logits
     {{33, 200}, 8, 2, 128, 32, 64, 3},                       // m = 64 (cuda's smallest), 3-bit values
+    {{70}, 12, 2, 96, 16, 512, 2},                           // D = 96 with m = 512: parts of 48 rows
 };
 
 // Appends: a new token at a page's last slot, at a page start and at length 0; several new tokens
