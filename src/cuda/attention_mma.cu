@@ -21,6 +21,8 @@
 //     of V^T wants. Output row g of m-tile 4k + w is dim 64k + 8g + 2w, row g + 8 is the dim after.
 // Up to 8 query heads per block (the B operand of P V has 8 columns); larger groups use several
 // blocks, as in the other kernels.
+// A warp's next step is loaded while it computes the current one (head_dim up to 128), and the
+// page of the step after that is read from the page table one step ahead.
 #include "cuda/decode_attention.cuh"
 #include "cuda/mma.cuh"
 
@@ -47,7 +49,62 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
   const T zero_t{};
   const uint4 zero{0, 0, 0, 0};
 
-  // Query fragments of head g (zero past the block's heads): chunk 4i + c, as the K loads below.
+  int64_t begin, end;
+  split_range<kWarps * kStep>(p, b, split, begin, end);
+  const float score_scale = p.scale * kLog2e;
+  const uint4* k = static_cast<const uint4*>(p.k);
+  const uint4* v = static_cast<const uint4*>(p.v);
+  constexpr int64_t kStride = kWarps * kStep;  // a warp's steps start kStride tokens apart
+
+  // With pages of a multiple of kStep tokens a step lies in one page (steps start at multiples of
+  // kStep): one page-table read per step instead of one per token, and it is read one step ahead,
+  // so that a step's K/V loads never wait for the page table.
+  const bool whole_pages = kPaged && p.page_size % kStep == 0;
+  const int32_t* table = kPaged ? p.page_table + b * p.table_stride : nullptr;
+  int64_t next_base = begin + warp * kStep;  // the first token of the next step to load
+  int32_t next_page = whole_pages && next_base < end ? __ldg(table + next_base / p.page_size) : 0;
+  // One step's loads: lane (g, c)'s K chunks of tokens g and 8 + g, and its V chunks of tokens
+  // 2c, 2c + 1, 2c + 8, 2c + 9 (see the top of the file).
+  struct StepLoads {
+    uint4 kr[2][kKChunks], vr[4][kVChunks];
+  };
+  // The warp's next step into `s`; every load is issued before any is used.
+  const auto load = [&](StepLoads& s) {
+    const int64_t base = next_base;
+    int64_t page_row = 0;  // the step's page, as a token row of the pool
+    if (whole_pages) {
+      page_row = int64_t(next_page) * p.page_size - base / p.page_size * p.page_size;
+      next_page = base + kStride < end ? __ldg(table + (base + kStride) / p.page_size) : 0;
+    }
+    next_base += kStride;
+    const auto row_of = [&](int64_t t) {  // element offset of token t's row / 8
+      if (whole_pages) return ((page_row + t) * p.hkv + h) * kD / 8;
+      return kv_offset<kD, kPaged>(p, b, h, t) / 8;
+    };
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t t = base + 8 * j + g;
+      const int64_t at = t < end ? row_of(t) : 0;
+#pragma unroll
+      for (int i = 0; i < kKChunks; ++i) s.kr[j][i] = t < end ? __ldcs(k + at + 4 * i + c) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t t = base + 8 * (u / 2) + 2 * c + u % 2;
+      const int64_t at = t < end ? row_of(t) : 0;
+#pragma unroll
+      for (int kk = 0; kk < kVChunks; ++kk) s.vr[u][kk] = t < end ? __ldcs(v + at + 8 * kk + g) : zero;
+    }
+  };
+  // Pipelined (kD <= 128): the next step's loads are in flight while a step is computed, two
+  // steps' K/V in registers (about 235 registers, two blocks an SM). On the H200 this took B = 1,
+  // L = 128k from 156 to 146 us and B = 32, L = 4k from 149 to 137 us (docs/perf/NOTES.md). At
+  // kD = 256 two steps do not fit in registers: one step at a time.
+  constexpr bool kPipelined = kD <= 128;
+  StepLoads buffers[kPipelined ? 2 : 1];
+  if (kPipelined && next_base < end) load(buffers[0]);
+
+  // Query fragments of head g (zero past the block's heads): chunk 4i + c, as the K loads.
   const uint4* q = static_cast<const uint4*>(p.q);
   uint4 qf[kKChunks];
 #pragma unroll
@@ -55,44 +112,13 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
     qf[i] = g < heads ? __ldg(q + ((int64_t(b) * p.hq + first_head + g) * kD) / 8 + 4 * i + c) : zero;
   }
 
-  int64_t begin, end;
-  split_range<kWarps * kStep>(p, b, split, begin, end);
-  const float score_scale = p.scale * kLog2e;
-  const uint4* k = static_cast<const uint4*>(p.k);
-  const uint4* v = static_cast<const uint4*>(p.v);
-
   float m = -INFINITY;  // head g's running max (log2 units), the same on its four lanes
   float l = 0.0f;       // this lane's share of head g's running sum
   float o[kMTiles][4] = {};
-  // With pages of a multiple of kStep tokens a step lies in one page (steps start at multiples of
-  // kStep): one page-table read per step instead of one per token.
-  const bool whole_pages = kPaged && p.page_size % kStep == 0;
-  for (int64_t base = begin + warp * kStep; base < end; base += kWarps * kStep) {
-    int64_t page_row = 0;  // the step's page, as a token row of the pool
-    if (whole_pages) page_row = int64_t(p.page_table[b * p.table_stride + base / p.page_size]) * p.page_size - base / p.page_size * p.page_size;
-    const auto row_of = [&](int64_t t) {  // element offset of token t's row / 8
-      if (whole_pages) return ((page_row + t) * p.hkv + h) * kD / 8;
-      return kv_offset<kD, kPaged>(p, b, h, t) / 8;
-    };
-    // Every load of the step is issued before any is used.
-    uint4 kr[2][kKChunks], vr[4][kVChunks];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int64_t t = base + 8 * j + g;
-      const int64_t at = t < end ? row_of(t) : 0;
-#pragma unroll
-      for (int i = 0; i < kKChunks; ++i) kr[j][i] = t < end ? __ldcs(k + at + 4 * i + c) : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int64_t t = base + 8 * (u / 2) + 2 * c + u % 2;
-      const int64_t at = t < end ? row_of(t) : 0;
-#pragma unroll
-      for (int kk = 0; kk < kVChunks; ++kk) vr[u][kk] = t < end ? __ldcs(v + at + 8 * kk + g) : zero;
-    }
-
-    // 1. Scores: s[j][e] is head g against token base + 8j + 2c + e (rows g + 8 are unused).
-    float s[2][4] = {};
+  // One step of tokens [base, base + kStep) from its loads.
+  const auto compute = [&](const StepLoads& s, int64_t base) {
+    // 1. Scores: sc[j][e] is head g against token base + 8j + 2c + e (rows g + 8 are unused).
+    float sc[2][4] = {};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -100,8 +126,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const uint32_t a[4] = {word(qf[i], 2 * half), 0u, word(qf[i], 2 * half + 1), 0u};
-          const uint32_t bk[2] = {word(kr[j][i], 2 * half), word(kr[j][i], 2 * half + 1)};
-          mma_16816(s[j], a, bk, zero_t);
+          const uint32_t bk[2] = {word(s.kr[j][i], 2 * half), word(s.kr[j][i], 2 * half + 1)};
+          mma_16816(sc[j], a, bk, zero_t);
         }
       }
     }
@@ -114,8 +140,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool valid = g < heads && base + 8 * j + 2 * c + e < end;
-        s[j][e] = valid ? s[j][e] * score_scale : -INFINITY;
-        step_max = fmaxf(step_max, s[j][e]);
+        sc[j][e] = valid ? sc[j][e] * score_scale : -INFINITY;
+        step_max = fmaxf(step_max, sc[j][e]);
       }
     }
     step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, 1));
@@ -127,7 +153,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) p_w[j][e] = exp2f(s[j][e] - m_use);
+      for (int e = 0; e < 2; ++e) p_w[j][e] = exp2f(sc[j][e] - m_use);
     }
     l = l * correction + (p_w[0][0] + p_w[0][1]) + (p_w[1][0] + p_w[1][1]);
     m = m_new;
@@ -143,12 +169,29 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(DecodeParams p)
       for (int w = 0; w < 4; ++w) {
         float(&acc)[4] = o[4 * kk + w];
         acc[0] *= corr_a, acc[1] *= corr_b, acc[2] *= corr_a, acc[3] *= corr_b;
-        const uint32_t x0 = word(vr[0][kk], w), x1 = word(vr[1][kk], w);
-        const uint32_t x2 = word(vr[2][kk], w), x3 = word(vr[3][kk], w);
+        const uint32_t x0 = word(s.vr[0][kk], w), x1 = word(s.vr[1][kk], w);
+        const uint32_t x2 = word(s.vr[2][kk], w), x3 = word(s.vr[3][kk], w);
         const uint32_t a[4] = {__byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632), __byte_perm(x2, x3, 0x5410),
                                __byte_perm(x2, x3, 0x7632)};
         mma_16816(acc, a, pb, zero_t);
       }
+    }
+  };
+
+  const int64_t first = begin + warp * kStep;
+  if constexpr (kPipelined) {
+    // Two steps per iteration, so that the buffers swap roles without copies.
+    for (int64_t base = first; base < end; base += 2 * kStride) {
+      if (base + kStride < end) load(buffers[1]);
+      compute(buffers[0], base);
+      if (base + kStride >= end) break;
+      if (base + 2 * kStride < end) load(buffers[0]);
+      compute(buffers[1], base + kStride);
+    }
+  } else {
+    for (int64_t base = first; base < end; base += kStride) {
+      load(buffers[0]);
+      compute(buffers[0], base);
     }
   }
 
